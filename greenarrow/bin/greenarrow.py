@@ -1,0 +1,51 @@
+"""`greenarrow`: the engine's command group (init, inject, sink, demo, ...)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from greenarrow.bin.sink import sink_command
+from greenarrow.lib.install_root import init_root
+from greenarrow.lib.paths import root_from_env
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """A GreenArrow-compatible email delivery engine.
+
+    Every command works on the install root named by HVMAIL_ROOT (default /var/hvmail).
+    """
+
+
+@main.command("init")
+@click.option("--me", help="This server's name, written to control/me if it has none.")
+def init_command(me: str | None) -> None:
+    """Create the install root: folders, default control files, bin/sendmail.
+
+    Idempotent: it never overwrites a file that already exists.
+    """
+    root = root_from_env()
+    created = init_root(root, me)
+    for path in created:
+        click.echo(f"created {path}")
+    click.echo(f"install root {root.path} is ready")
+
+
+@main.command("inject", context_settings={"ignore_unknown_options": True,
+                                          "allow_interspersed_args": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def inject_command(args: tuple[str, ...]) -> None:
+    """Inject a message from stdin, with sendmail's arguments
+    (-f SENDER, -t, -i, -F NAME, recipients). Exit 0, 100 or 111 as qmail-inject."""
+    from greenarrow.bin.inject import run
+
+    sys.exit(run(list(args), "greenarrow inject"))
+
+
+main.add_command(sink_command)
+
+
+if __name__ == "__main__":
+    main()

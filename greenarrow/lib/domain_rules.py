@@ -1,0 +1,161 @@
+"""Per-recipient-domain delivery settings from greenarrow.conf `domain` blocks.
+
+The remote workers ask for the settings of every delivery attempt, thousands
+of times a second, so the answer is computed once per (domain, ip_name) and
+kept in an LRU cache. Every value is converted when DomainRules is built: a bad
+`smtp_route` fails `greenarrow_config check` and the reload, not a delivery.
+
+Patterns (case-insensitive): `example.com` (that domain), `[*.]example.com`
+(it and all its subdomains), `*.example.com` (subdomains only), `*` (all).
+For `foo.example.com` the patterns are tried in the order of spec 9.2:
+`foo.example.com`, `[*.]foo.example.com`, `*.example.com`, `[*.]example.com`,
+`*.com`, `[*.]com`, then `*`.
+
+Contexts, most specific first, like throttle precedence in spec 9.2 (the
+sending IP is more specific than the domain):
+  1. `domain` blocks inside `ip_address NAME` naming this ip_name
+     (case-insensitive, as VirtualMTA names are),
+  2. `domain` blocks inside `ip_address *`,
+  3. `domain` blocks at top level.
+Each setting is taken from the first block that sets it: contexts in that
+order, and within a context the patterns in lookup order. So
+`ip_address * { domain * { reuse_connections yes } }` beats a top-level
+`domain example.com { reuse_connections no }`.
+
+`queue_lifetime` not set by any domain block falls back to
+`general { queue_lifetime }`, then None (= the control file `queuelifetime`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Any
+
+from greenarrow.lib.conf import (
+    ALL,
+    EXACT,
+    SELF_AND_SUBDOMAINS,
+    STARTTLS_CHOICES,
+    SUBDOMAINS,
+    Block,
+    Directive,
+    ascii_domain,
+    parse_domain_pattern,
+)
+
+CACHE_SIZE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSettings:
+    """How to deliver to one recipient domain."""
+
+    smtp_route: tuple[str, int] | None = None  # (host, port) instead of the MX lookup
+    reuse_connections: bool = False
+    starttls_use: str = "opportunistic"  # never | opportunistic | required
+    queue_lifetime: int | None = None  # seconds; None: the control file queuelifetime
+
+
+DEFAULT_SETTINGS = DomainSettings()
+_FIELDS = tuple(f.name for f in fields(DomainSettings))
+
+
+def _convert(d: Directive) -> Any:
+    """The typed value of one domain directive."""
+    if d.name == "smtp_route":
+        return d.as_host_port(25)
+    if d.name == "reuse_connections":
+        return d.as_bool()
+    if d.name == "starttls_use":
+        return d.as_choice(*STARTTLS_CHOICES)
+    return d.as_duration()  # queue_lifetime
+
+
+# A context: pattern key -> the settings that pattern's blocks set.
+_Table = dict[tuple[str, str], dict[str, Any]]
+
+
+def _table(parent: Block) -> _Table:
+    """The `domain` blocks directly inside `parent`, by pattern; first setting wins."""
+    table: _Table = {}
+    for block in parent.blocks_named("domain"):
+        values: dict[str, Any] = {}
+        for d in block.directives:
+            if d.name in _FIELDS and d.name not in values:
+                values[d.name] = _convert(d)
+        for arg in block.args:
+            try:
+                key = parse_domain_pattern(arg)
+            except ValueError as exc:
+                raise block.error(f"domain: {exc}") from None
+            merged = table.setdefault(key, {})
+            for name, value in values.items():
+                merged.setdefault(name, value)
+    return table
+
+
+def candidate_patterns(domain: str) -> list[tuple[str, str]]:
+    """The pattern keys that match `domain` (already lower-case ASCII), in lookup order."""
+    keys = [(EXACT, domain), (SELF_AND_SUBDOMAINS, domain)]
+    if not domain.startswith("["):  # an address literal has no parent domains
+        rest = domain
+        while "." in rest:
+            rest = rest.split(".", 1)[1]
+            keys += [(SUBDOMAINS, rest), (SELF_AND_SUBDOMAINS, rest)]
+    keys.append((ALL, ""))
+    return keys
+
+
+class DomainRules:
+    """Answers "how do I deliver to this domain from this IP?" from a parsed config."""
+
+    def __init__(self, conf: Block, cache_size: int = CACHE_SIZE) -> None:
+        self._named: dict[str, list[_Table]] = {}
+        self._star: list[_Table] = []
+        for ip_block in conf.blocks_named("ip_address"):
+            table = _table(ip_block)
+            for name in ip_block.args:
+                if name == "*":
+                    self._star.append(table)
+                else:
+                    self._named.setdefault(name.lower(), []).append(table)
+        self._root = _table(conf)
+        general = conf.block("general")
+        lifetime = general.get_duration("queue_lifetime") if general is not None else None
+        self._default = DomainSettings(queue_lifetime=lifetime)
+        self._cached = lru_cache(maxsize=cache_size)(self._compute)
+
+    def settings(self, domain: str, ip_name: str | None = None) -> DomainSettings:
+        """The settings for recipient `domain` sent from `ip_address` `ip_name` (cached)."""
+        return self._cached(domain, ip_name)
+
+    def _compute(self, domain: str, ip_name: str | None = None) -> DomainSettings:
+        try:
+            name = ascii_domain(domain.strip())
+        except ValueError:
+            name = domain.strip().lower()
+        tables: list[_Table] = []
+        if ip_name is not None:
+            tables += self._named.get(ip_name.lower(), ())
+        tables += self._star
+        tables.append(self._root)
+        found: dict[str, Any] = {}
+        keys = candidate_patterns(name)
+        for table in tables:
+            if not table:
+                continue
+            for key in keys:
+                values = table.get(key)
+                if values:
+                    for field_name, value in values.items():
+                        found.setdefault(field_name, value)
+        if not found:
+            return self._default
+        if "queue_lifetime" not in found:
+            found["queue_lifetime"] = self._default.queue_lifetime
+        return DomainSettings(**found)
+
+    def cache_info(self) -> Any:
+        """Hits and misses of the settings cache (for benchmarks and tests)."""
+        return self._cached.cache_info()

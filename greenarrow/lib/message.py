@@ -1,0 +1,112 @@
+"""Header-block operations on a message as bytes, without building a tree.
+
+Every byte that is not a header we read, add or strip stays as it was:
+folding, order, case and the body are untouched. Messages handled here have
+CRLF line endings (`to_crlf` makes them so).
+
+Command-line injection imports this module: it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import time
+
+CRLF = b"\r\n"
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Every line ending (LF, CRLF or lone CR) as CRLF."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = data.replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+class Header:
+    """One header field: its name and the bytes span [start, end) it occupies."""
+
+    __slots__ = ("name", "start", "end", "colon")
+
+    def __init__(self, name: bytes, start: int, end: int, colon: int) -> None:
+        self.name = name
+        self.start = start
+        self.end = end
+        self.colon = colon
+
+
+def split_headers(msg: bytes) -> tuple[list[Header], int]:
+    """The header fields of a CRLF message and the offset where the body starts.
+
+    The header block ends at the first empty line; a line that is neither a
+    field nor a continuation (no colon) also ends it, as in RFC 5322 parsers
+    that are forgiving of broken mail.
+    """
+    headers: list[Header] = []
+    pos = 0
+    n = len(msg)
+    while pos < n:
+        eol = msg.find(CRLF, pos)
+        if eol < 0:
+            eol = n
+        if eol == pos:  # the empty line
+            return headers, eol + 2
+        first = msg[pos]
+        if first in (0x20, 0x09) and headers:  # continuation line
+            headers[-1].end = min(eol + 2, n)
+            pos = eol + 2
+            continue
+        colon = msg.find(b":", pos, eol)
+        if colon <= pos or b" " in msg[pos:colon].rstrip(b" \t") or b"\t" in msg[pos:colon].rstrip(b" \t"):
+            return headers, pos  # not a header field: the body starts here
+        headers.append(Header(msg[pos:colon].rstrip(b" \t").lower(), pos, min(eol + 2, n), colon))
+        pos = eol + 2
+    return headers, n
+
+
+def header_value(msg: bytes, header: Header) -> str:
+    """The unfolded value of a header, stripped, decoded as Latin-1 (lossless)."""
+    raw = msg[header.colon + 1:header.end]
+    return raw.replace(b"\r\n", b"").strip().decode("latin-1")
+
+
+def find(headers: list[Header], name: bytes) -> Header | None:
+    for h in headers:
+        if h.name == name:
+            return h
+    return None
+
+
+def rebuild(msg: bytes, headers: list[Header], drop: set[int], prepend: bytes = b"",
+            append: bytes = b"") -> bytes:
+    """The message with the headers whose index is in `drop` removed.
+
+    `prepend` goes before the first header (trace fields such as Received),
+    `append` after the last header, before the empty line.
+    """
+    parts = [prepend]
+    pos = 0
+    end_of_headers = headers[-1].end if headers else 0
+    for i in sorted(drop):
+        h = headers[i]
+        parts.append(msg[pos:h.start])
+        pos = h.end
+    parts.append(msg[pos:end_of_headers])
+    parts.append(append)
+    parts.append(msg[end_of_headers:])
+    return b"".join(parts)
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def rfc5322_date(now: float | None = None) -> str:
+    """An RFC 5322 date in local time with its numeric zone (no email package)."""
+    t = time.localtime(now)
+    offset = t.tm_gmtoff // 60
+    sign = "+" if offset >= 0 else "-"
+    offset = abs(offset)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{offset // 60:02d}{offset % 60:02d}")

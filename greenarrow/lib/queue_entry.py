@@ -1,0 +1,181 @@
+"""The queue entry: one file per recipient, and how it is committed.
+
+File layout (docs/formats.md, "Queue entry"):
+
+    line 1   the envelope, one line of JSON (sender, recipient, msguid, ...)
+    rest     the RFC 5322 message exactly as it will be sent: CRLF line
+             endings, not dot-stuffed
+
+File name: `<entry id>.<attempts>.<due>` in `queue/<q>/entries/`. The entry id
+is `<msguid>-<recipient index>`; `attempts` counts the attempts made so far;
+`due` is the epoch second of the next attempt (0: as soon as possible). Retry
+state changes by `rename` only, so a scheduler rebuilds its schedule from a
+directory scan (greenarrow.pyx.queue_scan) without opening a file.
+
+Commit: the file is written under `queue/<q>/tmp/`, then renamed into
+`entries/`. In a durable queue (the disk-queue) the file is fsync'd before the
+rename and the folder after it. Nothing under `tmp/` is ever delivered.
+
+Command-line injection imports this module: it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import time
+
+ENTRIES = "entries"
+TMP = "tmp"
+HOLD = "hold"
+
+# Keys of the envelope line, in the order they are written.
+ENVELOPE_KEYS = (
+    "sender", "recipient", "msguid", "sendid", "listid", "mtaid", "mailclass",
+    "instanceid", "click_tracking_id", "injected_time", "source_ip",
+)
+
+_PIPE_BUF = 4096
+_sequence = itertools.count()
+
+
+class QueueWriteError(Exception):
+    """The queue could not take the message now (temporary: exit 111, SMTP 451)."""
+
+
+def new_msguid(now: float | None = None) -> str:
+    """An id unique on this machine: microseconds, process id and a counter."""
+    usec = int((time.time() if now is None else now) * 1_000_000)
+    return f"{usec:x}-{os.getpid():x}-{next(_sequence):x}"
+
+
+def entry_name(entry_id: str, attempts: int, due: int) -> str:
+    return f"{entry_id}.{attempts}.{due}"
+
+
+def split_name(name: str) -> tuple[str, int, int]:
+    """(entry id, attempts, due) of an entry file name; ValueError if it is not one."""
+    entry_id, attempts, due = name.rsplit(".", 2)
+    return entry_id, int(attempts), int(due)
+
+
+def encode_entry(envelope: dict, message: bytes) -> bytes:
+    line = json.dumps(envelope, separators=(",", ":"), ensure_ascii=True)
+    return line.encode("ascii") + b"\n" + message
+
+
+def decode_entry(data: bytes) -> tuple[dict, bytes]:
+    """(envelope, message) of an entry file's bytes."""
+    nl = data.find(b"\n")
+    if nl < 0:
+        raise ValueError("queue entry has no envelope line")
+    return json.loads(data[:nl]), data[nl + 1:]
+
+
+def read_envelope(path: str | os.PathLike) -> dict:
+    """The envelope line alone, without reading the message."""
+    with open(path, "rb") as f:
+        line = f.readline()
+    if not line.endswith(b"\n"):
+        raise ValueError(f"{path}: queue entry has no envelope line")
+    return json.loads(line)
+
+
+def read_entry(path: str | os.PathLike) -> tuple[dict, bytes]:
+    with open(path, "rb") as f:
+        return decode_entry(f.read())
+
+
+def ensure_queue_dirs(queue_dir: str | os.PathLike) -> None:
+    for sub in (ENTRIES, TMP, HOLD):
+        os.makedirs(os.path.join(queue_dir, sub), exist_ok=True)
+
+
+def _write_file(path: str, chunks: list[bytes], durable: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        total = sum(len(c) for c in chunks)
+        written = os.writev(fd, chunks)
+        while written < total:  # a short write: finish it chunk by chunk
+            data = b"".join(chunks)[written:]
+            written += os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(queue_dir: str | os.PathLike, envelopes: list[dict], message: bytes,
+           durable: bool = False, attempts: int = 0, due: int = 0) -> list[str]:
+    """Write one entry per envelope into the queue; return the committed names.
+
+    All or nothing: if any file cannot be written, the ones already written
+    are removed and QueueWriteError is raised, so the caller answers a
+    temporary failure and nothing half-written is ever delivered.
+    """
+    queue_dir = os.fspath(queue_dir)
+    tmp_dir = os.path.join(queue_dir, TMP)
+    entries_dir = os.path.join(queue_dir, ENTRIES)
+    written: list[tuple[str, str]] = []
+    try:
+        for index, envelope in enumerate(envelopes):
+            entry_id = f"{envelope['msguid']}-{index}"
+            line = json.dumps(envelope, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+            tmp_path = os.path.join(tmp_dir, entry_id)
+            _write_file(tmp_path, [line, b"\n", message], durable)
+            written.append((tmp_path, entry_name(entry_id, attempts, due)))
+        names = []
+        for tmp_path, name in written:
+            os.rename(tmp_path, os.path.join(entries_dir, name))
+            names.append(name)
+        if durable:
+            fsync_dir(entries_dir)
+        return names
+    except OSError as e:
+        for tmp_path, name in written:
+            for path in (tmp_path, os.path.join(entries_dir, name)):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise QueueWriteError("queue is full (no space left)") from e
+        raise QueueWriteError(f"cannot write to the queue: {e.strerror}") from e
+
+
+def trigger(fifo_path: str | os.PathLike, names: list[str]) -> None:
+    """Tell the queue's scheduler about new entries; harmless if it is not running.
+
+    The names go through the FIFO, one per line, in writes of at most
+    PIPE_BUF bytes so that lines from several injectors never interleave.
+    A name that does not get through (no reader, pipe full) is found by the
+    scheduler's next rescan.
+    """
+    try:
+        fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        chunk = b""
+        for name in names:
+            line = name.encode("ascii") + b"\n"
+            if len(chunk) + len(line) > _PIPE_BUF:
+                os.write(fd, chunk)
+                chunk = b""
+            chunk += line
+        if chunk:
+            os.write(fd, chunk)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,30 @@
+"""The link between `queue-send` and the `remote` workers: JSON lines on a Unix socket.
+
+Each remote worker listens on `var/remote.<n>.sock`. A queue-send connects to
+every worker and sends jobs; a worker answers each job with one result, in
+any order. One line of JSON each way:
+
+    job     {"id": NAME, "path": PATH, "sender": S, "recipient": R,
+             "route": [HOST, PORT] | null, "starttls": "opportunistic"}
+    result  {"id": NAME, "status": "success"|"failure"|"deferral"|"missing",
+             "text": TEXT, "mx_hostname": H, "mx_ip": IP, "outmtaid_ip": IP,
+             "outmtaid_hostname": NAME}
+
+`missing` means the entry file was gone when the worker opened it (deleted by
+an operator): nothing was attempted. The worker reads the message from
+`path` itself, so message bytes never cross the socket.
+"""
+
+from __future__ import annotations
+
+import json
+
+SUCCESS, FAILURE, DEFERRAL, MISSING = "success", "failure", "deferral", "missing"
+
+
+def encode(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict:
+    return json.loads(line)

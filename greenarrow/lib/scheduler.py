@@ -1,0 +1,365 @@
+"""`queue-send`: the scheduler of one queue.
+
+It knows every entry of its queue by file name alone: a directory scan at
+start (greenarrow.pyx.queue_scan) and then the names injectors write into
+its trigger FIFO, plus a periodic rescan for any name a full FIFO dropped.
+It hands due entries to the `remote` workers, at most `concurrencyremote`
+at a time, and applies each result:
+
+- success, failure: the delivery log line is written, then the entry is
+  removed;
+- deferral: the log line, then the entry is renamed with one more attempt
+  and its next due time (greenarrow.lib.retry_schedule);
+- a worker that goes away: its attempts under way are simply scheduled
+  again; the entry was never removed, so nothing is lost (a duplicate
+  delivery is possible, as in qmail).
+
+One writer per file: this process alone renames and removes the entries of
+its queue and writes its delivery log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from collections import deque
+
+from greenarrow.lib import conf as conflib
+from greenarrow.lib import control, queue_entry, remote_link, retry_schedule
+from greenarrow.lib.delivery_log import DeliveryLogWriter
+from greenarrow.lib.domain_rules import DomainRules
+from greenarrow.lib.paths import Root
+from greenarrow.pyx.queue_scan import scan
+
+log = logging.getLogger("queue-send")
+
+STALE_TMP_SECONDS = 3600
+_FIFO_READ = 65536
+
+
+class WorkerLink:
+    """The connection to one remote worker."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.writer: asyncio.StreamWriter | None = None
+        self.inflight: set[str] = set()
+
+    @property
+    def up(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+
+class Scheduler:
+    """Schedules and applies the delivery attempts of one queue."""
+
+    def __init__(self, root: Root, queue: str, clock=time.time) -> None:
+        self.root = root
+        self.queue = queue
+        self.clock = clock
+        self.queue_dir = str(root.queue(queue))
+        self.entries_dir = os.path.join(self.queue_dir, queue_entry.ENTRIES)
+        self.known: set[str] = set()
+        self.ready: deque[str] = deque()
+        self.waiting: list[tuple[int, str]] = []
+        self.inflight: dict[str, tuple[WorkerLink, dict, float]] = {}
+        self.links: list[WorkerLink] = []
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.load_settings()
+        c = root.control
+        self.log = DeliveryLogWriter(root.delivery_log(queue),
+                                     max_bytes=int(control.read(c, "log.delivery.maxbytes")),
+                                     keep=int(control.read(c, "log.delivery.keep")))
+
+    # -- configuration -------------------------------------------------
+
+    def load_settings(self) -> None:
+        """Read control files and greenarrow.conf; raises on errors (nothing changes)."""
+        c = self.root.control
+        concurrency = int(control.read(c, f"queue.{self.queue}.concurrencyremote"))
+        rescan = int(control.read(c, "queue.rescan.seconds"))
+        scale = float(control.read(c, "queue.retry.scale"))
+        workers = int(control.read(c, "remote.workers"))
+        rules = DomainRules(conflib.load_root(self.root))
+        self.concurrency, self.rescan_seconds, self.retry_scale = concurrency, rescan, scale
+        self.worker_count, self.rules = workers, rules
+
+    def reload(self) -> None:
+        try:
+            self.load_settings()
+        except (control.ControlError, conflib.ConfError, OSError) as e:
+            log.error("reload failed, keeping the previous settings: %s", e)
+            return
+        log.info("reloaded configuration")
+        self.wake.set()
+
+    # -- knowing the queue ---------------------------------------------
+
+    def clean_tmp(self) -> None:
+        tmp = os.path.join(self.queue_dir, queue_entry.TMP)
+        cutoff = self.clock() - STALE_TMP_SECONDS
+        for entry in os.scandir(tmp):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    log.info("removed stale tmp file %s", entry.name)
+            except FileNotFoundError:
+                pass
+
+    def add(self, name: str, attempts: int, due: int) -> None:
+        if name in self.known:
+            return
+        self.known.add(name)
+        if due <= self.clock():
+            self.ready.append(name)
+        else:
+            heapq.heappush(self.waiting, (due, name))
+
+    def rescan(self) -> None:
+        """Add every entry on disk not yet known; forget known ones removed by others."""
+        result = scan(self.entries_dir)
+        on_disk = set(result.names)
+        for name, attempts, due in result:
+            if name not in self.known:
+                self.add(name, attempts, due)
+        gone = self.known - on_disk - self.inflight.keys()
+        if gone:
+            self.known -= gone  # ready/waiting copies are skipped when they come up
+        for stray in result.strays:
+            log.warning("ignoring file that is not a queue entry: %s", stray)
+        self.wake.set()
+
+    def add_from_trigger(self, data: bytes) -> None:
+        for raw in data.split(b"\n"):
+            if not raw:
+                continue
+            name = raw.decode("ascii", "replace")
+            try:
+                _, attempts, due = queue_entry.split_name(name)
+            except ValueError:
+                continue
+            self.add(name, attempts, due)
+        self.wake.set()
+
+    # -- dispatching -----------------------------------------------------
+
+    def _promote_due(self) -> None:
+        now = self.clock()
+        while self.waiting and self.waiting[0][0] <= now:
+            self.ready.append(heapq.heappop(self.waiting)[1])
+
+    def _pick_link(self) -> WorkerLink | None:
+        best = None
+        for link in self.links:
+            if link.up and (best is None or len(link.inflight) < len(best.inflight)):
+                best = link
+        return best
+
+    def dispatch(self) -> None:
+        self._promote_due()
+        while self.ready and len(self.inflight) < self.concurrency and not self.stopping:
+            link = self._pick_link()
+            if link is None:
+                return
+            name = self.ready.popleft()
+            if name not in self.known or name in self.inflight:
+                continue
+            path = os.path.join(self.entries_dir, name)
+            try:
+                envelope = queue_entry.read_envelope(path)
+            except FileNotFoundError:
+                self.known.discard(name)
+                continue
+            except ValueError as e:
+                log.error("unreadable queue entry %s left in place: %s", name, e)
+                self.known.discard(name)
+                continue
+            domain = envelope["recipient"].rpartition("@")[2].lower()
+            settings = self.rules.settings(domain)
+            job = {"id": name, "path": path, "route": settings.smtp_route,
+                   "starttls": settings.starttls_use}
+            self.inflight[name] = (link, envelope, self.clock())
+            link.inflight.add(name)
+            link.writer.write(remote_link.encode(job))
+
+    # -- results ---------------------------------------------------------
+
+    def apply_results(self, results: list[dict]) -> None:
+        """Log a batch of results, then act on the entries (log first: see module docstring)."""
+        records = []
+        actions = []
+        for result in results:
+            name = result.get("id")
+            held = self.inflight.pop(name, None)
+            if held is None:
+                continue
+            link, envelope, started = held
+            link.inflight.discard(name)
+            status = result["status"]
+            if status == remote_link.MISSING:
+                self.known.discard(name)
+                continue
+            _, attempts, _ = queue_entry.split_name(name)
+            records.append(self._record(envelope, result, started, attempts))
+            actions.append((name, status, envelope, attempts))
+        if records:
+            self.log.write(records)
+        for name, status, envelope, attempts in actions:
+            path = os.path.join(self.entries_dir, name)
+            if status == remote_link.DEFERRAL:
+                self._defer(name, path, envelope, attempts)
+            else:
+                self.known.discard(name)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self.wake.set()
+
+    def _defer(self, name: str, path: str, envelope: dict, attempts: int) -> None:
+        entry_id, _, _ = queue_entry.split_name(name)
+        now = self.clock()
+        due = retry_schedule.next_due(envelope.get("injected_time", now), attempts + 1, now,
+                                      scale=self.retry_scale)
+        new_name = queue_entry.entry_name(entry_id, attempts + 1, due)
+        try:
+            os.rename(path, os.path.join(self.entries_dir, new_name))
+        except FileNotFoundError:
+            self.known.discard(name)
+            return
+        self.known.discard(name)
+        self.add(new_name, attempts + 1, due)
+
+    def _record(self, envelope: dict, result: dict, started: float, attempts: int) -> dict:
+        return {
+            "timestamp": started,
+            "channel": "remote",
+            "status": result["status"],
+            "is_retry": 1 if attempts > 0 else 0,
+            "msguid": envelope.get("msguid", ""),
+            "sender": envelope.get("sender", ""),
+            "mtaid": envelope.get("mtaid", ""),
+            "injected_time": envelope.get("injected_time", ""),
+            "message": result.get("text", ""),
+            "outmtaid_hostname": result.get("outmtaid_hostname", ""),
+            "email": envelope.get("recipient", ""),
+            "listid": envelope.get("listid", ""),
+            "sendid": envelope.get("sendid", ""),
+            "click_tracking_id": envelope.get("click_tracking_id", ""),
+            "mx_hostname": result.get("mx_hostname", ""),
+            "mx_ip": result.get("mx_ip", ""),
+            "mailclass": envelope.get("mailclass", ""),
+            "instanceid": envelope.get("instanceid", ""),
+        }
+
+    def requeue_link(self, link: WorkerLink) -> None:
+        """A worker went away: its attempts under way go back to the front of the line."""
+        for name in list(link.inflight):
+            self.inflight.pop(name, None)
+            self.ready.appendleft(name)
+        if link.inflight:
+            log.warning("remote %d went away with %d attempts under way; they will be retried",
+                        link.number, len(link.inflight))
+        link.inflight.clear()
+        self.wake.set()
+
+    # -- the loops -------------------------------------------------------
+
+    async def link_loop(self, link: WorkerLink) -> None:
+        """Keep a connection to one worker and read its results, reconnecting with back-off."""
+        path = str(self.root.remote_socket(link.number))
+        delay = 0.05
+        while not (self.stopping and not link.inflight):
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=1024 * 1024)
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            link.writer = writer
+            log.info("connected to remote %d", link.number)
+            self.wake.set()
+            try:
+                while True:
+                    chunk = await reader.read(_FIFO_READ)
+                    if not chunk:
+                        break
+                    while not chunk.endswith(b"\n"):
+                        more = await reader.readuntil(b"\n")
+                        chunk += more
+                    results = [remote_link.decode(line) for line in chunk.splitlines() if line]
+                    self.apply_results(results)
+                    if self.stopping and not self.inflight:
+                        break
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                pass
+            finally:
+                link.writer = None
+                writer.close()
+            self.requeue_link(link)
+
+    def open_trigger(self) -> int:
+        fifo = str(self.root.trigger(self.queue))
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo, 0o622)
+        # O_RDWR keeps a writer open ourselves, so the FIFO never reports EOF.
+        return os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+
+    async def run(self, stop: asyncio.Event, reload: asyncio.Event, grace: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        queue_entry.ensure_queue_dirs(self.queue_dir)
+        self.clean_tmp()
+        fifo = self.open_trigger()
+
+        def on_trigger() -> None:
+            try:
+                data = os.read(fifo, _FIFO_READ)
+            except BlockingIOError:
+                return
+            self.add_from_trigger(data)
+
+        loop.add_reader(fifo, on_trigger)
+        self.rescan()
+        log.info("%s-queue: %d entries at start", self.queue, len(self.known))
+        self.links = [WorkerLink(n) for n in range(self.worker_count)]
+        link_tasks = [asyncio.create_task(self.link_loop(link)) for link in self.links]
+        last_scan = time.monotonic()
+        while not stop.is_set():
+            if reload.is_set():
+                reload.clear()
+                self.reload()
+            self.dispatch()
+            timeout = self.rescan_seconds - (time.monotonic() - last_scan)
+            if self.waiting:
+                timeout = min(timeout, self.waiting[0][0] - self.clock())
+            self.wake.clear()
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop, reload)]
+            await asyncio.wait(waiters, timeout=max(0.0, timeout),
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            if time.monotonic() - last_scan >= self.rescan_seconds:
+                self.rescan()
+                last_scan = time.monotonic()
+        # Stop: take no new attempts; let those under way report, for a while.
+        self.stopping = True
+        loop.remove_reader(fifo)
+        os.close(fifo)
+        deadline = time.monotonic() + grace
+        while self.inflight and time.monotonic() < deadline:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=deadline - time.monotonic())
+            except TimeoutError:
+                break
+        if self.inflight:
+            log.info("stopping with %d attempts unreported; they stay queued", len(self.inflight))
+        for task in link_tasks:
+            task.cancel()
+        await asyncio.gather(*link_tasks, return_exceptions=True)
+        self.log.close()

@@ -1,0 +1,59 @@
+"""What every long-running service shares: its process title, logging and signals.
+
+Services log to stderr, one line per event; `hvmail_init` captures that into
+`log/<service>/current`. SIGTERM asks a service to stop (it finishes or
+safely abandons what it is doing), SIGHUP asks it to re-read its configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import setproctitle
+
+
+def setup(title: str) -> None:
+    """Name the process (`ps` shows `greenarrow <title>`) and configure logging."""
+    setproctitle.setproctitle(f"greenarrow {title}")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def run(main: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop, reload)` until it returns; signals set the events.
+
+    `stop` is set by SIGTERM or SIGINT; `reload` by SIGHUP (main clears it
+    after reloading).
+    """
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        reload = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        await main(stop, reload)
+
+    asyncio.run(runner())
+
+
+async def wait_stop_or_reload(stop: asyncio.Event, reload: asyncio.Event,
+                              on_reload: Callable[[], None]) -> None:
+    """Sleep until `stop`; call `on_reload` each time `reload` is set."""
+    while not stop.is_set():
+        stop_wait = asyncio.ensure_future(stop.wait())
+        reload_wait = asyncio.ensure_future(reload.wait())
+        await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        reload_wait.cancel()
+        if reload.is_set():
+            reload.clear()
+            on_reload()
