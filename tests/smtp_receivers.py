@@ -290,7 +290,9 @@ class ScriptedServer:
         self.host = host
         self.port = port
         self.greeting = greeting
-        self.extensions = ["PIPELINING", "8BITMIME", "SIZE 52428800"] if extensions is None else extensions
+        self.extensions = (
+            ["PIPELINING", "8BITMIME", "SIZE 52428800"] if extensions is None else extensions
+        )
         self.replies: dict[str, str | list[str] | None] = dict(DEFAULT_REPLIES)
         self.replies.update(replies or {})
         self.hold_after_mail = hold_after_mail
@@ -430,7 +432,9 @@ class ScriptedServer:
         self.stop()
 
 
-def self_signed_context(directory: str | Path | None = None, name: str = "receiver.test") -> ssl.SSLContext:
+def self_signed_context(
+    directory: str | Path | None = None, name: str = "receiver.test"
+) -> ssl.SSLContext:
     """A server TLS context with a fresh self-signed certificate for `name`.
 
     Uses the `cryptography` package when installed, else the `openssl` command;
@@ -448,9 +452,22 @@ def self_signed_context(directory: str | Path | None = None, name: str = "receiv
 
         subprocess.run(
             [
-                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                "-nodes", "-days", "2", "-subj", f"/CN={name}",
-                "-keyout", str(key_path), "-out", str(cert_path),
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                f"/CN={name}",
+                "-keyout",
+                str(key_path),
+                "-out",
+                str(cert_path),
             ],
             check=True,
             capture_output=True,

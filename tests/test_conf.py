@@ -133,7 +133,7 @@ def test_bare_strings(text: str) -> None:
         (r'"\ud83d\ude00"', "\U0001f600"),
         ('"raw é 😀\ttab"', "raw é 😀\ttab"),
         ("`back \\n ticks`", "back \\n ticks"),
-        ("`a\"b`", 'a"b'),
+        ('`a"b`', 'a"b'),
         ("``", ""),
     ],
 )
@@ -188,17 +188,20 @@ def test_comments() -> None:
         "b { # after a brace\n"
         "  c 2;# after a terminator\n"
         "} # after a closing brace\n"
-        "d \"# not a comment\" `#nor this`\n"
+        'd "# not a comment" `#nor this`\n'
         "#\n"
     )
-    assert root.directives == [Directive("a", ["1"]), Directive("d", ["# not a comment", "#nor this"])]
+    assert root.directives == [
+        Directive("a", ["1"]),
+        Directive("d", ["# not a comment", "#nor this"]),
+    ]
     assert root.blocks[0].directives == [Directive("c", ["2"])]
     assert root.blocks[0].line == 4
     assert root.directives[1].line == 7
 
 
 def test_semicolons() -> None:
-    root = raw("a 1; b 2;; c 3\nd a;b\ne ;f 4\ng \"q\";h\n;;\ni 1;;2;\n")
+    root = raw('a 1; b 2;; c 3\nd a;b\ne ;f 4\ng "q";h\n;;\ni 1;;2;\n')
     assert [(d.name, d.args) for d in root.directives] == [
         ("a", ["1"]),
         ("b", ["2"]),
@@ -389,7 +392,8 @@ def test_domain_patterns(text: str, expected: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "*.", "[*.]", "**.com", "a.*.com", "*example.com", "mx:*.yahoodns.net", "a..b", "[*]x"]
+    "text",
+    ["", "*.", "[*.]", "**.com", "a.*.com", "*example.com", "mx:*.yahoodns.net", "a..b", "[*]x"],
 )
 def test_bad_domain_patterns(text: str) -> None:
     with pytest.raises(ValueError, match="bad domain pattern"):
@@ -478,7 +482,11 @@ def test_every_known_entry_is_accepted() -> None:
         ("domain {}", 1, r"takes at least 1 argument \(PATTERN"),
         ("mail_class a b {}", 1, r"takes 1 argument \(NAME\), got 2"),
         ("general {\n system_max_smtp_connections\n}", 2, "takes 1 argument"),
-        ("general {\n system_max_smtp_connections 1 2 }", 2, r"takes 1 argument \(INTEGER\), got 2"),
+        (
+            "general {\n system_max_smtp_connections 1 2 }",
+            2,
+            r"takes 1 argument \(INTEGER\), got 2",
+        ),
         ("general {\n system_max_smtp_connections -5 }", 2, "non-negative integer"),
         ("general {\n\n queue_lifetime 4x }", 3, "queue_lifetime: bad duration"),
         ("domain a.com {\n reuse_connections maybe }", 2, "reuse_connections: expected yes or no"),
@@ -492,17 +500,41 @@ def test_every_known_entry_is_accepted() -> None:
         ("ip_address 123 {}", 1, "not an integer"),
         ("ip_address a {\n smtp_source 1.2.3 }", 2, "bad IP address"),
         ("ip_address a {\n hostname 'x' }", 2, "unexpected character"),
-        ("ip_address a {\n hostname \"a b\" }", 2, "bad host name"),
-        ("mail_class \" m\" {}", 1, "bad name"),
+        ('ip_address a {\n hostname "a b" }', 2, "bad host name"),
+        ('mail_class " m" {}', 1, "bad name"),
         ("mail_class m {\n list_unsubscribe 1 }", 2, "expected yes or no"),
-        ("general {}\n\ngeneral {}", 3, r"duplicate block general \(first at line 1\)"),
+        ("general {}\n\ngeneral {\n bogus 1 }", 4, "unknown directive bogus"),
+        (
+            "general { queue_lifetime 1 }\n\ngeneral {\n queue_lifetime 2 }",
+            4,
+            r"duplicate directive queue_lifetime in general \(first at line 1\)",
+        ),
         ("general {\n queue_lifetime 1\n queue_lifetime 2 }", 3, r"duplicate directive .*line 2"),
-        ("domain a.com {}\ndomain A.com. {}", 2, r"domain A.com. is already defined .*line 1"),
-        ("domain a.com, b.com {}\ndomain b.com {}", 2, "already defined at top level"),
-        ("ip_address x { domain *.a.com {}\n domain *.A.COM {} }", 2, "already defined in ip_address"),
-        ("ip_address a {}\nip_address b, A {}", 2, "ip_address A is already defined"),
-        ("ip_address * {}\nip_address * {}", 2, "already defined"),
-        ("mail_class m {}\nmail_class M {}", 2, "already defined"),
+        ("\nsmtp_route 1.2.3.4", 2, "not allowed at top level"),
+        (
+            "domain a.com { smtp_route x }\ndomain A.com. {\n smtp_route y }",
+            3,
+            r"duplicate directive smtp_route in domain A.com. \(first at line 1\)",
+        ),
+        (
+            "domain a.com, b.com { reuse_connections yes }\ndomain b.com { reuse_connections no }",
+            2,
+            r"in domain b.com \(first at line 1\)",
+        ),
+        (
+            "ip_address x { domain *.a.com { starttls_use never } }\n"
+            "ip_address X {\n domain *.A.COM { starttls_use never } }",
+            3,
+            r"duplicate directive starttls_use in ip_address X / domain \*.A.COM",
+        ),
+        (
+            "ip_address a { hostname x.com }\nip_address b, A {\n hostname y.com }",
+            3,
+            r"duplicate directive hostname in ip_address A \(first at line 1\)",
+        ),
+        ("mail_class m { listid 1 }\nmail_class M { listid 2 }", 2, "listid in mail_class M"),
+        ("ip_address a, b, A {}", 1, "ip_address: A is listed twice"),
+        ("domain a.com, [*.]b.com, A.COM. {}", 1, "domain: A.COM. is listed twice"),
     ],
 )
 def test_schema_errors(text: str, line: int, pattern: str) -> None:
@@ -511,11 +543,27 @@ def test_schema_errors(text: str, line: int, pattern: str) -> None:
 
 def test_same_pattern_in_different_contexts_is_fine() -> None:
     parse(
-        "domain a.com {}\nip_address * { domain a.com {} }\nip_address x { domain a.com {} }",
+        "domain a.com { smtp_route x }\n"
+        "ip_address * { domain a.com { smtp_route y } }\n"
+        "ip_address x { domain a.com { smtp_route z } }\n",
         "t.conf",
     )
     # exact and [*.] forms of one domain are different patterns
     parse("domain a.com {}\ndomain [*.]a.com {}\ndomain *.a.com {}", "t.conf")
+
+
+def test_repeated_blocks_merge() -> None:
+    """The documented snippets, each "added to greenarrow.conf", make one valid file."""
+    root = parse(SEED_ROUTE + SEED_REUSE + "general { queue_lifetime 1 }\ngeneral {}\n", "t.conf")
+    general = root.block("general")
+    assert general is not None and general.get_duration("queue_lifetime") == 1
+    star = root.block("ip_address", "*")
+    assert star is not None
+    domain = star.block("domain", "BOUNCE-domain.example.com")
+    assert domain is not None and domain.line == 2
+    assert [d.name for d in domain.directives] == ["smtp_route", "reuse_connections"]
+    assert root.block("ip_address", "other") is None
+    assert root.block("nothing") is None
 
 
 def test_schema_table_is_consistent() -> None:
@@ -575,9 +623,7 @@ def test_shipped_file_configures_nothing_but_its_example_is_valid() -> None:
     # the example: from the first commented-out block on, lines like "#name" or "#    name"
     lines = text.splitlines()
     first = next(i for i, line in enumerate(lines) if re.match("#[a-z]", line))
-    example = "\n".join(
-        line[1:] for line in lines[first:] if re.match("#[a-z}]|#    ", line)
-    )
+    example = "\n".join(line[1:] for line in lines[first:] if re.match("#[a-z}]|#    ", line))
     root = parse(example, "example")
     assert {b.name for b in root.blocks} == {"general", "ip_address", "mail_class"}
     route = root.blocks[1].blocks[0].directive("smtp_route")
@@ -658,7 +704,9 @@ def test_help_lists_check() -> None:
 
 NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
 VALUES = st.one_of(
-    st.text(alphabet=string.ascii_letters + string.digits + "-_+.*/[]$:;%|@", min_size=1, max_size=8),
+    st.text(
+        alphabet=string.ascii_letters + string.digits + "-_+.*/[]$:;%|@", min_size=1, max_size=8
+    ),
     st.text(max_size=8).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
 )
 
@@ -685,7 +733,7 @@ def test_quote_round_trip(value: str) -> None:
     assert one_value(quote(value)) == value
 
 
-CONF_ALPHABET = st.sampled_from(list("ab yes1:;,{}#\"`\\\n\t*.[]u0") + ["\\u", "é", "\r", "domain"])
+CONF_ALPHABET = st.sampled_from(list('ab yes1:;,{}#"`\\\n\t*.[]u0') + ["\\u", "é", "\r", "domain"])
 
 
 @settings(max_examples=500, deadline=None)

@@ -225,7 +225,9 @@ def test_ehlo_rejected_falls_back_to_helo():
     assert result.status == "success"
     assert "HELO out.test" in srv.commands
     # No extensions after HELO: no pipelining, no SIZE.
-    assert srv.commands[srv.commands.index("HELO out.test") + 1] == "MAIL FROM:<sender@example.test>"
+    assert (
+        srv.commands[srv.commands.index("HELO out.test") + 1] == "MAIL FROM:<sender@example.test>"
+    )
 
 
 def test_name_rejected():
@@ -292,7 +294,7 @@ def test_connection_dropped(phase):
 
 def test_drop_before_mail_accepted_tries_next_host():
     with Receiver("127.0.0.2", drop_at="mail") as dropper:
-        with Receiver("127.0.0.3", dropper.port) as rx:
+        with Receiver("127.0.0.3", dropper.port):
             hosts = [MxHost("mx1", 10, ["127.0.0.2"]), MxHost("mx2", 20, ["127.0.0.3"])]
             result = run(deliver(attempt(), hosts, port=dropper.port, timeouts=T))
     assert result.status == "success"

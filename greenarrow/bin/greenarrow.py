@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -42,6 +43,22 @@ def inject_command(args: tuple[str, ...]) -> None:
     from greenarrow.bin.inject import run
 
     sys.exit(run(list(args), "greenarrow inject"))
+
+
+@main.command("demo")
+@click.option("--root", "root_path", default="demo-root", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Install root to create or reuse (HVMAIL_ROOT is ignored here).")
+@click.option("--messages", default=300, show_default=True,
+              help="Messages to send: half with sendmail, half over SMTP.")
+def demo_command(root_path: Path, messages: int) -> None:
+    """Run the engine end to end on loopback: start it, inject mail from the command
+    line and over SMTP to the built-in sink, report, stop."""
+    from greenarrow.lib.demo import run_demo
+
+    ok = run_demo(root_path, messages, say=click.echo)
+    click.echo("demo: OK" if ok else "demo: FAILED")
+    sys.exit(0 if ok else 1)
 
 
 main.add_command(sink_command)

@@ -16,7 +16,7 @@ import sys
 
 from greenarrow.lib import control, injection
 from greenarrow.lib import message as msglib
-from greenarrow.lib.paths import root_from_env
+from greenarrow.lib.paths import control_dir, queue_dir, root_path_from_env, trigger_path
 
 EXIT_OK, EXIT_PERMANENT, EXIT_TEMPORARY = 0, 100, 111
 
@@ -153,10 +153,10 @@ def add_from(message: bytes, sender: str, fullname: str) -> bytes:
 def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject: bool = False) -> str:
     """Queue one message; return its msguid. Raises UsageError or InjectionError."""
     opts = parse_args(argv, qmail_inject)
-    root = root_from_env(environ)
+    root = root_path_from_env(environ)  # strings, not pathlib: start-up time
     try:
-        me = control.read(root.control, "me")
-        databytes = control.read(root.control, "databytes")
+        me = control.read(control_dir(root), "me")
+        databytes = control.read(control_dir(root), "databytes")
     except control.ControlError as e:
         raise injection.InjectionError(False, str(e)) from None
     if not opts.ignore_dots and not qmail_inject:
@@ -172,7 +172,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     message = add_from(message, sender, opts.fullname)
     env = {k: v for k, v in environ.items() if k.startswith("GREENARROW_")}
     return injection.accept(
-        str(root.queue("ram")), str(root.trigger("ram")), message, sender, recipients, env, me,
+        queue_dir(root, "ram"), trigger_path(root, "ram"), message, sender, recipients, env, me,
         databytes=databytes,
     )
 

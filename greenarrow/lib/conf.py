@@ -24,6 +24,10 @@ Syntax decisions (GreenArrow's documentation is silent on these):
 * Blocks may nest at most MAX_DEPTH levels.
 * `line` and `filename` are not part of equality: two trees are equal when
   they configure the same thing, wherever it sits in the file.
+* Blocks with the same name and argument in the same place merge (the
+  GreenArrow docs tell you to *add* `ip_address * { domain x { ... } }`
+  snippets, so a file may hold several); a directive may still be set only
+  once per merged block. Block.block() returns the merged view.
 
 The schema is the SCHEMA table below: one line per block or directive.
 """
@@ -122,9 +126,9 @@ class Block:
 
     def directive(self, name: str) -> Directive | None:
         """The first directive called `name` in this block (not in sub-blocks)."""
-        for directive in self.directives:
-            if directive.name == name:
-                return directive
+        for d in self.directives:
+            if d.name == name:
+                return d
         return None
 
     def directives_named(self, name: str) -> list[Directive]:
@@ -133,12 +137,28 @@ class Block:
     def blocks_named(self, name: str) -> list[Block]:
         return [b for b in self.blocks if b.name == name]
 
-    def block(self, name: str) -> Block | None:
-        """The first sub-block called `name`, e.g. `conf.block("general")`."""
-        for block in self.blocks:
-            if block.name == name:
-                return block
-        return None
+    def block(self, name: str, arg: str | None = None) -> Block | None:
+        """The sub-block `name` (whose arguments include `arg`, case-insensitively).
+
+        Repeated blocks are one block written in pieces (see validate), so
+        this returns them merged: `conf.block("general")` sees every piece.
+        """
+        key = None if arg is None else arg.lower()
+        parts = [
+            b
+            for b in self.blocks
+            if b.name == name and (key is None or key in (a.lower() for a in b.args))
+        ]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        return Block(
+            name,
+            list(parts[0].args) if arg is None else [arg],
+            [d for b in parts for d in b.directives],
+            [c for b in parts for c in b.blocks],
+            parts[0].line,
+            parts[0].filename,
+        )
 
     def get_str(self, name: str, default: str | None = None) -> str | None:
         d = self.directive(name)
@@ -400,8 +420,8 @@ STARTTLS_USE = one_of(*STARTTLS_CHOICES)
 class Rule:
     """One known block or directive: where it may appear and what it takes.
 
-    `multiple`: a directive may repeat in one block; a block may repeat in one
-    parent, but no argument (case-insensitively) may appear in two of them.
+    `multiple`: the directive may be repeated in one block (see validate for
+    blocks, which may always be repeated and then merge).
     """
 
     name: str
@@ -411,9 +431,9 @@ class Rule:
     multiple: bool = False
 
 
-def block(name: str, contexts: str | tuple[str, ...], args: Args, multiple: bool = False) -> Rule:
+def block(name: str, contexts: str | tuple[str, ...], args: Args) -> Rule:
     ctx = (contexts,) if isinstance(contexts, str) else contexts
-    return Rule(name, ctx, args, is_block=True, multiple=multiple)
+    return Rule(name, ctx, args, is_block=True)
 
 
 def directive(
@@ -428,9 +448,9 @@ def directive(
 SCHEMA: tuple[Rule, ...] = (
     # blocks
     block("general", ROOT, NO_ARGS),
-    block("ip_address", ROOT, IP_NAMES, multiple=True),
-    block("domain", (ROOT, "ip_address"), DOMAIN_PATTERNS, multiple=True),
-    block("mail_class", ROOT, NAME, multiple=True),
+    block("ip_address", ROOT, IP_NAMES),
+    block("domain", (ROOT, "ip_address"), DOMAIN_PATTERNS),
+    block("mail_class", ROOT, NAME),
     # general
     directive("system_max_smtp_connections", "general", INT),
     directive("queue_lifetime", ("general", "domain"), DURATION),
@@ -470,47 +490,63 @@ def _context_label(context: str) -> str:
 
 
 def validate(root: Block, schema: Iterable[Rule] = SCHEMA) -> None:
-    """Raise ConfError on the first unknown, misplaced, repeated or badly valued entry."""
+    """Raise ConfError on the first unknown, misplaced, repeated or badly valued entry.
+
+    Blocks with the same name and argument in the same place are one block
+    written in several pieces (GreenArrow's documentation says to *add*
+    snippets like `ip_address * { domain x { ... } }` to the file), so they
+    merge; but a directive may be set only once in the merged block.
+    """
     index = _SCHEMA_INDEX if schema is SCHEMA else _index(schema)
-    _validate_block(root, ROOT, index)
+    _validate_block(root, ROOT, [((), "")], index, {})
 
 
-def _rule_for(index: dict[tuple[str, str], Rule], context: str, name: str) -> Rule | None:
-    return index.get((context, name))
+# The logical place of a block: (block name, argument key) from the root down.
+_Path = tuple[tuple[str, object], ...]
 
 
 def _where_allowed(index: dict[tuple[str, str], Rule], name: str) -> list[str]:
     return [ctx or "top level" for (ctx, n) in index if n == name]
 
 
-def _validate_block(block: Block, context: str, index: dict[tuple[str, str], Rule]) -> None:
-    seen: dict[str, int] = {}
+def _validate_block(
+    block: Block,
+    context: str,
+    paths: list[tuple[_Path, str]],
+    index: dict[tuple[str, str], Rule],
+    seen: dict[tuple[_Path, str], int],
+) -> None:
     for d in block.directives:
-        rule = _rule_for(index, context, d.name)
+        rule = index.get((context, d.name))
         _check_entry(d, rule, context, index, expect_block=False)
         assert rule is not None
-        if not rule.multiple and d.name in seen:
-            raise d.error(f"duplicate directive {d.name} (first at line {seen[d.name]})")
-        seen.setdefault(d.name, d.line)
-    claimed: dict[tuple[str, object], int] = {}
+        if rule.multiple:
+            continue
+        for path, label in paths:
+            if (path, d.name) in seen:
+                where = f"in {label}" if label else "at top level"
+                first = seen[path, d.name]
+                raise d.error(f"duplicate directive {d.name} {where} (first at line {first})")
+            seen[path, d.name] = d.line
     for sub in block.blocks:
-        rule = _rule_for(index, context, sub.name)
+        rule = index.get((context, sub.name))
         _check_entry(sub, rule, context, index, expect_block=True)
         assert rule is not None
-        if not rule.multiple:
-            if sub.name in seen:
-                raise sub.error(f"duplicate block {sub.name} (first at line {seen[sub.name]})")
-            seen[sub.name] = sub.line
-        else:
-            for arg in sub.args:
-                key = (sub.name, _arg_key(rule.args, arg))
-                if key in claimed:
-                    raise sub.error(
-                        f"{sub.name} {arg} is already defined {_context_label(context)}"
-                        f" (line {claimed[key]})"
-                    )
-                claimed[key] = sub.line
-        _validate_block(sub, sub.name, index)
+        keys: list[tuple[object, str]] = []
+        for arg in sub.args:
+            key = _arg_key(rule.args, arg)
+            if any(key == k for k, _ in keys):
+                raise sub.error(f"{sub.name}: {arg} is listed twice")
+            keys.append((key, arg))
+        sub_paths = [
+            (
+                path + ((sub.name, key),),
+                " / ".join(filter(None, (label, f"{sub.name} {arg}".rstrip()))),
+            )
+            for path, label in paths
+            for key, arg in keys or [(None, "")]
+        ]
+        _validate_block(sub, sub.name, sub_paths, index, seen)
 
 
 def _arg_key(args: Args, arg: str) -> object:

@@ -10,7 +10,6 @@ Command-line injection imports this module, so it imports nothing heavy.
 from __future__ import annotations
 
 import os
-import socket
 
 
 class ControlError(Exception):
@@ -38,22 +37,76 @@ def _specs(*rows: tuple) -> dict[str, ControlSpec]:
 # A default of None means "derived" (see `read`).
 SPECS: dict[str, ControlSpec] = _specs(
     ("me", "text", None, False, "this server's name (default: the host name)"),
-    ("smtp.listen", "listen", [("127.0.0.1", 25)], False, "SMTP injection listeners, lines of ip:port"),
+    (
+        "smtp.listen",
+        "listen",
+        [("127.0.0.1", 25)],
+        False,
+        "SMTP injection listeners, lines of ip:port",
+    ),
     ("smtp.tcp", "raw", "", True, "relay allow-list in tcprules syntax"),
     ("smtp.maxsessions", "int", 500, False, "most concurrent SMTP injection sessions"),
     ("databytes", "size", 0, True, "largest message accepted, in bytes (0: no limit)"),
     ("concurrencyremote", "int", 20, True, "most simultaneous remote attempts per queue"),
-    ("queue.ram.concurrencyremote", "int", None, True, "remote attempts for the ram-queue (default: concurrencyremote)"),
-    ("queue.bounce.concurrencyremote", "int", None, True, "remote attempts for the bounce-queue (default: concurrencyremote)"),
-    ("queue.disk.concurrencyremote", "int", None, True, "remote attempts for the disk-queue (default: concurrencyremote)"),
-    ("queue.rescan.seconds", "int", 10, True, "how often queue-send rescans its queue for entries a lost trigger missed"),
+    (
+        "queue.ram.concurrencyremote",
+        "int",
+        None,
+        True,
+        "remote attempts for the ram-queue (default: concurrencyremote)",
+    ),
+    (
+        "queue.bounce.concurrencyremote",
+        "int",
+        None,
+        True,
+        "remote attempts for the bounce-queue (default: concurrencyremote)",
+    ),
+    (
+        "queue.disk.concurrencyremote",
+        "int",
+        None,
+        True,
+        "remote attempts for the disk-queue (default: concurrencyremote)",
+    ),
+    (
+        "queue.rescan.seconds",
+        "int",
+        10,
+        True,
+        "how often queue-send rescans its queue for entries a lost trigger missed",
+    ),
     ("remote.workers", "int", 2, False, "number of remote delivery worker processes"),
     ("remote.port", "int", 25, True, "port of the MX hosts (change only for tests)"),
-    ("dns.servers", "lines", [], False, "DNS servers for MX lookups, lines of ip[:port] (default: /etc/resolv.conf)"),
+    (
+        "dns.servers",
+        "lines",
+        [],
+        False,
+        "DNS servers for MX lookups, lines of ip[:port] (default: /etc/resolv.conf)",
+    ),
     ("timeoutconnect", "int", 60, True, "seconds to wait for an SMTP connection"),
-    ("timeoutremote", "int", 0, True, "cap in seconds on every SMTP phase (0: RFC 5321 per-phase timeouts)"),
-    ("queue.retry.scale", "float", 1.0, True, "factor applied to the retry schedule (tests and drills only)"),
-    ("log.delivery.maxbytes", "size", 16 * 1024 * 1024, False, "size at which a delivery log is rotated"),
+    (
+        "timeoutremote",
+        "int",
+        0,
+        True,
+        "cap in seconds on every SMTP phase (0: RFC 5321 per-phase timeouts)",
+    ),
+    (
+        "queue.retry.scale",
+        "float",
+        1.0,
+        True,
+        "factor applied to the retry schedule (tests and drills only)",
+    ),
+    (
+        "log.delivery.maxbytes",
+        "size",
+        16 * 1024 * 1024,
+        False,
+        "size at which a delivery log is rotated",
+    ),
     ("log.delivery.keep", "int", 20, False, "rotated delivery logs kept"),
     ("log.service.maxbytes", "size", 1024 * 1024, False, "size at which a service log is rotated"),
     ("log.service.keep", "int", 5, False, "rotated service logs kept"),
@@ -77,14 +130,23 @@ def _lines(text: str) -> list[str]:
     return out
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+}
 
 
 def parse_size(value: str) -> int:
     """`5120`, `200k`, `16m`, `1g` as bytes."""
     v = value.strip().lower()
     digits = v.rstrip("kmgb")
-    unit = v[len(digits):]
+    unit = v[len(digits) :]
     if not digits.isdigit() or unit not in _SIZE_UNITS:
         raise ValueError(f"not a size: {value!r}")
     return int(digits) * _SIZE_UNITS[unit]
@@ -139,7 +201,7 @@ def _convert(spec: ControlSpec, text: str) -> object:
 
 def _derived_default(control_dir: str, name: str) -> object:
     if name == "me":
-        return socket.gethostname() or "localhost"
+        return os.uname().nodename or "localhost"
     if name.startswith("queue.") and name.endswith(".concurrencyremote"):
         return read(control_dir, "concurrencyremote")
     raise AssertionError(name)

@@ -123,7 +123,9 @@ class DeliveryLogWriter(RotatingLog):
 
     def write(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Append a batch of records with one write, rotating first if needed."""
-        self.write_bytes("".join([format_line(record) for record in records]).encode("utf-8", "replace"))
+        self.write_bytes(
+            "".join([format_line(record) for record in records]).encode("utf-8", "replace")
+        )
 
 
 def iter_entries(

@@ -121,7 +121,7 @@ class DomainRules:
                 else:
                     self._named.setdefault(name.lower(), []).append(table)
         self._root = _table(conf)
-        general = conf.block("general")
+        general = conf.block("general")  # merged, if written in pieces
         lifetime = general.get_duration("queue_lifetime") if general is not None else None
         self._default = DomainSettings(queue_lifetime=lifetime)
         self._cached = lru_cache(maxsize=cache_size)(self._compute)

@@ -66,8 +66,15 @@ def make_fifo(path: Path) -> None:
 def init_root(root: Root, me: str | None = None) -> list[str]:
     """Create or complete the install root; return what was created, for the operator."""
     created: list[str] = []
-    for folder in (root.control, root.bin, root.var, root.log, root.maildata,
-                   root.log / "delivery", root.path / "queue"):
+    for folder in (
+        root.control,
+        root.bin,
+        root.var,
+        root.log,
+        root.maildata,
+        root.log / "delivery",
+        root.path / "queue",
+    ):
         if not folder.exists():
             folder.mkdir(parents=True)
             created.append(str(folder))
@@ -89,8 +96,9 @@ def init_root(root: Root, me: str | None = None) -> list[str]:
         me_file.write_text((me or socket.getfqdn() or "localhost") + "\n")
         created.append(str(me_file))
     for name, function in SCRIPTS.items():
-        text = _SCRIPT.format(python=sys.executable, path=package_parent(),
-                              root=str(root.path), function=function)
+        text = _SCRIPT.format(
+            python=sys.executable, path=package_parent(), root=str(root.path), function=function
+        )
         if _write_if_changed(root.bin / name, text, 0o755):
             created.append(str(root.bin / name))
     return created

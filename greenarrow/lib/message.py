@@ -58,7 +58,11 @@ def split_headers(msg: bytes) -> tuple[list[Header], int]:
             pos = eol + 2
             continue
         colon = msg.find(b":", pos, eol)
-        if colon <= pos or b" " in msg[pos:colon].rstrip(b" \t") or b"\t" in msg[pos:colon].rstrip(b" \t"):
+        if (
+            colon <= pos
+            or b" " in msg[pos:colon].rstrip(b" \t")
+            or b"\t" in msg[pos:colon].rstrip(b" \t")
+        ):
             return headers, pos  # not a header field: the body starts here
         headers.append(Header(msg[pos:colon].rstrip(b" \t").lower(), pos, min(eol + 2, n), colon))
         pos = eol + 2
@@ -67,7 +71,7 @@ def split_headers(msg: bytes) -> tuple[list[Header], int]:
 
 def header_value(msg: bytes, header: Header) -> str:
     """The unfolded value of a header, stripped, decoded as Latin-1 (lossless)."""
-    raw = msg[header.colon + 1:header.end]
+    raw = msg[header.colon + 1 : header.end]
     return raw.replace(b"\r\n", b"").strip().decode("latin-1")
 
 
@@ -78,8 +82,9 @@ def find(headers: list[Header], name: bytes) -> Header | None:
     return None
 
 
-def rebuild(msg: bytes, headers: list[Header], drop: set[int], prepend: bytes = b"",
-            append: bytes = b"") -> bytes:
+def rebuild(
+    msg: bytes, headers: list[Header], drop: set[int], prepend: bytes = b"", append: bytes = b""
+) -> bytes:
     """The message with the headers whose index is in `drop` removed.
 
     `prepend` goes before the first header (trace fields such as Received),
@@ -90,7 +95,7 @@ def rebuild(msg: bytes, headers: list[Header], drop: set[int], prepend: bytes = 
     end_of_headers = headers[-1].end if headers else 0
     for i in sorted(drop):
         h = headers[i]
-        parts.append(msg[pos:h.start])
+        parts.append(msg[pos : h.start])
         pos = h.end
     parts.append(msg[pos:end_of_headers])
     parts.append(append)
@@ -108,5 +113,7 @@ def rfc5322_date(now: float | None = None) -> str:
     offset = t.tm_gmtoff // 60
     sign = "+" if offset >= 0 else "-"
     offset = abs(offset)
-    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{offset // 60:02d}{offset % 60:02d}")
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{offset // 60:02d}{offset % 60:02d}"
+    )

@@ -121,7 +121,9 @@ class MxResolver:
         else:
             resolver = dns.asyncresolver.Resolver(configure=False)
             # Nameserver objects carry their own port, so servers may differ.
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in nameservers]
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(ip, port) for ip, port in nameservers
+            ]
         resolver.cache = None  # our own cache below also keeps negative answers
         resolver.lifetime = timeout
         # Retry a lost UDP packet well before the whole lookup times out.

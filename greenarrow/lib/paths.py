@@ -7,7 +7,10 @@ point it at a temporary folder, so several instances run side by side.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+TYPE_CHECKING = False  # typing itself costs command-line injection milliseconds
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_ROOT = "/var/hvmail"
 QUEUES = ("ram", "bounce", "disk")
@@ -16,13 +19,16 @@ QUEUES = ("ram", "bounce", "disk")
 class Root:
     """The folders of one install root (ARCHITECTURE section 3).
 
-    A plain class, not a dataclass: command-line injection imports this module
-    and every millisecond of start-up counts there.
+    A plain class, not a dataclass, and pathlib is imported only when one is
+    made: command-line injection imports this module for the string functions
+    below, and every millisecond of its start-up counts.
     """
 
     __slots__ = ("path",)
 
     def __init__(self, path: Path | str) -> None:
+        from pathlib import Path  # not at import time: see the class docstring
+
         self.path = Path(path)
 
     def __repr__(self) -> str:
@@ -56,9 +62,7 @@ class Root:
 
     def queue(self, name: str) -> Path:
         """The folder of one queue: `ram`, `bounce` or `disk`."""
-        if name not in QUEUES:
-            raise ValueError(f"unknown queue {name!r}: expected one of {', '.join(QUEUES)}")
-        return self.path / "queue" / name
+        return self.path.__class__(queue_dir(str(self.path), name))
 
     def service_log(self, service: str) -> Path:
         return self.log / service
@@ -69,14 +73,35 @@ class Root:
 
     def trigger(self, queue: str) -> Path:
         """The FIFO that wakes `queue-send <queue>`."""
-        return self.var / f"trigger.{queue}"
+        return self.path.__class__(trigger_path(str(self.path), queue))
 
     def remote_socket(self, worker: int) -> Path:
         """The Unix socket on which remote worker number `worker` takes attempts."""
         return self.var / f"remote.{worker}.sock"
 
 
+def root_path_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+    """The install root named by `HVMAIL_ROOT` (or the default), as a string."""
+    env = os.environ if environ is None else environ
+    return os.path.abspath(env.get("HVMAIL_ROOT") or DEFAULT_ROOT)
+
+
+def queue_dir(root: str, name: str) -> str:
+    """The folder of queue `name` under install root `root` (a string: no pathlib)."""
+    if name not in QUEUES:
+        raise ValueError(f"unknown queue {name!r}: expected one of {', '.join(QUEUES)}")
+    return os.path.join(root, "queue", name)
+
+
+def trigger_path(root: str, queue: str) -> str:
+    """The FIFO that wakes `queue-send <queue>`."""
+    return os.path.join(root, "var", f"trigger.{queue}")
+
+
+def control_dir(root: str) -> str:
+    return os.path.join(root, "control")
+
+
 def root_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Root:
     """The install root named by `HVMAIL_ROOT`, or the default `/var/hvmail`."""
-    env = os.environ if environ is None else environ
-    return Root(Path(env.get("HVMAIL_ROOT") or DEFAULT_ROOT).absolute())
+    return Root(root_path_from_env(environ))

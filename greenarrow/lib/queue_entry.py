@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import json
 import os
 import time
 
@@ -33,8 +32,17 @@ HOLD = "hold"
 
 # Keys of the envelope line, in the order they are written.
 ENVELOPE_KEYS = (
-    "sender", "recipient", "msguid", "sendid", "listid", "mtaid", "mailclass",
-    "instanceid", "click_tracking_id", "injected_time", "source_ip",
+    "sender",
+    "recipient",
+    "msguid",
+    "sendid",
+    "listid",
+    "mtaid",
+    "mailclass",
+    "instanceid",
+    "click_tracking_id",
+    "injected_time",
+    "source_ip",
 )
 
 _PIPE_BUF = 4096
@@ -61,21 +69,60 @@ def split_name(name: str) -> tuple[str, int, int]:
     return entry_id, int(attempts), int(due)
 
 
+_JSON_ESCAPES = {i: f"\\u{i:04x}" for i in range(32)}
+_JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", 0x7F: "\\u007f"})
+
+
+def _json_string(value: str) -> str:
+    text = value.translate(_JSON_ESCAPES)
+    if not text.isascii():
+        out = []
+        for c in text:
+            code = ord(c)
+            if code < 0x80:
+                out.append(c)
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        text = "".join(out)
+    return f'"{text}"'
+
+
+def envelope_line(envelope: dict) -> bytes:
+    """The envelope as one line of ASCII JSON, without its newline.
+
+    Written by hand rather than with the json module, whose import (and that
+    of `re` under it) would cost command-line injection more than the rest of
+    its work; envelope values are strings and integers only.
+    """
+    parts = []
+    for key, value in envelope.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TypeError(f"envelope field {key} must be a string or an integer")
+        parts.append(f'"{key}":{value if isinstance(value, int) else _json_string(value)}')
+    return ("{" + ",".join(parts) + "}").encode("ascii")
+
+
 def encode_entry(envelope: dict, message: bytes) -> bytes:
-    line = json.dumps(envelope, separators=(",", ":"), ensure_ascii=True)
-    return line.encode("ascii") + b"\n" + message
+    return envelope_line(envelope) + b"\n" + message
 
 
 def decode_entry(data: bytes) -> tuple[dict, bytes]:
     """(envelope, message) of an entry file's bytes."""
+    import json  # not at module level: see envelope_line
+
     nl = data.find(b"\n")
     if nl < 0:
         raise ValueError("queue entry has no envelope line")
-    return json.loads(data[:nl]), data[nl + 1:]
+    return json.loads(data[:nl]), data[nl + 1 :]
 
 
 def read_envelope(path: str | os.PathLike) -> dict:
     """The envelope line alone, without reading the message."""
+    import json
+
     with open(path, "rb") as f:
         line = f.readline()
     if not line.endswith(b"\n"):
@@ -115,8 +162,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def commit(queue_dir: str | os.PathLike, envelopes: list[dict], message: bytes,
-           durable: bool = False, attempts: int = 0, due: int = 0) -> list[str]:
+def commit(
+    queue_dir: str | os.PathLike,
+    envelopes: list[dict],
+    message: bytes,
+    durable: bool = False,
+    attempts: int = 0,
+    due: int = 0,
+) -> list[str]:
     """Write one entry per envelope into the queue; return the committed names.
 
     All or nothing: if any file cannot be written, the ones already written
@@ -130,7 +183,7 @@ def commit(queue_dir: str | os.PathLike, envelopes: list[dict], message: bytes,
     try:
         for index, envelope in enumerate(envelopes):
             entry_id = f"{envelope['msguid']}-{index}"
-            line = json.dumps(envelope, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+            line = envelope_line(envelope)
             tmp_path = os.path.join(tmp_dir, entry_id)
             _write_file(tmp_path, [line, b"\n", message], durable)
             written.append((tmp_path, entry_name(entry_id, attempts, due)))

@@ -35,8 +35,9 @@ class WorkerSettings:
         self.helo = str(control.read(c, "me"))
         self.port = int(control.read(c, "remote.port"))
         cap = int(control.read(c, "timeoutremote"))
-        self.timeouts = Timeouts(connect=float(control.read(c, "timeoutconnect")),
-                                 cap=float(cap) if cap else None)
+        self.timeouts = Timeouts(
+            connect=float(control.read(c, "timeoutconnect")), cap=float(cap) if cap else None
+        )
         servers = control.read(c, "dns.servers")
         self.nameservers = [_parse_server(s) for s in servers] if servers else None
 
@@ -58,8 +59,9 @@ class RemoteWorker:
             path.unlink()
         except FileNotFoundError:
             pass
-        self.server = await asyncio.start_unix_server(self._serve, path=str(path),
-                                                      limit=1024 * 1024)
+        self.server = await asyncio.start_unix_server(
+            self._serve, path=str(path), limit=1024 * 1024
+        )
         log.info("listening on %s", path)
 
     def reload(self) -> None:
@@ -119,12 +121,22 @@ class RemoteWorker:
         port = settings.port
         if job.get("route") and job["route"][1]:
             port = int(job["route"][1])
-        attempt = Attempt(sender=envelope["sender"], recipient=recipient, message=message,
-                          helo=settings.helo, starttls=job.get("starttls", "opportunistic"))
+        attempt = Attempt(
+            sender=envelope["sender"],
+            recipient=recipient,
+            message=message,
+            helo=settings.helo,
+            starttls=job.get("starttls", "opportunistic"),
+        )
         result: Result = await deliver(attempt, hosts, port=port, timeouts=settings.timeouts)
-        return {"status": result.status, "text": result.text, "mx_hostname": result.mx_hostname,
-                "mx_ip": result.mx_ip, "smtp_code": result.smtp_code,
-                "outmtaid_hostname": settings.helo}
+        return {
+            "status": result.status,
+            "text": result.text,
+            "mx_hostname": result.mx_hostname,
+            "mx_ip": result.mx_ip,
+            "smtp_code": result.smtp_code,
+            "outmtaid_hostname": settings.helo,
+        }
 
     async def hosts(self, domain: str, route: list | None) -> list[MxHost]:
         """The hosts to try: the `smtp_route` host when one is set, else the domain's MX."""
@@ -136,4 +148,3 @@ class RemoteWorker:
                 return await self.resolver.route_hosts(host)
             return [MxHost(host, 0, [ip])]
         return await self.resolver.hosts(domain)
-

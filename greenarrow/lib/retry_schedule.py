@@ -15,8 +15,14 @@ def retry_offset(attempt: int) -> int:
     return ((attempt - 1) * 20) ** 2
 
 
-def next_due(first_attempt: float, attempts_made: int, now: float, scale: float = 1.0,
-             jitter: float = 0.1, rng: random.Random | None = None) -> int:
+def next_due(
+    first_attempt: float,
+    attempts_made: int,
+    now: float,
+    scale: float = 1.0,
+    jitter: float = 0.1,
+    rng: random.Random | None = None,
+) -> int:
     """Epoch second of the next attempt after `attempts_made` attempts.
 
     `scale` shrinks the whole schedule (`control/queue.retry.scale`, for tests

@@ -71,9 +71,11 @@ class Scheduler:
         self.stopping = False
         self.load_settings()
         c = root.control
-        self.log = DeliveryLogWriter(root.delivery_log(queue),
-                                     max_bytes=int(control.read(c, "log.delivery.maxbytes")),
-                                     keep=int(control.read(c, "log.delivery.keep")))
+        self.log = DeliveryLogWriter(
+            root.delivery_log(queue),
+            max_bytes=int(control.read(c, "log.delivery.maxbytes")),
+            keep=int(control.read(c, "log.delivery.keep")),
+        )
 
     # -- configuration -------------------------------------------------
 
@@ -180,8 +182,12 @@ class Scheduler:
                 continue
             domain = envelope["recipient"].rpartition("@")[2].lower()
             settings = self.rules.settings(domain)
-            job = {"id": name, "path": path, "route": settings.smtp_route,
-                   "starttls": settings.starttls_use}
+            job = {
+                "id": name,
+                "path": path,
+                "route": settings.smtp_route,
+                "starttls": settings.starttls_use,
+            }
             self.inflight[name] = (link, envelope, self.clock())
             link.inflight.add(name)
             link.writer.write(remote_link.encode(job))
@@ -223,8 +229,9 @@ class Scheduler:
     def _defer(self, name: str, path: str, envelope: dict, attempts: int) -> None:
         entry_id, _, _ = queue_entry.split_name(name)
         now = self.clock()
-        due = retry_schedule.next_due(envelope.get("injected_time", now), attempts + 1, now,
-                                      scale=self.retry_scale)
+        due = retry_schedule.next_due(
+            envelope.get("injected_time", now), attempts + 1, now, scale=self.retry_scale
+        )
         new_name = queue_entry.entry_name(entry_id, attempts + 1, due)
         try:
             os.rename(path, os.path.join(self.entries_dir, new_name))
@@ -262,8 +269,11 @@ class Scheduler:
             self.inflight.pop(name, None)
             self.ready.appendleft(name)
         if link.inflight:
-            log.warning("remote %d went away with %d attempts under way; they will be retried",
-                        link.number, len(link.inflight))
+            log.warning(
+                "remote %d went away with %d attempts under way; they will be retried",
+                link.number,
+                len(link.inflight),
+            )
         link.inflight.clear()
         self.wake.set()
 
@@ -339,8 +349,9 @@ class Scheduler:
                 timeout = min(timeout, self.waiting[0][0] - self.clock())
             self.wake.clear()
             waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop, reload)]
-            await asyncio.wait(waiters, timeout=max(0.0, timeout),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiters, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+            )
             for w in waiters:
                 w.cancel()
             if time.monotonic() - last_scan >= self.rescan_seconds:

@@ -45,8 +45,9 @@ def run(main: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> None
     asyncio.run(runner())
 
 
-async def wait_stop_or_reload(stop: asyncio.Event, reload: asyncio.Event,
-                              on_reload: Callable[[], None]) -> None:
+async def wait_stop_or_reload(
+    stop: asyncio.Event, reload: asyncio.Event, on_reload: Callable[[], None]
+) -> None:
     """Sleep until `stop`; call `on_reload` each time `reload` is set."""
     while not stop.is_set():
         stop_wait = asyncio.ensure_future(stop.wait())

@@ -354,7 +354,9 @@ class Sink:
         host = self.options.hostname.encode()
         self._greeting = b"220 " + host + b" ESMTP greenarrow sink\r\n"
         self._helo = b"250 " + host + b"\r\n"
-        self._ehlo = b"250-" + host + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0\r\n"
+        self._ehlo = (
+            b"250-" + host + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0\r\n"
+        )
         self._maildir_host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         if self.options.maildir is not None:
             for sub in ("tmp", "new", "cur"):
@@ -461,7 +463,9 @@ class Sink:
             head += (b"X-Sink-Rcpt: ", rcpt, b"\r\n")
         self._seq += 1
         now = time.time()
-        name = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{self._seq}.{self._maildir_host}"
+        name = (
+            f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{self._seq}.{self._maildir_host}"
+        )
         tmp = maildir / "tmp" / name
         with open(tmp, "wb") as f:
             f.write(b"".join(head) + body)
@@ -550,7 +554,9 @@ class SinkThread:
     received (a message is counted before its 250 is written) or via `wait_for`.
     """
 
-    def __init__(self, options: SinkOptions | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, options: SinkOptions | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.sink = Sink(options)
         self._listen = [(host, port)]
         self._loop = asyncio.new_event_loop()

@@ -135,9 +135,7 @@ class Timeouts:
         cap = self.cap
         if cap is None:
             return self
-        changes = {
-            f.name: min(getattr(self, f.name), cap) for f in fields(self) if f.name != "cap"
-        }
+        changes = {f.name: min(getattr(self, f.name), cap) for f in fields(self) if f.name != "cap"}
         return replace(self, cap=None, **changes)
 
 
@@ -425,7 +423,8 @@ class Session:
                 await self.quit()
                 raise SessionError(
                     self._result(
-                        DEFERRAL, f"Connected to {ip} but TLS is required and not available. (#4.7.4)"
+                        DEFERRAL,
+                        f"Connected to {ip} but TLS is required and not available. (#4.7.4)",
                     )
                 )
             return
@@ -442,7 +441,9 @@ class Session:
                     )
                 )
             return  # opportunistic: the session goes on in plain text
-        server_hostname = None if (":" in self.host_name or _is_ipv4(self.host_name)) else self.host_name
+        server_hostname = (
+            None if (":" in self.host_name or _is_ipv4(self.host_name)) else self.host_name
+        )
         try:
             await self._writer.start_tls(
                 tls_context or client_tls_context(),
@@ -480,7 +481,9 @@ class Session:
                 return
         await self.quit()
         raise SessionError(
-            self._result(_status(code), f"Connected to {self.ip} but my name was rejected.", code, lines)
+            self._result(
+                _status(code), f"Connected to {self.ip} but my name was rejected.", code, lines
+            )
         )
 
     async def _send_body(self, message: bytes) -> None:
@@ -542,7 +545,10 @@ class Session:
 
     def _died(self) -> Result:
         return Result(
-            DEFERRAL, f"Connected to {self.ip} but connection died. (#4.4.2)", self.host_name, self.ip
+            DEFERRAL,
+            f"Connected to {self.ip} but connection died. (#4.4.2)",
+            self.host_name,
+            self.ip,
         )
 
 

@@ -45,14 +45,26 @@ class InjectionHandler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         # aiosmtpd reads pipelined commands in order; say so.
         return responses[:-1] + ["250-PIPELINING", responses[-1]]
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         try:
             injection.check_sender(address)
         except injection.InjectionError as e:
@@ -61,8 +73,14 @@ class InjectionHandler:
         envelope.mail_options.extend(mail_options)
         return "250 ok"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         rule = self._rule(session)
         if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
             return RELAY_DENIED
@@ -80,14 +98,22 @@ class InjectionHandler:
         ip = session.peer[0] if isinstance(session.peer, tuple) else ""
         trace = b""
         if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
-            trace = (f"Received: from {session.host_name or 'unknown'} ([{ip}])\r\n"
-                     f"\tby {settings.me} with ESMTP; {msglib.rfc5322_date()}\r\n").encode(
-                         "ascii", "replace")
+            trace = (
+                f"Received: from {session.host_name or 'unknown'} ([{ip}])\r\n"
+                f"\tby {settings.me} with ESMTP; {msglib.rfc5322_date()}\r\n"
+            ).encode("ascii", "replace")
         try:
             msguid = injection.accept(
-                settings.queue_dir, settings.fifo, msglib.to_crlf(envelope.original_content),
-                envelope.mail_from, list(envelope.rcpt_tos), env, settings.me, source_ip=ip,
-                trace=trace, databytes=settings.databytes,
+                settings.queue_dir,
+                settings.fifo,
+                msglib.to_crlf(envelope.original_content),
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                env,
+                settings.me,
+                source_ip=ip,
+                trace=trace,
+                databytes=settings.databytes,
             )
         except injection.InjectionError as e:
             code = "554 5.6.0" if e.permanent else "451 4.3.0"
@@ -115,16 +141,22 @@ class SmtpServer:
 
     def _factory(self) -> SMTP:
         settings = self.handler.settings
-        return SMTP(self.handler, data_size_limit=settings.databytes or None,
-                    hostname=settings.me, ident="GreenArrow-compatible ESMTP",
-                    decode_data=False, timeout=300)
+        return SMTP(
+            self.handler,
+            data_size_limit=settings.databytes or None,
+            hostname=settings.me,
+            ident="GreenArrow-compatible ESMTP",
+            decode_data=False,
+            timeout=300,
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in control.read(self.root.control, "smtp.listen"):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            server = await loop.create_server(self._factory, host=host, port=port,
-                                              family=family, reuse_address=True)
+            server = await loop.create_server(
+                self._factory, host=host, port=port, family=family, reuse_address=True
+            )
             self.servers.append(server)
             log.info("listening on %s:%d", host, port)
 
@@ -142,4 +174,3 @@ class SmtpServer:
             server.close()
         for server in self.servers:
             await server.wait_closed()
-

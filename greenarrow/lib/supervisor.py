@@ -102,8 +102,11 @@ class Supervisor:
             while not self.stopping:
                 started = time.monotonic()
                 proc = await asyncio.create_subprocess_exec(
-                    *service.command(), stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+                    *service.command(),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
                     start_new_session=True,
                 )
                 service.process, service.pid, service.started = proc, proc.pid, time.time()
@@ -124,10 +127,17 @@ class Supervisor:
                 ran = time.monotonic() - started
                 if ran > STABLE_SECONDS:
                     service.backoff = MIN_BACKOFF
-                log.warning("%s exited with %s after %.1fs; restarting in %.0fs",
-                            service.name, code, ran, service.backoff)
-                writer.write_bytes(f"supervise: exited with {code}; restarting in "
-                                   f"{service.backoff:.0f}s\n".encode())
+                log.warning(
+                    "%s exited with %s after %.1fs; restarting in %.0fs",
+                    service.name,
+                    code,
+                    ran,
+                    service.backoff,
+                )
+                writer.write_bytes(
+                    f"supervise: exited with {code}; restarting in "
+                    f"{service.backoff:.0f}s\n".encode()
+                )
                 service.restarts += 1
                 await asyncio.sleep(service.backoff)
                 service.backoff = min(service.backoff * 2, MAX_BACKOFF)

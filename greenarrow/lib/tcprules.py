@@ -199,7 +199,9 @@ def _parse_line(line: str, number: int, where: str) -> tuple[TcpRule, list[str],
         raise TcpRulesError(f"{where}: expected ADDRESS:allow or ADDRESS:deny, got {line!r}")
     if not _ADDRESS.fullmatch(address):
         if address.startswith("="):
-            raise TcpRulesError(f"{where}: host name rules ({address}) are not supported; use IP addresses")
+            raise TcpRulesError(
+                f"{where}: host name rules ({address}) are not supported; use IP addresses"
+            )
         if "@" in address:
             raise TcpRulesError(f"{where}: remote-info rules (user@address) are not supported")
         raise TcpRulesError(f"{where}: bad address {address!r}")
@@ -208,7 +210,9 @@ def _parse_line(line: str, number: int, where: str) -> tuple[TcpRule, list[str],
     elif action == "deny":
         allow = False
     else:
-        raise TcpRulesError(f"{where}: expected 'allow' or 'deny' after {address + ':'!r}, got {action!r}")
+        raise TcpRulesError(
+            f"{where}: expected 'allow' or 'deny' after {address + ':'!r}, got {action!r}"
+        )
     expanded, kind = _expand(address, where)
     instructions = line[len(address) + 1 + len(action) :]
     env = _parse_env(instructions[1:], where) if instructions else {}
@@ -225,7 +229,9 @@ def _expand(address: str, where: str) -> tuple[list[str], int]:
         try:
             addr = ipaddress.IPv6Address(address)
         except ValueError:
-            raise TcpRulesError(f"{where}: bad IPv6 address {address!r} (only exact IPv6 addresses are supported)") from None
+            raise TcpRulesError(
+                f"{where}: bad IPv6 address {address!r} (only exact IPv6 addresses are supported)"
+            ) from None
         mapped = addr.ipv4_mapped
         return [str(mapped) if mapped is not None else addr.compressed], _EXACT
     prefix = address.endswith(".")
@@ -233,7 +239,9 @@ def _expand(address: str, where: str) -> tuple[list[str], int]:
     if prefix and len(parts) > 3:
         raise TcpRulesError(f"{where}: a prefix has at most 3 octets: {address!r}")
     if not prefix and len(parts) != 4:
-        raise TcpRulesError(f"{where}: {address!r} is neither a full address (4 octets) nor a prefix ending in '.'")
+        raise TcpRulesError(
+            f"{where}: {address!r} is neither a full address (4 octets) nor a prefix ending in '.'"
+        )
     tail = "." if prefix else ""
     ranged = -1
     low = high = 0
@@ -286,7 +294,9 @@ def _parse_env(text: str, where: str) -> dict[str, str]:
             value = text[pos + 1 : close]
             pos = close + 1
             if pos < end and text[pos] != ",":
-                raise TcpRulesError(f"{where}: unexpected {text[pos:]!r} after the quoted value of {name}")
+                raise TcpRulesError(
+                    f"{where}: unexpected {text[pos:]!r} after the quoted value of {name}"
+                )
         else:
             comma = text.find(",", pos)
             stop = end if comma < 0 else comma
