@@ -83,6 +83,9 @@ def parse_args(argv: list[str], qmail_inject: bool = False) -> Options:
         elif flag == "i":
             opts.ignore_dots = True
         elif flag == "o":
+            if not rest and i < len(argv):  # `-o i` is `-oi`, as getopt reads it
+                rest = argv[i]
+                i += 1
             if rest.startswith("i"):
                 opts.ignore_dots = True
         elif flag == "b":
@@ -133,9 +136,10 @@ def header_recipients(message: bytes) -> tuple[list[str], bytes]:
     return addresses, message
 
 
-def default_sender(me: str) -> str:
-    user = os.environ.get("QMAILUSER") or os.environ.get("LOGNAME") or os.environ.get("USER") or "root"
-    host = os.environ.get("QMAILHOST") or me
+def default_sender(me: str, environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    user = env.get("QMAILUSER") or env.get("LOGNAME") or env.get("USER") or "root"
+    host = env.get("QMAILHOST") or me
     return f"{user}@{host}"
 
 
@@ -166,7 +170,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     if opts.from_headers:
         found, message = header_recipients(message)
         recipients.extend(found)
-    sender = default_sender(me) if opts.sender is None else opts.sender
+    sender = default_sender(me, environ) if opts.sender is None else opts.sender
     sender = injection.check_sender(sender)
     recipients = [injection.check_address(r, "recipient") for r in recipients]
     message = add_from(message, sender, opts.fullname)

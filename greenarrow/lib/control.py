@@ -189,7 +189,10 @@ def _convert(spec: ControlSpec, text: str) -> object:
     if spec.kind == "size":
         return parse_size(value)
     if spec.kind == "float":
-        return float(value)
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        return number
     if spec.kind == "bool":
         if value.lower() in ("1", "true", "yes"):
             return True
@@ -234,13 +237,21 @@ def read(control_dir: os.PathLike | str, name: str) -> object:
     return spec.default
 
 
+def _format_item(item: object) -> str:
+    """One line of a list; a (host, port) pair as `read` returns it for a listen file."""
+    if isinstance(item, tuple) and len(item) == 2:
+        host, port = item
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return f"{item}"
+
+
 def write(control_dir: os.PathLike | str, name: str, value: object) -> None:
     """Write a control file atomically (tmp + rename), as `hvmail_set` would."""
     if name not in SPECS:
         raise KeyError(f"unknown control file {name!r}")
     path = os.path.join(control_dir, name)
     if isinstance(value, (list, tuple)):
-        text = "".join(f"{v}\n" for v in value)
+        text = "".join(f"{_format_item(v)}\n" for v in value)
     else:
         text = f"{value}\n"
     tmp = f"{path}.tmp{os.getpid()}"

@@ -54,6 +54,9 @@ class InjectionHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        # SMTPUTF8 is not offered: it is enabled in aiosmtpd only so that an
+        # 8-bit address reaches the address check (553) instead of a bare 500.
+        responses = [r for r in responses if r != "250-SMTPUTF8"]
         # aiosmtpd reads pipelined commands in order; say so.
         return responses[:-1] + ["250-PIPELINING", responses[-1]]
 
@@ -65,8 +68,12 @@ class InjectionHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if "SMTPUTF8" in mail_options:
+            return "555 5.6.7 SMTPUTF8 is not supported"
         try:
-            injection.check_sender(address)
+            # aiosmtpd gives the null sender as "<>"; it stays so in the
+            # envelope (an empty mail_from would mean "no MAIL yet" to aiosmtpd).
+            injection.check_sender("" if address == "<>" else address)
         except injection.InjectionError as e:
             return f"553 5.1.7 {e.text}"
         envelope.mail_from = address
@@ -107,7 +114,7 @@ class InjectionHandler:
                 settings.queue_dir,
                 settings.fifo,
                 msglib.to_crlf(envelope.original_content),
-                envelope.mail_from,
+                "" if envelope.mail_from == "<>" else envelope.mail_from,
                 list(envelope.rcpt_tos),
                 env,
                 settings.me,
@@ -147,6 +154,7 @@ class SmtpServer:
             hostname=settings.me,
             ident="GreenArrow-compatible ESMTP",
             decode_data=False,
+            enable_SMTPUTF8=True,  # not advertised: see handle_EHLO
             timeout=300,
         )
 

@@ -1,0 +1,50 @@
+"""hvmail_init: start, status, restart of a crashed service, stop with nothing left."""
+
+from __future__ import annotations
+
+import os
+
+from engine import Engine, wait_until
+
+from greenarrow.lib import supervisor
+
+
+def test_start_status_crash_restart_and_stop(tmp_path):
+    engine = Engine(tmp_path, workers=2)
+    with engine:
+        status = engine.program("hvmail_init", "status")
+        out = status.stdout.decode()
+        assert status.returncode == 0, out
+        for name in ("remote-0", "remote-1", "queue-send-ram", "smtpd"):
+            assert f"{name}: up (pid " in out
+        assert "plain folders" in out
+        # Every process is named for ps.
+        pid = engine.service_pid("queue-send-ram")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert f.read().startswith(b"greenarrow queue-send ram")
+        # A crashed worker is restarted, with back-off, and counted.
+        old = engine.kill_service("remote-1")
+        wait_until(lambda: engine.service_pid("remote-1") != old, 30, "remote-1 restarted")
+        wait_until(lambda: "remote-1: up" in engine.program("hvmail_init", "status").stdout.decode(),
+                   30, "remote-1 up again")
+        assert "1 restarts" in engine.program("hvmail_init", "status").stdout.decode()
+        again = engine.program("hvmail_init", "start")
+        assert b"already running" in again.stdout
+        assert (engine.root.log / "remote-1" / "current").exists()
+    down = engine.program("hvmail_init", "status")
+    assert down.returncode == 1
+    assert b"supervise: down" in down.stdout
+    assert supervisor.supervisor_pid(engine.root) is None
+    assert not any(p.suffix == ".pid" for p in engine.root.var.iterdir())
+
+
+def test_restart_restarts_every_service(tmp_path):
+    engine = Engine(tmp_path)
+    with engine:
+        before = set(engine.all_pids())
+        result = engine.program("hvmail_init", "restart")
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+        after = set(engine.all_pids())
+        assert before and after and not (before & after)
+        assert all(supervisor.pid_alive(p) for p in after)
+        assert not any(supervisor.pid_alive(p) for p in before if p != os.getpid())
