@@ -53,6 +53,8 @@ class Engine:
             "timeoutconnect": 5,
             "timeoutremote": 10,
             "queue.rescan.seconds": 2,
+            # No test may ask a real DNS server: nothing answers on this port.
+            "dns.servers": ["127.0.0.1:9"],
         }
         settings.update(controls or {})
         for name, value in settings.items():
@@ -109,6 +111,7 @@ class Engine:
         return list(delivery_log.iter_records(self.root.delivery_log(queue)))
 
     def queued(self, queue: str = "ram") -> list[str]:
+        """The entry names of a queue."""
         return os.listdir(self.root.queue(queue) / "entries")
 
     def __enter__(self) -> Engine:

@@ -2,8 +2,9 @@
 
 One engine routes each test domain to a receiver scripted to behave one way:
 accept; 4xx or 5xx at RCPT; 5xx or 4xx after DATA; refuse the connection;
-answer slower than the timeout. A deferral stays queued for a retry; the
-others leave the queue.
+answer slower than the timeout. A deferred first attempt moves to the
+disk-queue with one attempt counted; a failure leaves the queue and its
+bounce goes back to the sender.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ def test_each_receiver_behaviour_is_logged_with_its_status_and_text(tmp_path):
             Receiver(rcpt_reply="550 5.1.1 no such user") as rcpt5, \
             Receiver(data_reply="554 5.7.1 rejected as spam") as data5, \
             Receiver(data_reply="452 4.3.1 out of storage") as data4, \
-            Receiver(delay=5, delay_at="mail") as slow:
+            Receiver(delay=5, delay_at="mail") as slow, \
+            Receiver() as sender_mx:
         routes = {"ok.test": ok.port, "rcpt4xx.test": rcpt4.port, "rcpt5xx.test": rcpt5.port,
                   "data5xx.test": data5.port, "data4xx.test": data4.port,
-                  "refused.test": free_port(), "slow.test": slow.port}
+                  "refused.test": free_port(), "slow.test": slow.port,
+                  "origin.test": sender_mx.port}
         engine = Engine(tmp_path, conf=route_conf(routes),
                         controls={"timeoutremote": 1, "queue.retry.scale": 100})
         with engine:
@@ -47,8 +50,18 @@ def test_each_receiver_behaviour_is_logged_with_its_status_and_text(tmp_path):
                 assert record["status"] == status, (domain, record)
                 assert words in record["message"], (domain, record["message"])
                 assert "\t" not in record["message"]
-            queued = sorted(name.split(".")[0] for name in engine.queued())
-            assert len(queued) == sum(1 for s, _ in CASES.values() if s == "deferral")
-            # A deferred entry keeps its id and counts one attempt.
-            assert all(name.split(".")[1] == "1" for name in engine.queued())
+            deferred = sum(1 for s, _ in CASES.values() if s == "deferral")
+            wait_until(lambda: len(engine.queued("disk")) == deferred, 30, "moves to the disk-queue")
+            assert engine.queued() == []
+            # A moved entry keeps its id and counts one attempt.
+            assert all(name.split(".")[1] == "1" for name in engine.queued("disk"))
+            failures = sum(1 for s, _ in CASES.values() if s == "failure")
+            wait_until(lambda: len(sender_mx.messages) == failures, 30, "the bounces")
+            wait_until(lambda: len(engine.records("bounce")) == failures, 30, "their log lines")
         assert len(ok.messages) == 1
+        for bounce in sender_mx.messages:
+            assert bounce.sender in ("", "<>")  # aiosmtpd reports the null sender as <>
+            assert bounce.recipients == ["s@origin.test"]
+            assert b"Hi. This is the qmail-send program at engine.test." in bounce.content
+        bounce_records = engine.records("bounce")
+        assert [r["sendid"] for r in bounce_records] == ["-ic"] * failures

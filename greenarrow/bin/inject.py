@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from greenarrow.lib import control, injection
+from greenarrow.lib import control, injection, queue_entry
 from greenarrow.lib import message as msglib
 from greenarrow.lib.paths import control_dir, queue_dir, root_path_from_env, trigger_path
 
@@ -161,6 +161,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     try:
         me = control.read(control_dir(root), "me")
         databytes = control.read(control_dir(root), "databytes")
+        limit = control.read(control_dir(root), "queue.ram.limit.messages")
     except control.ControlError as e:
         raise injection.InjectionError(False, str(e)) from None
     if not opts.ignore_dots and not qmail_inject:
@@ -177,7 +178,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     env = {k: v for k, v in environ.items() if k.startswith("GREENARROW_")}
     return injection.accept(
         queue_dir(root, "ram"), trigger_path(root, "ram"), message, sender, recipients, env, me,
-        databytes=databytes,
+        databytes=databytes, limit=limit, count_file=queue_entry.count_path(root, "ram"),
     )
 
 

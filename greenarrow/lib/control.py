@@ -69,6 +69,22 @@ SPECS: dict[str, ControlSpec] = _specs(
         True,
         "remote attempts for the disk-queue (default: concurrencyremote)",
     ),
+    ("queuelifetime", "int", 604800, True,
+     "seconds a message may stay queued before a deferral becomes failure_toolong"),
+    ("bouncemaxbytes", "size", 50000, True, "bytes of the original quoted in a bounce (0: all)"),
+    ("doublebounceto", "text", "", True, "where the bounce of a bounce goes (empty: nowhere)"),
+    ("queue.ram.limit.messages", "int", 0, True,
+     "most entries in the ram-queue; beyond it injection is refused for now (0: no limit)"),
+    ("queue.bounce.limit.messages", "int", 0, True,
+     "most entries in the bounce-queue; beyond it bounces overflow to the disk-queue (0: no limit)"),
+    ("queue.disk.limit.messages", "int", 0, True,
+     "most entries in the disk-queue; beyond it deferred mail stays where it is (0: no limit)"),
+    ("queue.ram.ramdisk.size", "int", 0, False,
+     "size in MB of the ram-queue tmpfs, mounted by hvmail_init when run as root (0: a plain folder)"),
+    ("queue.ram.ramdisk.inodes", "int", 0, False, "inodes of the ram-queue tmpfs (0: the kernel's default)"),
+    ("queue.bounce.ramdisk.size", "int", 0, False,
+     "size in MB of the bounce-queue tmpfs, mounted by hvmail_init when run as root (0: a plain folder)"),
+    ("queue.bounce.ramdisk.inodes", "int", 0, False, "inodes of the bounce-queue tmpfs (0: the kernel's default)"),
     (
         "queue.rescan.seconds",
         "int",
@@ -227,6 +243,8 @@ def read(control_dir: os.PathLike | str, name: str) -> object:
         try:
             value = _convert(spec, text)
         except ValueError as e:
+            if spec.kind == "listen":  # any line may be the bad one; the error quotes it
+                raise ControlError(f"{path}: bad value: {e}") from None
             raise ControlError(f"{path}: bad value {_first_line(text)!r}: {e}") from None
         if value is not None and value != "":
             if spec.kind in ("int", "size", "float") and value < 0:

@@ -152,9 +152,14 @@ def accept(
     source_ip: str = "",
     trace: bytes = b"",
     databytes: int = 0,
+    limit: int = 0,
+    count_file: str = "",
 ) -> str:
     """Validate, process and commit a CRLF message; return its msguid.
 
+    `limit` (control/queue.ram.limit.messages) is checked against the count
+    the queue's scheduler publishes in `count_file`; over it the answer is a
+    temporary failure, so the client tries again later and nothing is lost.
     Raises InjectionError. When this returns, the message is in the queue.
     """
     if not recipients:
@@ -164,6 +169,9 @@ def accept(
             True,
             f"message is {len(message)} bytes, over the limit of {databytes} (control/databytes)",
         )
+    if limit and queue_entry.read_count(count_file) + len(recipients) > limit:
+        raise InjectionError(False, f"queue is full ({limit} messages, "
+                                    "control/queue.ram.limit.messages); try again later")
     now = time.time()
     msguid = queue_entry.new_msguid(now)
     prepared = prepare(message, env, me, msguid, now, trace)

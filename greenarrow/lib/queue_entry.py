@@ -162,38 +162,29 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def commit(
-    queue_dir: str | os.PathLike,
-    envelopes: list[dict],
-    message: bytes,
-    durable: bool = False,
-    attempts: int = 0,
-    due: int = 0,
-) -> list[str]:
-    """Write one entry per envelope into the queue; return the committed names.
+def place(queue_dir: str | os.PathLike, files: list[tuple[str, list[bytes]]],
+          durable: bool = False) -> list[str]:
+    """Commit files (entry name, content chunks) into a queue, all or nothing.
 
-    All or nothing: if any file cannot be written, the ones already written
-    are removed and QueueWriteError is raised, so the caller answers a
-    temporary failure and nothing half-written is ever delivered.
+    Each is written under tmp/ (fsync'd when `durable`), then renamed into
+    entries/; in a durable queue the folder is fsync'd once for the batch
+    after the renames. If any write fails, what was written is removed and
+    QueueWriteError is raised: nothing half-written is ever delivered.
     """
     queue_dir = os.fspath(queue_dir)
     tmp_dir = os.path.join(queue_dir, TMP)
     entries_dir = os.path.join(queue_dir, ENTRIES)
     written: list[tuple[str, str]] = []
     try:
-        for index, envelope in enumerate(envelopes):
-            entry_id = f"{envelope['msguid']}-{index}"
-            line = envelope_line(envelope)
-            tmp_path = os.path.join(tmp_dir, entry_id)
-            _write_file(tmp_path, [line, b"\n", message], durable)
-            written.append((tmp_path, entry_name(entry_id, attempts, due)))
-        names = []
+        for name, chunks in files:
+            tmp_path = os.path.join(tmp_dir, name)
+            _write_file(tmp_path, chunks, durable)
+            written.append((tmp_path, name))
         for tmp_path, name in written:
             os.rename(tmp_path, os.path.join(entries_dir, name))
-            names.append(name)
         if durable:
             fsync_dir(entries_dir)
-        return names
+        return [name for _, name in written]
     except OSError as e:
         for tmp_path, name in written:
             for path in (tmp_path, os.path.join(entries_dir, name)):
@@ -204,6 +195,37 @@ def commit(
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise QueueWriteError("queue is full (no space left)") from e
         raise QueueWriteError(f"cannot write to the queue: {e.strerror}") from e
+
+
+def commit(queue_dir: str | os.PathLike, envelopes: list[dict], message: bytes,
+           durable: bool = False, attempts: int = 0, due: int = 0) -> list[str]:
+    """Write one entry per envelope (ids `<msguid>-<index>`); return the committed names."""
+    files = []
+    for index, envelope in enumerate(envelopes):
+        name = entry_name(f"{envelope['msguid']}-{index}", attempts, due)
+        files.append((name, [envelope_line(envelope), b"\n", message]))
+    return place(queue_dir, files, durable)
+
+
+def count_path(root: str, queue: str) -> str:
+    """The file where `queue-send <queue>` publishes how many entries it holds."""
+    return os.path.join(root, "var", f"queue.{queue}.count")
+
+
+def write_count(path: str, count: int) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{count}\n")
+    os.replace(tmp, path)
+
+
+def read_count(path: str) -> int:
+    """The published entry count of a queue; 0 when its queue-send has not said."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def trigger(fifo_path: str | os.PathLike, names: list[str]) -> None:

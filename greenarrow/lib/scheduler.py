@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import os
 import time
 from collections import deque
 
 from greenarrow.lib import conf as conflib
-from greenarrow.lib import control, queue_entry, remote_link, retry_schedule
+from greenarrow.lib import control, queue_entry, queue_moves, remote_link, retry_schedule
 from greenarrow.lib.delivery_log import DeliveryLogWriter
 from greenarrow.lib.domain_rules import DomainRules
 from greenarrow.lib.paths import Root
@@ -37,6 +38,10 @@ from greenarrow.pyx.queue_scan import scan
 log = logging.getLogger("queue-send")
 
 STALE_TMP_SECONDS = 3600
+FAILURE_TOOLONG = "failure_toolong"
+TOOLONG_TEXT = "I'm not going to try again; this message has been in the queue too long."
+MOVES_TO_DISK = ("ram", "bounce")  # first-attempt queues; the disk-queue retries in place
+STATUS_INTERVAL = 0.5  # seconds between two publications of the queue's count and status
 _FIFO_READ = 65536
 
 
@@ -69,6 +74,7 @@ class Scheduler:
         self.links: list[WorkerLink] = []
         self.wake = asyncio.Event()
         self.stopping = False
+        self.changed = True
         self.load_settings()
         c = root.control
         self.log = DeliveryLogWriter(
@@ -86,9 +92,17 @@ class Scheduler:
         rescan = int(control.read(c, "queue.rescan.seconds"))
         scale = float(control.read(c, "queue.retry.scale"))
         workers = int(control.read(c, "remote.workers"))
+        lifetime = int(control.read(c, "queuelifetime"))
+        me = str(control.read(c, "me"))
+        bouncemaxbytes = int(control.read(c, "bouncemaxbytes"))
+        doublebounceto = str(control.read(c, "doublebounceto"))
+        bounce_limit = int(control.read(c, "queue.bounce.limit.messages"))
+        disk_limit = int(control.read(c, "queue.disk.limit.messages"))
         rules = DomainRules(conflib.load_root(self.root))
         self.concurrency, self.rescan_seconds, self.retry_scale = concurrency, rescan, scale
-        self.worker_count, self.rules = workers, rules
+        self.worker_count, self.rules, self.queuelifetime = workers, rules, lifetime
+        self.me, self.bouncemaxbytes, self.doublebounceto = me, bouncemaxbytes, doublebounceto
+        self.bounce_limit, self.disk_limit = bounce_limit, disk_limit
 
     def reload(self) -> None:
         try:
@@ -112,9 +126,24 @@ class Scheduler:
             except FileNotFoundError:
                 pass
 
+    def publish(self) -> None:
+        """Write the entry count (read by injectors for the queue limit) and the status
+        (read by `greenarrow queue status`)."""
+        root = str(self.root.path)
+        queue_entry.write_count(queue_entry.count_path(root, self.queue), len(self.known))
+        status = {"queue": self.queue, "time": self.clock(), "known": len(self.known),
+                  "ready": len(self.ready), "waiting": len(self.waiting),
+                  "inflight": len(self.inflight), "pid": os.getpid()}
+        path = self.root.var / f"queue.{self.queue}.status"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, path)
+        self.changed = False
+
     def add(self, name: str, attempts: int, due: int) -> None:
         if name in self.known:
             return
+        self.changed = True
         self.known.add(name)
         if due <= self.clock():
             self.ready.append(name)
@@ -194,10 +223,14 @@ class Scheduler:
 
     # -- results ---------------------------------------------------------
 
-    def apply_results(self, results: list[dict]) -> None:
+    async def apply_results(self, results: list[dict]) -> None:
         """Log a batch of results, then act on the entries (log first: see module docstring)."""
+        now = self.clock()
         records = []
-        actions = []
+        finished: list[str] = []  # names to remove
+        retries: list[tuple[str, int, int]] = []  # (name, attempts, due) renamed in place
+        moves: list[tuple[str, int, int]] = []  # the same, moved to the disk-queue
+        failed: list[tuple[dict, str, str]] = []  # (envelope, name, reason) to bounce
         for result in results:
             name = result.get("id")
             held = self.inflight.pop(name, None)
@@ -210,48 +243,116 @@ class Scheduler:
                 self.known.discard(name)
                 continue
             _, attempts, _ = queue_entry.split_name(name)
-            records.append(self._record(envelope, result, started, attempts))
-            actions.append((name, status, envelope, attempts))
+            text = result.get("text", "")
+            if status == remote_link.DEFERRAL and self._expired(envelope, now):
+                status, text = FAILURE_TOOLONG, f"{text} {TOOLONG_TEXT}".strip()
+            records.append(self._record(envelope, result, started, attempts, status, text))
+            if status == remote_link.DEFERRAL:
+                due = retry_schedule.next_due(envelope.get("injected_time", now), attempts + 1,
+                                              now, scale=self.retry_scale)
+                target = moves if self.queue in MOVES_TO_DISK else retries
+                target.append((name, attempts + 1, due))
+            else:
+                if status != remote_link.SUCCESS:
+                    failed.append((envelope, name, text))
+                finished.append(name)
         if records:
             self.log.write(records)
-        for name, status, envelope, attempts in actions:
-            path = os.path.join(self.entries_dir, name)
-            if status == remote_link.DEFERRAL:
-                self._defer(name, path, envelope, attempts)
-            else:
-                self.known.discard(name)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        if failed and not await self._bounce(failed):
+            kept = {name for _, name, _ in failed}
+            finished = [name for name in finished if name not in kept]
+        if moves:
+            retries += await self._move(moves)
+        for name, attempts, due in retries:
+            self._retry_in_place(name, attempts, due)
+        for name in finished:
+            self.known.discard(name)
+            try:
+                os.unlink(os.path.join(self.entries_dir, name))
+            except FileNotFoundError:
+                pass
+        self.changed = True
         self.wake.set()
 
-    def _defer(self, name: str, path: str, envelope: dict, attempts: int) -> None:
-        entry_id, _, _ = queue_entry.split_name(name)
-        now = self.clock()
-        due = retry_schedule.next_due(
-            envelope.get("injected_time", now), attempts + 1, now, scale=self.retry_scale
-        )
-        new_name = queue_entry.entry_name(entry_id, attempts + 1, due)
-        try:
-            os.rename(path, os.path.join(self.entries_dir, new_name))
-        except FileNotFoundError:
-            self.known.discard(name)
-            return
-        self.known.discard(name)
-        self.add(new_name, attempts + 1, due)
+    def _expired(self, envelope: dict, now: float) -> bool:
+        domain = envelope.get("recipient", "").rpartition("@")[2].lower()
+        lifetime = self.rules.settings(domain).queue_lifetime or self.queuelifetime
+        return now - float(envelope.get("injected_time", now)) >= lifetime
 
-    def _record(self, envelope: dict, result: dict, started: float, attempts: int) -> dict:
+    async def _bounce(self, failed: list[tuple[dict, str, str]]) -> bool:
+        """Create the bounces of permanent failures before their entries are removed.
+
+        False when they could not be queued: the failed entries then stay in
+        place (forgotten until the next rescan), so no bounce is lost; they
+        are tried again later, fail again, and get their bounce then.
+        """
+        root = str(self.root.path)
+
+        def work() -> None:
+            bounces = []
+            for envelope, name, reason in failed:
+                path = os.path.join(self.entries_dir, name)
+                bounce = queue_moves.make_bounce_entry(self.me, envelope, path, reason,
+                                                       self.bouncemaxbytes, self.doublebounceto)
+                if bounce is not None:
+                    bounces.append(bounce)
+            if bounces:
+                queue_moves.commit_bounces(root, bounces, self.bounce_limit)
+
+        try:
+            await asyncio.to_thread(work)
+        except queue_entry.QueueWriteError as e:
+            log.error("cannot queue bounces now (%s); the failed entries stay queued", e)
+            for _, name, _ in failed:
+                self.known.discard(name)
+            return False
+        return True
+
+    async def _move(self, moves: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """Move deferred first attempts to the disk-queue; return those that must stay here."""
+        disk_count = queue_entry.read_count(queue_entry.count_path(str(self.root.path), "disk"))
+        if self.disk_limit and disk_count + len(moves) > self.disk_limit:
+            log.warning("disk-queue is full (%d); deferred entries stay in the %s-queue",
+                        disk_count, self.queue)
+            return moves
+        pairs = []
+        for name, attempts, due in moves:
+            entry_id, _, _ = queue_entry.split_name(name)
+            pairs.append((os.path.join(self.entries_dir, name),
+                          queue_entry.entry_name(entry_id, attempts, due)))
+        try:
+            await asyncio.to_thread(queue_moves.move_entries, str(self.root.path), pairs)
+        except queue_entry.QueueWriteError as e:
+            log.error("cannot move deferred entries to the disk-queue (%s); they stay here", e)
+            return moves
+        for name, _, _ in moves:
+            self.known.discard(name)
+        return []
+
+    def _retry_in_place(self, name: str, attempts: int, due: int) -> None:
+        entry_id, _, _ = queue_entry.split_name(name)
+        new_name = queue_entry.entry_name(entry_id, attempts, due)
+        self.known.discard(name)
+        try:
+            os.rename(os.path.join(self.entries_dir, name),
+                      os.path.join(self.entries_dir, new_name))
+        except FileNotFoundError:
+            return
+        self.add(new_name, attempts, due)
+
+    def _record(self, envelope: dict, result: dict, started: float, attempts: int,
+                status: str, text: str) -> dict:
         return {
             "timestamp": started,
             "channel": "remote",
-            "status": result["status"],
-            "is_retry": 1 if attempts > 0 else 0,
+            "status": status,
+            # An overflowed bounce makes its first attempt from the disk-queue: a retry there.
+            "is_retry": 1 if attempts > 0 or self.queue == "disk" else 0,
             "msguid": envelope.get("msguid", ""),
             "sender": envelope.get("sender", ""),
             "mtaid": envelope.get("mtaid", ""),
             "injected_time": envelope.get("injected_time", ""),
-            "message": result.get("text", ""),
+            "message": text,
             "outmtaid_hostname": result.get("outmtaid_hostname", ""),
             "email": envelope.get("recipient", ""),
             "listid": envelope.get("listid", ""),
@@ -303,7 +404,7 @@ class Scheduler:
                         more = await reader.readuntil(b"\n")
                         chunk += more
                     results = [remote_link.decode(line) for line in chunk.splitlines() if line]
-                    self.apply_results(results)
+                    await self.apply_results(results)
                     if self.stopping and not self.inflight:
                         break
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -338,13 +439,19 @@ class Scheduler:
         log.info("%s-queue: %d entries at start", self.queue, len(self.known))
         self.links = [WorkerLink(n) for n in range(self.worker_count)]
         link_tasks = [asyncio.create_task(self.link_loop(link)) for link in self.links]
-        last_scan = time.monotonic()
+        last_scan = last_publish = time.monotonic()
+        self.publish()
         while not stop.is_set():
             if reload.is_set():
                 reload.clear()
                 self.reload()
             self.dispatch()
+            if self.changed and time.monotonic() - last_publish >= STATUS_INTERVAL:
+                self.publish()
+                last_publish = time.monotonic()
             timeout = self.rescan_seconds - (time.monotonic() - last_scan)
+            if self.changed:
+                timeout = min(timeout, STATUS_INTERVAL)
             if self.waiting:
                 timeout = min(timeout, self.waiting[0][0] - self.clock())
             self.wake.clear()
@@ -373,4 +480,5 @@ class Scheduler:
         for task in link_tasks:
             task.cancel()
         await asyncio.gather(*link_tasks, return_exceptions=True)
+        self.publish()
         self.log.close()

@@ -16,7 +16,7 @@ import socket
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from greenarrow.lib import control, injection, tcprules
+from greenarrow.lib import control, injection, queue_entry, tcprules
 from greenarrow.lib import message as msglib
 from greenarrow.lib.paths import Root
 
@@ -32,6 +32,8 @@ class Settings:
         self.root = root
         self.me = str(control.read(root.control, "me"))
         self.databytes = int(control.read(root.control, "databytes"))
+        self.limit = int(control.read(root.control, "queue.ram.limit.messages"))
+        self.count_file = queue_entry.count_path(str(root.path), "ram")
         path = root.control / "smtp.tcp"
         text = path.read_text() if path.exists() else ""
         self.rules = tcprules.parse(text, str(path))
@@ -121,6 +123,8 @@ class InjectionHandler:
                 source_ip=ip,
                 trace=trace,
                 databytes=settings.databytes,
+                limit=settings.limit,
+                count_file=settings.count_file,
             )
         except injection.InjectionError as e:
             code = "554 5.6.0" if e.permanent else "451 4.3.0"

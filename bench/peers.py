@@ -1,0 +1,381 @@
+"""The two MTAs under test, behind one small interface.
+
+`EnginePeer` runs this project's engine the way an operator does: a fresh
+install root per run (`init_root`), control files (`smtp.listen` on a free
+loopback port, so it never clashes with Postfix's port 25), greenarrow.conf
+routing every domain to the sink, `hvmail_init start` / `stop`.
+
+`PostfixPeer` runs the Debian package's Postfix exactly as the shared
+baseline harness configured it (the same main.cf settings, see
+`POSTFIX_SETTINGS`), relaying everything to the same sink. It can install
+the package when missing (only when asked: `make bench` asks, the quick mode
+and the tests never do).
+
+Both are restarted before every measured run and must start with an empty
+queue, so one run's leftovers never count in the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.procs import descendants, free_port, pid_alive, read_pid, wait_port
+
+ROUTE_ALL = """# Written by the benchmark: every domain goes to the sink.
+ip_address * {{
+  domain * {{
+    smtp_route 127.0.0.1:{port}
+  }}
+}}
+"""
+
+
+def run_cmd(
+    argv: list[str], timeout: float = 120.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion (bounded); never raises for a non-zero exit."""
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(argv, 124, str(e.stdout or ""), f"timed out: {e}")
+    except OSError as e:
+        return subprocess.CompletedProcess(argv, 127, "", str(e))
+
+
+class PeerError(RuntimeError):
+    """The MTA could not be configured, started or stopped."""
+
+
+class Peer:
+    """What a scenario needs from an MTA."""
+
+    name = "mta"
+    smtp_port = 0
+
+    def configure(self, sink_port: int, retry_scale: float | None = None) -> None:
+        """Make the MTA relay all mail to 127.0.0.1:sink_port (and retry quickly if asked)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def queue_count(self) -> int:
+        raise NotImplementedError
+
+    def root_pid(self) -> int | None:
+        """The pid at the top of the MTA's process tree (for memory sampling)."""
+        raise NotImplementedError
+
+    def cli_argv(self, sender: str, rcpt: str) -> list[str]:
+        """The command-line injection command (message on stdin, one process per message)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Ask the MTA to retry its deferred mail now (backlog scenario), if it can."""
+
+    def check_delivered(self, n: int) -> str:
+        """Cross-check with the MTA's own records; '' when fine, else what is wrong."""
+        return ""
+
+    def cleanup(self) -> None:
+        """Remove what `configure` created for one run."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+class EnginePeer(Peer):
+    """This project's engine, in a fresh install root under the work folder for each run."""
+
+    name = "engine"
+
+    def __init__(
+        self,
+        work: Path,
+        workers: int | None = None,
+        concurrency: int | None = None,
+        keep_roots: bool = False,
+    ) -> None:
+        self.work = work
+        self.workers = workers
+        self.concurrency = concurrency
+        self.keep_roots = keep_roots
+        self.root_path = work / "engine-root"
+        self.smtp_port = 0
+        self.retry_scale: float | None = None
+        self.env = dict(os.environ)
+        self.started = False
+        self._pids: list[int] = []
+
+    def _program(self, name: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return run_cmd([sys.executable, "-m", f"greenarrow.bin.{name}", *args], timeout, self.env)
+
+    def configure(self, sink_port: int, retry_scale: float | None = None) -> None:
+        from greenarrow.lib import control
+        from greenarrow.lib.install_root import init_root
+        from greenarrow.lib.paths import Root
+
+        if self.started:
+            self.stop()
+        self.cleanup()
+        root = Root(self.root_path)
+        init_root(root, me="engine.bench.test")
+        self.smtp_port = free_port()
+        control.write(root.control, "smtp.listen", [f"127.0.0.1:{self.smtp_port}"])
+        if self.workers:
+            control.write(root.control, "remote.workers", self.workers)
+        if self.concurrency:
+            control.write(root.control, "concurrencyremote", self.concurrency)
+        self.retry_scale = retry_scale
+        if retry_scale is not None:
+            control.write(root.control, "queue.retry.scale", retry_scale)
+        (root.control / "greenarrow.conf").write_text(ROUTE_ALL.format(port=sink_port))
+        self.env = dict(os.environ, HVMAIL_ROOT=str(self.root_path))
+
+    def start(self) -> None:
+        if self.queue_count():
+            raise PeerError(f"engine queue not empty at start ({self.queue_count()} entries)")
+        result = self._program("hvmail_init", "start", timeout=60)
+        if result.returncode != 0:
+            raise PeerError(f"hvmail_init start failed: {result.stdout}{result.stderr}")
+        self.started = True
+        if not wait_port(self.smtp_port, True, 20):
+            raise PeerError(f"engine smtpd did not listen on {self.smtp_port}")
+        pid = self.root_pid()
+        self._pids = descendants(pid) if pid else []
+
+    def stop(self) -> None:
+        """`hvmail_init stop`, then prove that no process of this root is left."""
+        if not self.started:
+            return
+        pids = set(self._pids)
+        pid = self.root_pid()
+        if pid:
+            pids.update(descendants(pid))
+        result = self._program("hvmail_init", "stop", timeout=120)
+        self.started = False
+        deadline = time.monotonic() + 15
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [p for p in pids if pid_alive(p)]
+        if result.returncode != 0 or left:
+            raise PeerError(f"hvmail_init stop: rc={result.returncode} left={left} {result.stdout}{result.stderr}")
+        wait_port(self.smtp_port, False, 5)
+
+    def queue_count(self) -> int:
+        total = 0
+        for queue in ("ram", "bounce", "disk"):
+            entries = self.root_path / "queue" / queue / "entries"
+            if entries.is_dir():
+                total += sum(1 for _ in os.scandir(entries))
+        return total
+
+    def root_pid(self) -> int | None:
+        pid = read_pid(self.root_path / "var" / "supervise.pid")
+        return pid if pid and pid_alive(pid) else None
+
+    def cli_argv(self, sender: str, rcpt: str) -> list[str]:
+        return [str(self.root_path / "bin" / "sendmail"), "-i", "-f", sender, "--", rcpt]
+
+    def report(self) -> dict[str, object]:
+        """`hvmail_report -q all --json`: the engine's own summary of its delivery log."""
+        result = self._program("hvmail_report", "-q", "all", "--json", timeout=300)
+        if result.returncode != 0:
+            return {"error": (result.stderr or result.stdout).strip()[-500:]}
+        try:
+            return dict(json.loads(result.stdout))
+        except ValueError:
+            return {"error": "hvmail_report printed no JSON"}
+
+    def check_delivered(self, n: int) -> str:
+        """The delivery log must show exactly n successes (a duplicate would show n+1)."""
+        report = self.report()
+        if "error" in report:
+            return f"hvmail_report: {report['error']}"
+        by_status = report.get("by_status") or {}
+        success = int(by_status.get("success", 0)) if isinstance(by_status, dict) else -1
+        if success != n:
+            return f"hvmail_report counts {success} successes, expected {n} ({by_status})"
+        return ""
+
+    def cleanup(self) -> None:
+        if self.started:
+            self.stop()
+        if self.root_path.exists() and not self.keep_roots:
+            shutil.rmtree(self.root_path, ignore_errors=True)
+
+    def describe(self) -> str:
+        from greenarrow.lib import control
+
+        c = self.root_path / "control"
+        try:
+            workers = control.read(c, "remote.workers")
+            conc = control.read(c, "concurrencyremote")
+        except Exception:  # noqa: BLE001 - description only
+            workers = conc = "?"
+        return f"engine (remote.workers={workers}, concurrencyremote={conc})"
+
+
+# main.cf settings of the shared baseline (shared/bench/adapters/postfix.sh),
+# with relayhost filled in per run.
+POSTFIX_SETTINGS = [
+    "inet_interfaces = loopback-only",
+    "inet_protocols = ipv4",
+    "mydestination =",
+    "local_recipient_maps =",
+    "local_transport = error:local delivery disabled (benchmark relay-only)",
+    "default_transport = smtp",
+    "relay_transport = relay",
+    "mynetworks = 127.0.0.0/8",
+    "maillog_file = /var/log/postfix.log",
+    "default_destination_concurrency_limit = 50",
+    "initial_destination_concurrency = 10",
+    "default_destination_recipient_limit = 50",
+    "default_process_limit = 100",
+    "smtp_connection_cache_on_demand = yes",
+    "smtp_destination_rate_delay = 0s",
+    "qmgr_message_active_limit = 20000",
+    "smtpd_tls_security_level = none",
+    "smtp_tls_security_level = none",
+    "smtp_dns_support_level = disabled",
+    "smtpd_peername_lookup = no",
+    "smtpd_client_connection_count_limit = 0",
+    "smtpd_client_connection_rate_limit = 0",
+]
+
+DEBCONF = [
+    "postfix postfix/main_mailer_type select Local only",
+    "postfix postfix/mailname string bench.localdomain",
+]
+
+
+class PostfixPeer(Peer):
+    """Debian's Postfix on 127.0.0.1:25, relaying everything to the sink."""
+
+    name = "postfix"
+    smtp_port = 25
+
+    def __init__(self) -> None:
+        self.spool = Path("/var/spool/postfix")
+        self.sink_port: int | None = None
+
+    @staticmethod
+    def installed() -> bool:
+        return bool(shutil.which("postfix") or os.path.exists("/usr/sbin/postfix")) and bool(
+            shutil.which("postconf") or os.path.exists("/usr/sbin/postconf")
+        )
+
+    @staticmethod
+    def install(log: Path, timeout: float = 900.0) -> str:
+        """apt-get install postfix with the debconf preseed; '' on success, else why not."""
+        if os.geteuid() != 0:
+            return "not root: cannot apt-get install postfix"
+        if not shutil.which("apt-get"):
+            return "no apt-get on this machine"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        steps = []
+        preseed = subprocess.run(
+            ["debconf-set-selections"],
+            input="\n".join(DEBCONF) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        steps.append(preseed)
+        for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "postfix"]):
+            steps.append(run_cmd(argv, timeout, env))
+            if steps[-1].returncode != 0:
+                break
+        with open(log, "w") as f:
+            for step in steps:
+                f.write(f"$ {' '.join(map(str, step.args))}\n{step.stdout}{step.stderr}\nrc={step.returncode}\n")
+        if steps[-1].returncode != 0 or not PostfixPeer.installed():
+            return f"apt-get install postfix failed (rc={steps[-1].returncode}, see {log})"
+        return ""
+
+    def version(self) -> str:
+        return run_cmd(["postconf", "-h", "mail_version"]).stdout.strip() or "?"
+
+    def running(self) -> bool:
+        return run_cmd(["postfix", "status"], 30).returncode == 0
+
+    def configure(self, sink_port: int, retry_scale: float | None = None) -> None:
+        """The shared harness's main.cf settings; relayhost = the sink. Once per sink port."""
+        if self.sink_port == sink_port:
+            return
+        main_cf = Path("/etc/postfix/main.cf")
+        backup = main_cf.with_name("main.cf.bench-orig")
+        if main_cf.exists() and not backup.exists():
+            shutil.copy2(main_cf, backup)
+        settings = [*POSTFIX_SETTINGS, f"relayhost = [127.0.0.1]:{sink_port}"]
+        result = run_cmd(["postconf", "-e", *settings])
+        if result.returncode != 0:
+            raise PeerError(f"postconf -e failed: {result.stderr}")
+        check = run_cmd(["postfix", "check"])
+        if check.returncode != 0:
+            raise PeerError(f"postfix check failed: {check.stderr}")
+        spool = run_cmd(["postconf", "-h", "queue_directory"]).stdout.strip()
+        if spool:
+            self.spool = Path(spool)
+        if self.running():
+            run_cmd(["postfix", "reload"])
+        self.sink_port = sink_port
+
+    def start(self) -> None:
+        if self.running():
+            return
+        if self.queue_count():
+            raise PeerError(f"postfix queue not empty at start ({self.queue_count()} files)")
+        if os.path.exists("/usr/lib/postfix/configure-instance.sh"):
+            run_cmd(["/usr/lib/postfix/configure-instance.sh", "-"], 60)
+        result = run_cmd(["postfix", "start"], 60)
+        if not wait_port(self.smtp_port, True, 20):
+            raise PeerError(f"postfix did not open port {self.smtp_port}: {result.stderr}")
+        time.sleep(0.5)  # let qmgr and pickup settle, as the shared harness does
+
+    def stop(self) -> None:
+        if not self.running():
+            return
+        run_cmd(["postfix", "stop"], 60)
+        deadline = time.monotonic() + 20
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.running():
+            raise PeerError("postfix did not stop")
+        wait_port(self.smtp_port, False, 5)
+
+    def queue_count(self) -> int:
+        total = 0
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _, _, files in os.walk(self.spool / sub):
+                total += len(files)
+        return total
+
+    def clear_queue(self) -> None:
+        """`postsuper -d ALL`: only used when a failed run left bench mail behind."""
+        run_cmd(["postsuper", "-d", "ALL"], 120)
+
+    def root_pid(self) -> int | None:
+        pid = read_pid(self.spool / "pid" / "master.pid")
+        return pid if pid and pid_alive(pid) else None
+
+    def cli_argv(self, sender: str, rcpt: str) -> list[str]:
+        return ["/usr/sbin/sendmail", "-i", "-f", sender, "--", rcpt]
+
+    def flush(self) -> None:
+        run_cmd(["postqueue", "-f"], 60)
+
+    def describe(self) -> str:
+        return f"postfix {self.version()}"
