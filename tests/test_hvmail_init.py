@@ -17,7 +17,7 @@ def test_start_status_crash_restart_and_stop(tmp_path):
         assert status.returncode == 0, out
         for name in ("remote-0", "remote-1", "queue-send-ram", "smtpd"):
             assert f"{name}: up (pid " in out
-        assert "plain folders" in out
+        assert "ram-queue: plain folder (no tmpfs mounted)" in out
         # Every process is named for ps.
         pid = engine.service_pid("queue-send-ram")
         with open(f"/proc/{pid}/cmdline", "rb") as f:

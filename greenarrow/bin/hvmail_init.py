@@ -11,7 +11,7 @@ import time
 
 import click
 
-from greenarrow.lib import service, supervisor
+from greenarrow.lib import ramdisk, service, supervisor
 from greenarrow.lib.install_root import init_root
 from greenarrow.lib.paths import Root, root_from_env
 
@@ -47,7 +47,8 @@ def print_status(root: Root) -> bool:
         else:
             all_up = False
             click.echo(f"{s['name']}: down, {s['restarts']} restarts")
-    click.echo("queues: plain folders (no tmpfs mounted)")
+    for queue in ramdisk.RAM_QUEUES:
+        click.echo(ramdisk.describe(root, queue))
     return all_up
 
 
@@ -68,6 +69,8 @@ def start(wait_seconds: float) -> None:
         click.echo("already running")
         print_status(root)
         return
+    for line in ramdisk.setup(root):
+        click.echo(line)
     (root.var / supervisor.STATUS_FILE).unlink(missing_ok=True)
     logdir = root.service_log("supervise")
     logdir.mkdir(parents=True, exist_ok=True)
