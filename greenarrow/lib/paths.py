@@ -7,6 +7,7 @@ point it at a temporary folder, so several instances run side by side.
 from __future__ import annotations
 
 import os
+
 TYPE_CHECKING = False  # typing itself costs command-line injection milliseconds
 
 if TYPE_CHECKING:
