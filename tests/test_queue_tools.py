@@ -79,7 +79,6 @@ def test_queue_tools_while_delivery_runs(tmp_path):
             assert retried == {"alice@defer.test", "bob@defer.test", "carol@defer.test",
                                "dave@defer.test"}
             assert all(r["is_retry"] == "1" for r in engine.records("disk"))
-            attempts = sorted(queue_entry.split_name(n)[1] for n in engine.queued("disk"))
             wait_until(lambda: sorted(queue_entry.split_name(n)[1] for n in engine.queued("disk"))
                        == [1, 1, 2, 2, 2, 2], 30, "two attempts counted for the retried four")
 
