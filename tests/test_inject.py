@@ -17,7 +17,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from greenarrow.bin import inject as inject_mod
@@ -786,6 +786,7 @@ _ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
+@example({"sender": "\ud800 lone \udfff", "recipient": "\U0001f600\x00\"\\\x7f\u2028", "attempts": -(2**70)})
 @given(st.dictionaries(_ENVELOPE_KEY, _ANY_TEXT | st.integers(), max_size=14))
 def test_envelope_line_round_trips(envelope: dict) -> None:
     """envelope_line writes one line of ASCII that json.loads reads back to the same dict,

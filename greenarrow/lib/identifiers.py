@@ -47,3 +47,12 @@ def identifier_problem(field: str, value: str) -> str | None:
     if check(value):
         return None
     return f"invalid {name} {value!r}: {rule}"
+
+
+# The header names as the documentation spells them, for error messages.
+HEADER_NAMES = {
+    b"x-greenarrow-sendid": "X-GreenArrow-SendID",
+    b"x-greenarrow-listid": "X-GreenArrow-ListID",
+    b"x-greenarrow-mtaid": "X-GreenArrow-MtaID",
+    b"x-greenarrow-mailclass": "X-GreenArrow-MailClass",
+}

@@ -26,7 +26,7 @@ import time
 from greenarrow.lib import message as msglib
 from greenarrow.lib import queue_entry
 from greenarrow.lib.address import address_problem
-from greenarrow.lib.identifiers import IDENTIFIERS, identifier_problem
+from greenarrow.lib.identifiers import HEADER_NAMES, IDENTIFIERS, identifier_problem
 
 
 class InjectionError(Exception):
@@ -94,7 +94,7 @@ def prepare(
             h = headers[i]
             if h.name == header_name:
                 value = msglib.header_value(message, h)
-                source = f"header {h.name.decode().title().replace('Greenarrow', 'GreenArrow')}"
+                source = f"header {HEADER_NAMES[h.name]}"
         if value is None and env.get(variable):
             value = env[variable]
             source = f"environment variable {variable}"

@@ -382,7 +382,11 @@ class Session:
         return self._result(_status(code), f"{ip} failed after I sent the message.", code, lines)
 
     async def quit(self) -> None:
-        """Say QUIT, wait briefly for the answer, close. Never raises on network trouble."""
+        """Say QUIT, wait briefly for the answer, close. Never raises on network trouble.
+
+        Waits (at most `quit` seconds) for the close to finish: a TLS close
+        exchanges close_notify first, and a socket must not outlive its session.
+        """
         if self._closed:
             return
         if not self.broken:
@@ -392,6 +396,12 @@ class Session:
             except _Dead:
                 self.broken = True
         self.close()
+        if not self.broken:
+            try:
+                async with asyncio.timeout(self._t.quit):
+                    await self._writer.wait_closed()
+            except Exception:  # timeout, or the peer reset: cut it
+                self._writer.transport.abort()
 
     def close(self) -> None:
         """Close at once without QUIT; a broken connection is aborted, not flushed."""
