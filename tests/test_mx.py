@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from dns_server import DnsServer, free_udp_port
 
 from greenarrow.lib.mx import TEMPORARY_TEXT, MxError, MxHost, MxResolver, no_host_text
-from tests.dns_server import DnsServer, free_udp_port
 
 ZONE = {
     "example.test": [

@@ -6,6 +6,8 @@ import asyncio
 import socket
 
 import pytest
+from dns_server import DnsServer
+from smtp_receivers import Receiver, ScriptedServer, self_signed_context
 
 from greenarrow.lib.mx import MxHost, MxResolver
 from greenarrow.lib.smtp_client import (
@@ -16,8 +18,6 @@ from greenarrow.lib.smtp_client import (
     deliver,
     dot_stuff,
 )
-from tests.dns_server import DnsServer
-from tests.smtp_receivers import Receiver, ScriptedServer, self_signed_context
 
 T = Timeouts(cap=10.0)  # every wait bounded, none ever reached by a healthy receiver
 MESSAGE = (

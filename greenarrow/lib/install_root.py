@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import greenarrow
-from greenarrow.lib import queue_entry
+from greenarrow.lib import queue_entry, secret_constants
 from greenarrow.lib.paths import QUEUES, Root
 
 
@@ -91,6 +91,8 @@ def init_root(root: Root, me: str | None = None) -> list[str]:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
             created.append(str(target))
+    if secret_constants.ensure(root.control):
+        created.append(str(secret_constants.path(root.control)))
     me_file = root.control / "me"
     if not me_file.exists():
         me_file.write_text((me or socket.getfqdn() or "localhost") + "\n")

@@ -207,7 +207,8 @@ class MxResolver:
                 return entry[1]
             del self._cache[key]
         task = self._inflight.get(key)
-        if task is None:
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
+            # (a task of another, finished event loop would never complete here)
             task = asyncio.ensure_future(self._query(name, rdtype))
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
