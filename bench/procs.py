@@ -101,6 +101,26 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def pss_bytes(pids: list[int]) -> int:
+    """Sum of the proportional set sizes of `pids` (/proc/PID/smaps_rollup).
+
+    Unlike RSS, a page shared by k processes counts 1/k in each, so the sum
+    is the memory the tree really holds; RSS sums overcount MTAs made of many
+    small processes (Postfix) that share their libraries.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -109,7 +129,8 @@ def read_pid(path: Path) -> int | None:
 
 
 class RssSampler:
-    """Samples the summed RSS of a process tree in a thread; `peak` is the largest sum.
+    """Samples the summed RSS (and PSS) of a process tree in a thread; `peak` is the
+    largest RSS sum, `peak_pss` the largest PSS sum.
 
     The tree is re-walked at every sample, so services the supervisor
     (re)starts during the run are counted. `root` is a callable because the
@@ -120,6 +141,7 @@ class RssSampler:
         self.root = root
         self.interval = interval
         self.peak = 0
+        self.peak_pss = 0
         self.samples = 0
         self.max_processes = 0
         self._stop = threading.Event()
@@ -132,6 +154,7 @@ class RssSampler:
                 pids = descendants(pid)
                 self.max_processes = max(self.max_processes, len(pids))
                 self.peak = max(self.peak, rss_bytes(pids))
+                self.peak_pss = max(self.peak_pss, pss_bytes(pids))
                 self.samples += 1
             self._stop.wait(self.interval)
 

@@ -46,6 +46,7 @@ METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
         ("deliver_s", "first -> last arrival (s)", False),
         ("drain_msgs_per_s", "drain msgs/s", True),
         ("peak_rss_mb", "peak RSS of all MTA processes together (MiB)", False),
+        ("peak_pss_mb", "peak PSS of all MTA processes together (MiB)", False),
         ("processes", "MTA processes (max seen)", None),
         ("inject_s", "queueing N with the sink down (s)", False),
         ("queued_at_sink_start", "entries queued when the sink started", None),
@@ -63,6 +64,8 @@ METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
 def _fmt(value: float) -> str:
     if value != value:  # NaN
         return "-"
+    if float(value).is_integer() and abs(value) < 1e6:
+        return f"{value:,.0f}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:

@@ -30,10 +30,12 @@ from pathlib import Path
 from bench import genmsg
 from bench.injectors import SmtpInjector, cli_inject
 from bench.peers import EnginePeer, Peer, PostfixPeer
-from bench.procs import RssSampler, free_port
+from bench.procs import RssSampler, descendants, free_port
+from bench.profile import Profiler
 from bench.sinks import Sink, StampingSink, counting_sink, smtp_source_path, wait_count
 
 SCENARIOS = ("smtp", "direct", "cli", "backlog", "latency", "simplemh")
+EXTRA = ("profile",)  # not measured figures: asked for by name or --profile
 SIMPLEMH_NOTE = "not yet available: the engine has no SimpleMH yet"
 
 
@@ -96,6 +98,7 @@ class Bench:
         self.sink_port = free_port()
         self.message = genmsg.single(opts.work / f"msg-{opts.msg_size}.eml", opts.msg_size)
         self.log = opts.work / "injectors.log"
+        self.profile_lines: list[str] = []
 
     def note(self, text: str) -> None:
         """Add a note to the results once."""
@@ -143,8 +146,14 @@ class Bench:
 
     # -- smtp / direct -------------------------------------------------------
 
-    def smtp_run(self, peer: Peer | None, rep: int, n: int | None = None) -> Run:
-        """N messages over `sessions` SMTP sessions into the MTA (or, peer None, the sink)."""
+    def smtp_run(
+        self, peer: Peer | None, rep: int, n: int | None = None, profile: Path | None = None
+    ) -> Run:
+        """N messages over `sessions` SMTP sessions into the MTA (or, peer None, the sink).
+
+        With `profile` (a folder), the MTA's processes are profiled during the
+        run (bench.profile) and the findings kept in `self.profile_lines`.
+        """
         opts = self.opts
         n = n or opts.n
         tool = self.smtp_tool()
@@ -164,8 +173,22 @@ class Bench:
                 token=f"{scenario}{rep}", timeout=opts.timeout, log=self.log,
             )
             inj.prepare()
+            profiler = None
+            if profile is not None and peer is not None and peer.root_pid():
+                profiler = Profiler(descendants(peer.root_pid() or 0), profile).__enter__()
             t0 = inj.go()
-            arrival = wait_count(sink, n, opts.timeout, opts.settle, stop_early=inj.failed)
+            arrival = wait_count(sink, n, opts.timeout, 0.0, stop_early=inj.failed)
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+                wall = (arrival.reached or time.monotonic()) - t0
+                self.profile_lines = profiler.render(
+                    wall,
+                    f"Profiled run: {peer.describe() if peer else ''}, smtp, N={n}, "
+                    f"{n / wall:.0f} msgs/s while profiled, {wall:.1f} s.",
+                )
+            if arrival.reached is not None:
+                time.sleep(opts.settle)
+                arrival.final = sink.count()
             rc = inj.wait()
             if rc != 0:
                 problems.append(inj.problem())
@@ -243,7 +266,7 @@ class Bench:
         opts = self.opts
         n = opts.backlog_n
         tool = self.smtp_tool()
-        run = Run("backlog", f"N={n}", peer.name, rep, n)
+        run = Run("backlog", "queued while the sink is down", peer.name, rep, n)
         if isinstance(peer, EnginePeer):
             self.note(f"backlog: engine queue.retry.scale={opts.retry_scale:g} (retries come quickly)")
         elif isinstance(peer, PostfixPeer):
@@ -253,7 +276,7 @@ class Bench:
         problems: list[str] = []
         try:
             self._restart(peer, sink.port, opts.retry_scale)
-            with RssSampler(peer.root_pid) as rss:
+            with RssSampler(peer.root_pid, 0.2) as rss:
                 inj = SmtpInjector(
                     tool, peer.smtp_port, n, self.message, opts.sessions, opts.reuse,
                     token=f"backlog{rep}", timeout=opts.timeout, log=self.log,
@@ -271,6 +294,7 @@ class Bench:
                 peer.flush()
                 arrival = wait_count(sink, n, opts.timeout, opts.settle)
             run.metrics["peak_rss_mb"] = rss.peak / 2**20
+            run.metrics["peak_pss_mb"] = rss.peak_pss / 2**20
             run.metrics["processes"] = rss.max_processes
             if arrival.reached is not None:
                 run.metrics["drain_s"] = arrival.reached - t_sink
@@ -346,6 +370,14 @@ class Bench:
         if name == "simplemh":
             self.note(f"simplemh: {SIMPLEMH_NOTE}")
             self.say(f"  simplemh: {SIMPLEMH_NOTE}")
+            return
+        if name == "profile":
+            engine = next(p for p in self.peers if p.name == "engine")
+            n = min(opts.n, 5000)
+            run = self.smtp_run(engine, 0, n, profile=opts.work / "profile")
+            self.runs.remove(run)  # a profiled run is slowed by the sampler: not a figure
+            if not run.ok:
+                self.note(f"profile run failed: {run.note}")
             return
         if name == "latency":
             rate = self.latency_rate()

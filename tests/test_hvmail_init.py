@@ -48,3 +48,17 @@ def test_restart_restarts_every_service(tmp_path):
         assert before and after and not (before & after)
         assert all(supervisor.pid_alive(p) for p in after)
         assert not any(supervisor.pid_alive(p) for p in before if p != os.getpid())
+
+
+def test_services_stop_when_the_supervisor_is_killed(tmp_path):
+    """kill -9 of the supervisor leaves no service running unsupervised."""
+    import signal
+
+    engine = Engine(tmp_path)
+    engine.start()
+    services = list(supervisor.service_pids(engine.root).values())
+    os.kill(supervisor.supervisor_pid(engine.root), signal.SIGKILL)
+    wait_until(lambda: not any(supervisor.pid_alive(p) for p in services), 30,
+               "every service to exit with its supervisor")
+    engine.start()  # and the engine starts again cleanly
+    engine.stop()

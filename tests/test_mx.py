@@ -218,3 +218,17 @@ def test_clear_cache(dns, resolver):
     resolver.clear_cache()
     run(resolver.hosts("plain.test"))
     assert dns.count("plain.test", "MX") == 2
+
+
+def test_route_hosts_resolves_the_host_itself(dns, resolver):
+    assert run(resolver.route_hosts("mx2.example.test")) == [
+        MxHost("mx2.example.test", 0, ["127.0.0.4"])
+    ]
+    assert dns.count(qtype="MX") == 0
+    assert run(resolver.route_hosts("[127.0.0.8]")) == [MxHost("127.0.0.8", 0, ["127.0.0.8"])]
+    with pytest.raises(MxError) as info:
+        run(resolver.route_hosts("example.test"))  # MX records only, no address
+    assert info.value.permanent
+    with pytest.raises(MxError) as info:
+        run(resolver.route_hosts("broken.test"))
+    assert not info.value.permanent

@@ -153,6 +153,8 @@ def run() -> None:
     systemd's unit runs this)."""
     root = _root()
     init_root(root)
+    for line in ramdisk.setup(root):
+        print(line, flush=True)
     service.setup("supervise")
     asyncio.run(supervisor.Supervisor(root).run())
 

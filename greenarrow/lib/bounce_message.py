@@ -30,7 +30,7 @@ def bounce_text(me: str, recipient: str, reason: str, double: bool = False) -> s
     ]
     if double:
         lines[1:1] = ["I tried to deliver a bounce message to this address, but the bounce bounced!"]
-    lines += [f"<{recipient}>:", reason.replace("/", "\n"), "", BREAK_LINE, ""]
+    lines += [f"<{recipient}>:", *reason.split("/"), "", BREAK_LINE, ""]
     return "\r\n".join(lines) + "\r\n"
 
 

@@ -45,7 +45,6 @@ SPECS: dict[str, ControlSpec] = _specs(
         "SMTP injection listeners, lines of ip:port",
     ),
     ("smtp.tcp", "raw", "", True, "relay allow-list in tcprules syntax"),
-    ("smtp.maxsessions", "int", 500, False, "most concurrent SMTP injection sessions"),
     ("databytes", "size", 0, True, "largest message accepted, in bytes (0: no limit)"),
     ("concurrencyremote", "int", 20, True, "most simultaneous remote attempts per queue"),
     (

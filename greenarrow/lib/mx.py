@@ -181,6 +181,28 @@ class MxResolver:
             raise MxError(False, TEMPORARY_TEXT)
         raise MxError(True, no_host_text(domain))
 
+    async def route_hosts(self, host: str) -> list[MxHost]:
+        """The one host of an explicit route (`smtp_route`): its own addresses, no MX lookup.
+
+        Same errors and cache as `hosts`: no address -> permanent, a temporary
+        DNS error and no address -> temporary.
+        """
+        host = host.strip().rstrip(".").lower()
+        if host.startswith("[") and host.endswith("]"):
+            return [_literal(host)]
+        if not host:
+            raise MxError(True, no_host_text(host))
+        try:
+            dns.name.from_text(host)
+        except dns.exception.DNSException:
+            raise MxError(True, no_host_text(host)) from None
+        addresses, temporary = await self._addresses(host)
+        if addresses:
+            return [MxHost(host, 0, addresses)]
+        if temporary:
+            raise MxError(False, TEMPORARY_TEXT)
+        raise MxError(True, no_host_text(host))
+
     async def _addresses(self, name: str) -> tuple[list[str], bool]:
         """A then AAAA addresses of `name`, and whether a lookup failed temporarily."""
         if self._ipv6:

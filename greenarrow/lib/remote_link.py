@@ -4,10 +4,10 @@ Each remote worker listens on `var/remote.<n>.sock`. A queue-send connects to
 every worker and sends jobs; a worker answers each job with one result, in
 any order. One line of JSON each way:
 
-    job     {"id": NAME, "path": PATH, "sender": S, "recipient": R,
-             "route": [HOST, PORT] | null, "starttls": "opportunistic"}
+    job     {"id": NAME, "path": PATH, "route": [HOST, PORT] | null,
+             "starttls": "never"|"opportunistic"|"required"}
     result  {"id": NAME, "status": "success"|"failure"|"deferral"|"missing",
-             "text": TEXT, "mx_hostname": H, "mx_ip": IP, "outmtaid_ip": IP,
+             "text": TEXT, "mx_hostname": H, "mx_ip": IP, "smtp_code": N | null,
              "outmtaid_hostname": NAME}
 
 `missing` means the entry file was gone when the worker opened it (deleted by

@@ -6,10 +6,14 @@ its trigger FIFO, plus a periodic rescan for any name a full FIFO dropped.
 It hands due entries to the `remote` workers, at most `concurrencyremote`
 at a time, and applies each result:
 
-- success, failure: the delivery log line is written, then the entry is
-  removed;
-- deferral: the log line, then the entry is renamed with one more attempt
-  and its next due time (greenarrow.lib.retry_schedule);
+- success: the delivery log line is written, then the entry is removed;
+- failure (and a deferral past the queue lifetime, logged as
+  failure_toolong): the log line, the bounce to the sender is queued
+  (greenarrow.lib.queue_moves), then the entry is removed;
+- deferral: the log line, then the entry gets one more attempt and its next
+  due time (greenarrow.lib.retry_schedule): a first attempt in the ram- or
+  bounce-queue moves to the durable disk-queue, a disk-queue entry is
+  renamed in place;
 - a worker that goes away: its attempts under way are simply scheduled
   again; the entry was never removed, so nothing is lost (a duplicate
   delivery is possible, as in qmail).

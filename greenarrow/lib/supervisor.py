@@ -52,6 +52,17 @@ class Service:
         return [sys.executable, "-m", f"greenarrow.bin.{self.program}", *self.args]
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the supervisor dies, even by kill -9, so no
+    service runs on unsupervised (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def read_services(root: Root) -> list[Service]:
     """The services of `init/services`: `name program [args]`; `{worker}` lines
     are repeated for each remote worker (`control/remote.workers`)."""
@@ -103,6 +114,7 @@ class Supervisor:
                 started = time.monotonic()
                 proc = await asyncio.create_subprocess_exec(
                     *service.command(),
+                    preexec_fn=_die_with_parent,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
