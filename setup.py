@@ -46,6 +46,8 @@ setup(
         "dnspython>=2.4,<3",
         "aiosmtpd>=1.4,<2",
         "setproctitle>=1.3,<2",
+        "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
+        "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
     ],
     extras_require={
         "test": [

@@ -218,12 +218,8 @@ class EnginePeer(Peer):
     def describe(self) -> str:
         from greenarrow.lib import control
 
-        c = self.root_path / "control"
-        try:
-            workers = control.read(c, "remote.workers")
-            conc = control.read(c, "concurrencyremote")
-        except Exception:  # noqa: BLE001 - description only
-            workers = conc = "?"
+        workers = self.workers or control.SPECS["remote.workers"].default
+        conc = self.concurrency or control.SPECS["concurrencyremote"].default
         return f"engine (remote.workers={workers}, concurrencyremote={conc})"
 
 

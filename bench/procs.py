@@ -55,13 +55,17 @@ def wait_port(port: int, up: bool = True, timeout: float = 20.0) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (exited, not yet reaped).
+
+    A zombie counts as gone: an orphan's exit is reaped by PID 1, which on
+    some machines (this sandbox's init) takes seconds.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def descendants(root_pid: int) -> list[int]:
@@ -119,6 +123,41 @@ def pss_bytes(pids: list[int]) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root_pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by a process tree, dead members included.
+
+    Sums utime + stime + cutime + cstime over the live tree: a member that
+    exited was reaped by its parent (also in the tree), whose c-times then
+    hold its whole lifetime. So the difference of two readings is the CPU the
+    tree used in between, even as processes come and go (Postfix's smtpd and
+    smtp processes do). 0 when the root is gone.
+    """
+    if not root_pid:
+        return 0.0
+    total = 0
+    for pid in descendants(root_pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        total += sum(int(x) for x in fields[11:15])
+    return total / CLK_TCK
+
+
+def loadavg1() -> float:
+    """The 1-minute load average: other work on the box shows here."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def read_pid(path: Path) -> int | None:

@@ -30,16 +30,21 @@ METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
         ("msgs_per_s", "msgs/s (first injection -> sink counted N)", True),
         ("total_s", "time to full delivery (s)", False),
         ("inject_s", "injector finished (s)", False),
+        ("cpu_ms_per_msg", "MTA CPU per message (ms, all its processes)", False),
+        ("load1", "load average (1 min) at run start", None),
     ],
     "direct": [
         ("msgs_per_s", "msgs/s, injector -> sink, no MTA (ceiling)", True),
         ("total_s", "time (s)", False),
+        ("load1", "load average (1 min) at run start", None),
     ],
     "cli": [
         ("per_msg_ms", "per-message cost (ms, median wall time of one process)", False),
         ("inject_msgs_per_s", "injection msgs/s", True),
         ("msgs_per_s", "end-to-end msgs/s (first injection -> sink counted N)", True),
         ("total_s", "time to full delivery (s)", False),
+        ("cpu_ms_per_msg", "CPU per message (ms, injecting processes + MTA)", False),
+        ("load1", "load average (1 min) at run start", None),
     ],
     "backlog": [
         ("drain_s", "drain time (s, sink started -> all N counted)", False),
@@ -50,6 +55,8 @@ METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
         ("processes", "MTA processes (max seen)", None),
         ("inject_s", "queueing N with the sink down (s)", False),
         ("queued_at_sink_start", "entries queued when the sink started", None),
+        ("cpu_ms_per_msg", "MTA CPU per message (ms, all its processes)", False),
+        ("load1", "load average (1 min) at run start", None),
     ],
     "latency": [
         ("p50_ms", "p50 latency, 250 to DATA -> sink (ms)", False),
@@ -57,6 +64,8 @@ METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
         ("p99_ms", "p99 (ms)", False),
         ("max_ms", "max (ms)", False),
         ("rate_sent", "rate actually sent (msgs/s)", None),
+        ("cpu_ms_per_msg", "MTA CPU per message (ms, all its processes)", False),
+        ("load1", "load average (1 min) at run start", None),
     ],
 }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import machine, report
 from bench.injectors import REPO
 from bench.peers import EnginePeer, Peer, PostfixPeer
-from bench.scenarios import SCENARIOS, Bench, Options
+from bench.scenarios import EXTRA, SCENARIOS, Bench, Options
 from bench.sinks import smtp_sink_path
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -46,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help="one tiny run of each scenario (200 messages, 1 rep); no Postfix install")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
+                    help=f"comma-separated subset of {','.join(SCENARIOS + EXTRA)}")
+    ap.add_argument("--profile", action="store_true",
+                    help="end with an unrecorded engine smtp run under py-spy (where the time goes)")
     ap.add_argument("--n", type=int, help=f"messages per smtp/direct run (default {d.n})")
     ap.add_argument("--reps", type=int, help=f"runs per figure (default {d.reps})")
     ap.add_argument("--sessions", type=int, default=d.sessions, help="concurrent SMTP sessions")
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None
     args = parser().parse_args(argv)
     say = say or (lambda text: print(text, flush=True))
     names = [s for s in args.scenarios.split(",") if s]
-    unknown = [s for s in names if s not in SCENARIOS]
+    if args.profile and "profile" not in names:
+        names.append("profile")
+    unknown = [s for s in names if s not in SCENARIOS + EXTRA]
     if unknown:
         say(f"unknown scenarios: {', '.join(unknown)}")
         return 2
@@ -149,12 +153,12 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None
             except Exception as e:  # noqa: BLE001
                 say(f"postfix stop failed: {e}")
     facts["load average at end"] = machine.loadavg()
-    engine_text = engine.describe() if engine.root_path.exists() else "engine (defaults)"
-    facts["engine settings"] = engine_text + (
-        f", remote.workers={args.engine_workers}" if args.engine_workers else ""
-    ) + (f", concurrencyremote={args.engine_concurrency}" if args.engine_concurrency else "")
+    facts["engine settings"] = engine.describe() + " (other control files: defaults)"
     section = report.render(stamp, command, opts, facts, peer_text, bench.runs, bench.notes,
                             peer.name if peer else None)
+    if bench.profile_lines:
+        section += "\n### Where the engine's time goes (profiled run)\n\n"
+        section += "\n".join(bench.profile_lines) + "\n"
     results_dir = args.results_dir or (opts.work / "results" if args.quick else RESULTS_DIR)
     results_dir.mkdir(parents=True, exist_ok=True)
     md = results_dir / f"{stamp}{'-quick' if args.quick else ''}.md"

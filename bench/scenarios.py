@@ -21,6 +21,7 @@ Metrics (all times in seconds unless the name says ms):
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from pathlib import Path
 from bench import genmsg
 from bench.injectors import SmtpInjector, cli_inject
 from bench.peers import EnginePeer, Peer, PostfixPeer
-from bench.procs import RssSampler, descendants, free_port
+from bench.procs import RssSampler, descendants, free_port, loadavg1, tree_cpu_seconds
 from bench.profile import Profiler
 from bench.sinks import Sink, StampingSink, counting_sink, smtp_source_path, wait_count
 
@@ -50,7 +51,7 @@ class Options:
     cli_n: int = 3000
     cli_parallel: tuple[int, ...] = (1, 4)
     backlog_n: int = 20000
-    latency_n: int = 3000
+    latency_n: int = 2000
     latency_rate: float | None = None
     latency_sessions: int = 10
     retry_scale: float = 0.001
@@ -74,6 +75,42 @@ class Run:
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     tools: str = ""
+
+
+class CpuMeter:
+    """CPU used by the MTA's process tree between `start` and `stop`, per message.
+
+    On a shared 2-core box, throughput moves with other people's load; the
+    CPU the MTA spends per message hardly does, so it is recorded next to
+    every rate (with the 1-minute load average at the start of the run).
+    """
+
+    def __init__(self, peer: Peer | None) -> None:
+        self.peer = peer
+        self.load = loadavg1()
+        self.cpu0 = self.cpu1 = 0.0
+        self.children0 = self.children1 = 0.0
+
+    def start(self) -> CpuMeter:
+        self.load = loadavg1()
+        self.cpu0 = tree_cpu_seconds(self.peer.root_pid()) if self.peer else 0.0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.children0 = usage.ru_utime + usage.ru_stime
+        return self
+
+    def stop(self) -> None:
+        self.cpu1 = tree_cpu_seconds(self.peer.root_pid()) if self.peer else 0.0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.children1 = usage.ru_utime + usage.ru_stime
+
+    def apply(self, run: Run, n: int, with_injectors: bool = False) -> None:
+        """Record cpu_ms_per_msg (MTA tree; plus the injecting processes for cli) and load."""
+        cpu = self.cpu1 - self.cpu0
+        if with_injectors:
+            cpu += self.children1 - self.children0
+        if self.peer is not None and cpu > 0:
+            run.metrics["cpu_ms_per_msg"] = cpu * 1000 / n
+        run.metrics["load1"] = self.load
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -176,8 +213,11 @@ class Bench:
             profiler = None
             if profile is not None and peer is not None and peer.root_pid():
                 profiler = Profiler(descendants(peer.root_pid() or 0), profile).__enter__()
+            meter = CpuMeter(peer).start()
             t0 = inj.go()
             arrival = wait_count(sink, n, opts.timeout, 0.0, stop_early=inj.failed)
+            meter.stop()
+            meter.apply(run, n)
             if profiler is not None:
                 profiler.__exit__(None, None, None)
                 wall = (arrival.reached or time.monotonic()) - t0
@@ -234,13 +274,19 @@ class Bench:
             self._restart(peer, sink.port)
             sink.start()
             argv = peer.cli_argv(genmsg.SENDER, genmsg.RCPT)
+            meter = CpuMeter(peer).start()
             t0 = time.monotonic()
             result = cli_inject(argv, files, parallel, opts.timeout)
             injected = time.monotonic()
             if result.failed:
                 problems.append(f"{result.failed} injections failed: {result.errors[:2]}")
             remaining = max(1.0, opts.timeout - (injected - t0))
-            arrival = wait_count(sink, n, remaining, opts.settle)
+            arrival = wait_count(sink, n, remaining, 0.0)
+            meter.stop()
+            meter.apply(run, n, with_injectors=True)
+            if arrival.reached is not None:
+                time.sleep(opts.settle)
+                arrival.final = sink.count()
             run.metrics["inject_s"] = injected - t0
             run.metrics["per_msg_ms"] = result.median_ms
             run.metrics["inject_msgs_per_s"] = n / (injected - t0)
@@ -282,6 +328,7 @@ class Bench:
                     token=f"backlog{rep}", timeout=opts.timeout, log=self.log,
                 )
                 inj.prepare()
+                meter = CpuMeter(peer).start()
                 t0 = inj.go()
                 rc = inj.wait()
                 if rc != 0:
@@ -292,7 +339,12 @@ class Bench:
                 t_sink = time.monotonic()
                 sink.start()
                 peer.flush()
-                arrival = wait_count(sink, n, opts.timeout, opts.settle)
+                arrival = wait_count(sink, n, opts.timeout, 0.0)
+                meter.stop()
+            meter.apply(run, n)
+            if arrival.reached is not None:
+                time.sleep(opts.settle)
+                arrival.final = sink.count()
             run.metrics["peak_rss_mb"] = rss.peak / 2**20
             run.metrics["peak_pss_mb"] = rss.peak_pss / 2**20
             run.metrics["processes"] = rss.max_processes
@@ -334,8 +386,14 @@ class Bench:
                 rate=rate, acks=acks_file, token=token, timeout=opts.timeout, log=self.log,
             )
             inj.prepare()
+            meter = CpuMeter(peer).start()
             t0 = inj.go()
-            arrival = wait_count(sink, n, opts.timeout, opts.settle, stop_early=inj.failed)
+            arrival = wait_count(sink, n, opts.timeout, 0.0, stop_early=inj.failed)
+            meter.stop()
+            meter.apply(run, n)
+            if arrival.reached is not None:
+                time.sleep(opts.settle)
+                arrival.final = sink.count()
             if inj.wait() != 0:
                 problems.append(inj.problem())
             if inj.ended is not None:

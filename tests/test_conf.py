@@ -455,6 +455,45 @@ mail_class newsletter {
     statistic_report_grouping "by list"
 }
 mail_class transactional {}
+general {
+    default_virtual_mta ipaddr-1
+}
+ip_address ipaddr-1 {
+    id 7
+    throttle_template standard
+}
+relay_server smarthost {
+    relay_host relay.example.com:587
+    smtp_auth_username user
+    smtp_auth_password "secret"
+    smtp_source 192.0.2.1
+    hostname relay-client.example.com
+    max_concurrent_connections 5
+    max_messages_per_hour 1000
+}
+routing_rule mixed {
+    route ipaddr-1 3
+    route smarthost 1
+    randomization email_address_constant
+}
+throttle_template standard {
+    domain [*.]yahoo.com {
+        max_concurrent_connections 10
+        max_messages_per_hour 5000
+        throttle_program careful
+        reuse_connections_max_messages 50
+        reuse_connections_idle_timeout 30s
+    }
+}
+throttle_program careful {
+    deferral_rate 50
+    failure_rate 30
+    backoff_max_concurrent_connections 50%
+    backoff_max_messages_per_hour 100
+    return_after 1h
+    window 5m
+    min_attempts 20
+}
 """
 
 

@@ -94,11 +94,22 @@ def start(wait_seconds: float) -> None:
 
 
 def _listeners_ready(root: Root) -> bool:
-    """Every remote worker socket exists (the services take a moment to bind)."""
+    """Every remote worker socket and SMTP listener answers (services take a moment to bind)."""
+    import socket
+
     from greenarrow.lib import control
 
     workers = int(control.read(root.control, "remote.workers"))
-    return all(root.remote_socket(n).exists() for n in range(workers))
+    if not all(root.remote_socket(n).exists() for n in range(workers)):
+        return False
+    for host, port in control.read(root.control, "smtp.listen"):
+        target = "127.0.0.1" if host == "0.0.0.0" else ("::1" if host == "::" else host)
+        try:
+            with socket.create_connection((target, port), timeout=1):
+                pass
+        except OSError:
+            return False
+    return True
 
 
 def stop_root(root: Root, timeout: float = 90.0) -> bool:

@@ -400,6 +400,34 @@ def _star_alone(args: list[str]) -> None:
         raise ValueError("'*' cannot be listed with other names")
 
 
+def parse_vmta_name(text: str) -> str:
+    """A VirtualMTA name (spec 9.1), `*` not allowed."""
+    if text == "*":
+        raise ValueError("'*' is not a VirtualMTA name")
+    return parse_ip_name(text)
+
+
+def parse_limit(text: str) -> str:
+    """A backoff limit: `N` (a fixed value) or `N%` (a percent of the normal limit)."""
+    number = text[:-1] if text.endswith("%") else text
+    if not number.isdigit() or (text.endswith("%") and not 0 <= int(number) <= 100):
+        raise ValueError(f"expected a number or a percent like 50%, got {text!r}")
+    return text
+
+
+def parse_percent(text: str) -> int:
+    value = parse_int(text.rstrip("%"))
+    if not 1 <= value <= 100:
+        raise ValueError(f"expected 1 to 100, got {text!r}")
+    return value
+
+
+def _route_args(args: list[str]) -> None:
+    parse_vmta_name(args[0])
+    if not args[1].isdigit() or int(args[1]) < 1:
+        raise ValueError(f"weight must be a positive whole number, got {args[1]!r}")
+
+
 NO_ARGS = Args("", min=0, max=0)
 STRING = Args("VALUE")
 NAME = Args("NAME", parse_name)
@@ -414,6 +442,11 @@ IP_NAMES = Args("NAME[, NAME...]|*", parse_ip_name, max=None, whole=_star_alone)
 DOMAIN_PATTERNS = Args("PATTERN[, PATTERN...]", parse_domain_pattern, max=None)
 STARTTLS_CHOICES = ("never", "opportunistic", "required")
 STARTTLS_USE = one_of(*STARTTLS_CHOICES)
+VMTA_NAME = Args("NAME", parse_vmta_name)
+LIMIT = Args("N|N%", parse_limit)
+PERCENT = Args("PERCENT", parse_percent)
+ROUTE = Args("NAME WEIGHT", min=2, max=2, whole=_route_args)
+RANDOMIZATION = one_of("fully_random", "message_constant", "email_address_constant")
 
 
 @dataclass(frozen=True)
@@ -449,18 +482,44 @@ SCHEMA: tuple[Rule, ...] = (
     # blocks
     block("general", ROOT, NO_ARGS),
     block("ip_address", ROOT, IP_NAMES),
-    block("domain", (ROOT, "ip_address"), DOMAIN_PATTERNS),
+    block("domain", (ROOT, "ip_address", "throttle_template"), DOMAIN_PATTERNS),
     block("mail_class", ROOT, NAME),
+    block("relay_server", ROOT, VMTA_NAME),
+    block("routing_rule", ROOT, VMTA_NAME),
+    block("throttle_template", ROOT, NAME),
+    block("throttle_program", ROOT, NAME),
     # general
     directive("system_max_smtp_connections", "general", INT),
     directive("queue_lifetime", ("general", "domain"), DURATION),
+    directive("default_virtual_mta", "general", VMTA_NAME),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
     directive("reuse_connections", "domain", YES_NO),
+    directive("reuse_connections_max_messages", "domain", INT),
+    directive("reuse_connections_idle_timeout", "domain", DURATION),
     directive("starttls_use", "domain", STARTTLS_USE),
-    # ip_address
-    directive("smtp_source", "ip_address", IP),
-    directive("hostname", "ip_address", HOSTNAME),
+    directive("max_concurrent_connections", ("domain", "relay_server"), INT),
+    directive("max_messages_per_hour", ("domain", "relay_server"), INT),
+    directive("throttle_program", "domain", NAME),
+    # ip_address and relay_server (the VirtualMTAs that send)
+    directive("smtp_source", ("ip_address", "relay_server"), IP),
+    directive("hostname", ("ip_address", "relay_server"), HOSTNAME),
+    directive("id", ("ip_address", "relay_server", "routing_rule"), INT),
+    directive("throttle_template", "ip_address", NAME),
+    directive("relay_host", "relay_server", HOST_PORT),
+    directive("smtp_auth_username", "relay_server", STRING),
+    directive("smtp_auth_password", "relay_server", STRING),
+    # routing_rule
+    directive("route", "routing_rule", ROUTE, multiple=True),
+    directive("randomization", "routing_rule", RANDOMIZATION),
+    # throttle_program (backoff mode)
+    directive("deferral_rate", "throttle_program", PERCENT),
+    directive("failure_rate", "throttle_program", PERCENT),
+    directive("backoff_max_concurrent_connections", "throttle_program", LIMIT),
+    directive("backoff_max_messages_per_hour", "throttle_program", LIMIT),
+    directive("return_after", "throttle_program", DURATION),
+    directive("window", "throttle_program", DURATION),
+    directive("min_attempts", "throttle_program", INT),
     # mail_class
     directive("listid", "mail_class", STRING),
     directive("virtual_mta", "mail_class", STRING),

@@ -45,6 +45,11 @@ SPECS: dict[str, ControlSpec] = _specs(
         "SMTP injection listeners, lines of ip:port",
     ),
     ("smtp.tcp", "raw", "", True, "relay allow-list in tcprules syntax"),
+    ("smtp.tls.cert", "text", "", True,
+     "PEM certificate (chain) offered by STARTTLS on SMTP injection, relative to control/"
+     " (empty: no STARTTLS)"),
+    ("smtp.tls.key", "text", "", True,
+     "PEM private key of smtp.tls.cert, relative to control/ (empty: in the smtp.tls.cert file)"),
     ("databytes", "size", 0, True, "largest message accepted, in bytes (0: no limit)"),
     ("concurrencyremote", "int", 20, True, "most simultaneous remote attempts per queue"),
     (
@@ -125,6 +130,8 @@ SPECS: dict[str, ControlSpec] = _specs(
     ("log.delivery.keep", "int", 20, False, "rotated delivery logs kept"),
     ("log.service.maxbytes", "size", 1024 * 1024, False, "size at which a service log is rotated"),
     ("log.service.keep", "int", 5, False, "rotated service logs kept"),
+    ("dkim/hashfunc", "text", "sha256", True,
+     "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim_signing)"),
 )
 
 

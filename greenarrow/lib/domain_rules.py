@@ -1,7 +1,7 @@
 """Per-recipient-domain delivery settings from greenarrow.conf `domain` blocks.
 
-The remote workers ask for the settings of every delivery attempt, thousands
-of times a second, so the answer is computed once per (domain, ip_name) and
+queue-send asks for the settings of every delivery attempt, thousands of
+times a second, so the answer is computed once per (domain, ip_name) and
 kept in an LRU cache. Every value is converted when DomainRules is built: a bad
 `smtp_route` fails `greenarrow_config check` and the reload, not a delivery.
 
@@ -14,9 +14,10 @@ For `foo.example.com` the patterns are tried in the order of spec 9.2:
 Contexts, most specific first, like throttle precedence in spec 9.2 (the
 sending IP is more specific than the domain):
   1. `domain` blocks inside `ip_address NAME` naming this ip_name
-     (case-insensitive, as VirtualMTA names are),
-  2. `domain` blocks inside `ip_address *`,
-  3. `domain` blocks at top level.
+     (case-insensitive, as VirtualMTA names are): the IP's throttle overrides,
+  2. `domain` blocks of the `throttle_template` that `ip_address NAME` names,
+  3. `domain` blocks inside `ip_address *`,
+  4. `domain` blocks at top level.
 Each setting is taken from the first block that sets it: contexts in that
 order, and within a context the patterns in lookup order. So
 `ip_address * { domain * { reuse_connections yes } }` beats a top-level
@@ -24,6 +25,11 @@ order, and within a context the patterns in lookup order. So
 
 `queue_lifetime` not set by any domain block falls back to
 `general { queue_lifetime }`, then None (= the control file `queuelifetime`).
+
+Throttles: `max_concurrent_connections` and `max_messages_per_hour` (0: no
+limit) count per sending IP and per rule: every domain that a rule's pattern
+matches shares that rule's counters. `throttle_rule` names the rule found
+(`<context>:<pattern>`), which is the throttle's key with the IP's name.
 """
 
 from __future__ import annotations
@@ -55,6 +61,12 @@ class DomainSettings:
     reuse_connections: bool = False
     starttls_use: str = "opportunistic"  # never | opportunistic | required
     queue_lifetime: int | None = None  # seconds; None: the control file queuelifetime
+    max_concurrent_connections: int = 0  # per sending IP and rule; 0: no limit
+    max_messages_per_hour: int = 0  # per sending IP and rule; 0: no limit
+    throttle_program: str | None = None  # the backoff program (throttle_program block)
+    throttle_rule: str = ""  # where the throttle limits were found: "<context>:<pattern>"
+    reuse_connections_max_messages: int = 100
+    reuse_connections_idle_timeout: int = 30  # seconds
 
 
 DEFAULT_SETTINGS = DomainSettings()
@@ -69,14 +81,22 @@ def _convert(d: Directive) -> Any:
         return d.as_bool()
     if d.name == "starttls_use":
         return d.as_choice(*STARTTLS_CHOICES)
-    return d.as_duration()  # queue_lifetime
+    if d.name in ("max_concurrent_connections", "max_messages_per_hour",
+                  "reuse_connections_max_messages"):
+        return d.as_int()
+    if d.name == "throttle_program":
+        return d.as_str()
+    return d.as_duration()  # queue_lifetime, reuse_connections_idle_timeout
 
 
 # A context: pattern key -> the settings that pattern's blocks set.
 _Table = dict[tuple[str, str], dict[str, Any]]
 
 
-def _table(parent: Block) -> _Table:
+_THROTTLES = ("max_concurrent_connections", "max_messages_per_hour")
+
+
+def _table(parent: Block, context: str = "") -> _Table:
     """The `domain` blocks directly inside `parent`, by pattern; first setting wins."""
     table: _Table = {}
     for block in parent.blocks_named("domain"):
@@ -85,6 +105,8 @@ def _table(parent: Block) -> _Table:
             if d.name in _FIELDS and d.name not in values:
                 values[d.name] = _convert(d)
         for arg in block.args:
+            if any(name in values for name in _THROTTLES):
+                values = dict(values, throttle_rule=f"{context}:{arg.lower()}")
             try:
                 key = parse_domain_pattern(arg)
             except ValueError as exc:
@@ -113,14 +135,22 @@ class DomainRules:
     def __init__(self, conf: Block, cache_size: int = CACHE_SIZE) -> None:
         self._named: dict[str, list[_Table]] = {}
         self._star: list[_Table] = []
+        templates = {b.args[0].lower(): _table(b, f"template {b.args[0]}")
+                     for b in conf.blocks_named("throttle_template")}
         for ip_block in conf.blocks_named("ip_address"):
-            table = _table(ip_block)
             for name in ip_block.args:
+                table = _table(ip_block, f"ip_address {name}")
                 if name == "*":
                     self._star.append(table)
-                else:
-                    self._named.setdefault(name.lower(), []).append(table)
-        self._root = _table(conf)
+                    continue
+                tables = self._named.setdefault(name.lower(), [])
+                tables.append(table)
+                template = ip_block.directive("throttle_template")
+                if template is not None:
+                    if template.as_str().lower() not in templates:
+                        raise template.error(f"no throttle_template named {template.as_str()!r}")
+                    tables.append(templates[template.as_str().lower()])
+        self._root = _table(conf, "domain")
         general = conf.block("general")  # merged, if written in pieces
         lifetime = general.get_duration("queue_lifetime") if general is not None else None
         self._default = DomainSettings(queue_lifetime=lifetime)

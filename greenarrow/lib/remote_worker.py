@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
+import os
+import time
 
 from greenarrow.lib import control, queue_entry, remote_link
+from greenarrow.lib.dkim_signing import DkimSigner
 from greenarrow.lib.mx import MxError, MxHost, MxResolver
 from greenarrow.lib.paths import Root
-from greenarrow.lib.smtp_client import Attempt, Result, Timeouts, deliver
+from greenarrow.lib.session_pool import SessionPool
+from greenarrow.lib.smtp_client import Attempt, Timeouts, deliver
+from greenarrow.lib.throttle import Program, Throttles
 
 log = logging.getLogger("remote")
+
+CONNMAXOUT = "connmaxout"
 
 
 def _parse_server(text: str) -> tuple[str, int]:
@@ -40,6 +48,7 @@ class WorkerSettings:
         )
         servers = control.read(c, "dns.servers")
         self.nameservers = [_parse_server(s) for s in servers] if servers else None
+        self.dkim = DkimSigner.from_control(c)  # keys loaded here, so reload() reloads them
 
 
 class RemoteWorker:
@@ -52,6 +61,9 @@ class RemoteWorker:
         self.resolver = MxResolver(self.settings.nameservers)
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.throttles = Throttles()
+        self.pool = SessionPool()
+        self.connections = 0  # attempts under way (for system_max_smtp_connections)
 
     async def start(self) -> None:
         path = self.root.remote_socket(self.number)
@@ -63,6 +75,19 @@ class RemoteWorker:
             self._serve, path=str(path), limit=1024 * 1024
         )
         log.info("listening on %s", path)
+        self.housekeeping = asyncio.create_task(self._housekeeping())
+
+    async def _housekeeping(self) -> None:
+        """Close idle pooled sessions and publish the throttle state, every second."""
+        path = self.root.var / f"throttle.{self.number}.json"
+        while True:
+            await asyncio.sleep(1.0)
+            await self.pool.expire()
+            snapshot = self.throttles.snapshot()
+            if snapshot or path.exists():
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps({"time": time.time(), "keys": snapshot}))
+                os.replace(tmp, path)
 
     def reload(self) -> None:
         try:
@@ -81,6 +106,9 @@ class RemoteWorker:
             self.server.close()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
+        if getattr(self, "housekeeping", None) is not None:
+            self.housekeeping.cancel()
+        await self.pool.close_all()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -106,36 +134,80 @@ class RemoteWorker:
             writer.write(remote_link.encode(result))
 
     async def attempt(self, job: dict) -> dict:
-        """One delivery attempt for a job; returns the result fields."""
+        """One delivery attempt for a job; returns the result fields.
+
+        A throttled job (one whose key is over its limits here) is not
+        attempted: it comes back as `connmaxout`.
+        """
         try:
             envelope, message = queue_entry.read_entry(job["path"])
         except FileNotFoundError:
             return {"status": remote_link.MISSING, "text": "queue entry is gone"}
+        throttle = job.get("throttle")
+        key = throttle["key"] if throttle else None
+        if key is not None:
+            why = self.throttles.acquire(key, throttle["max_conn"], throttle["max_hour"],
+                                         Program.from_job(throttle.get("program")))
+            if why is not None:
+                return {"status": CONNMAXOUT, "text": f"Throttled: {why}."}
+        system_max = int(job.get("system_max") or 0)
+        if system_max and self.connections >= system_max:
+            if key is not None:
+                self.throttles.release(key, CONNMAXOUT)
+            return {"status": CONNMAXOUT,
+                    "text": f"Throttled: system_max_smtp_connections ({system_max} here) reached."}
+        self.connections += 1
+        status = remote_link.DEFERRAL
+        try:
+            result = await self._deliver(job, envelope, message)
+            status = result["status"]
+            return result
+        finally:
+            self.connections -= 1
+            if key is not None:
+                self.throttles.release(key, status)
+
+    async def _deliver(self, job: dict, envelope: dict, message: bytes) -> dict:
         settings = self.settings
         recipient = envelope["recipient"]
+        route = job.get("relay") or job.get("route")
+        helo = job.get("helo") or settings.helo
         try:
-            hosts = await self.hosts(recipient.rpartition("@")[2], job.get("route"))
+            hosts = await self.hosts(recipient.rpartition("@")[2], route)
         except MxError as e:
             status = remote_link.FAILURE if e.permanent else remote_link.DEFERRAL
             return {"status": status, "text": e.text}
         port = settings.port
-        if job.get("route") and job["route"][1]:
-            port = int(job["route"][1])
+        if route and route[1]:
+            port = int(route[1])
+        message = (await settings.dkim.sign_async(message, envelope.get("dkim", ""))).message
         attempt = Attempt(
             sender=envelope["sender"],
             recipient=recipient,
             message=message,
-            helo=settings.helo,
+            helo=helo,
+            source_ip=job.get("source_ip"),
             starttls=job.get("starttls", "opportunistic"),
         )
-        result: Result = await deliver(attempt, hosts, port=port, timeouts=settings.timeouts)
+        auth = tuple(job["auth"]) if job.get("auth") else None
+        reuse = job.get("reuse")
+        if reuse:
+            pool_key = (tuple(route) if route else recipient.rpartition("@")[2].lower(),
+                        attempt.source_ip, helo, attempt.starttls, port)
+            result = await self.pool.send(pool_key, attempt)
+            if result is None:  # no kept session: open one, and keep it if it may serve again
+                result = await deliver(attempt, hosts, port=port, timeouts=settings.timeouts,
+                                       auth=auth, keep=self.pool.keeper(pool_key, reuse))
+        else:
+            result = await deliver(attempt, hosts, port=port, timeouts=settings.timeouts,
+                                   auth=auth)
         return {
             "status": result.status,
             "text": result.text,
             "mx_hostname": result.mx_hostname,
             "mx_ip": result.mx_ip,
             "smtp_code": result.smtp_code,
-            "outmtaid_hostname": settings.helo,
+            "outmtaid_hostname": helo,
         }
 
     async def hosts(self, domain: str, route: list | None) -> list[MxHost]:

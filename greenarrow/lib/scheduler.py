@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections import deque
 
 from greenarrow.lib import conf as conflib
@@ -37,6 +38,8 @@ from greenarrow.lib import control, queue_entry, queue_moves, remote_link, retry
 from greenarrow.lib.delivery_log import DeliveryLogWriter
 from greenarrow.lib.domain_rules import DomainRules
 from greenarrow.lib.paths import Root
+from greenarrow.lib.throttle_config import throttle_programs
+from greenarrow.lib.virtual_mta import VirtualMtas
 from greenarrow.pyx.queue_scan import scan
 
 log = logging.getLogger("queue-send")
@@ -44,6 +47,7 @@ log = logging.getLogger("queue-send")
 STALE_TMP_SECONDS = 3600
 FAILURE_TOOLONG = "failure_toolong"
 TOOLONG_TEXT = "I'm not going to try again; this message has been in the queue too long."
+RETRIED = ("deferral", "connmaxout")  # tried again later (a throttle is not a failure)
 MOVES_TO_DISK = ("ram", "bounce")  # first-attempt queues; the disk-queue retries in place
 STATUS_INTERVAL = 0.5  # seconds between two publications of the queue's count and status
 _FIFO_READ = 65536
@@ -102,11 +106,19 @@ class Scheduler:
         doublebounceto = str(control.read(c, "doublebounceto"))
         bounce_limit = int(control.read(c, "queue.bounce.limit.messages"))
         disk_limit = int(control.read(c, "queue.disk.limit.messages"))
-        rules = DomainRules(conflib.load_root(self.root))
+        conf = conflib.load_root(self.root)
+        rules = DomainRules(conf)
+        vmtas = VirtualMtas(conf)
+        programs = throttle_programs(conf)
+        general = conf.block("general")
+        system_max = general.get_int("system_max_smtp_connections", 0) if general else 0
         self.concurrency, self.rescan_seconds, self.retry_scale = concurrency, rescan, scale
         self.worker_count, self.rules, self.queuelifetime = workers, rules, lifetime
         self.me, self.bouncemaxbytes, self.doublebounceto = me, bouncemaxbytes, doublebounceto
         self.bounce_limit, self.disk_limit = bounce_limit, disk_limit
+        self.vmtas, self.programs = vmtas, programs
+        # The global cap, shared out: each worker enforces its part.
+        self.system_max_share = -(-system_max // max(1, workers)) if system_max else 0
 
     def reload(self) -> None:
         try:
@@ -187,18 +199,54 @@ class Scheduler:
         while self.waiting and self.waiting[0][0] <= now:
             self.ready.append(heapq.heappop(self.waiting)[1])
 
-    def _pick_link(self) -> WorkerLink | None:
+    def _pick_link(self, key: str | None = None) -> WorkerLink | None:
+        """The worker for an attempt: by throttle key when it has one (that worker keeps
+        the key's counters and kept sessions), else the least busy."""
+        if key is not None and self.links:
+            link = self.links[zlib.crc32(key.encode()) % len(self.links)]
+            if link.up:
+                return link
         best = None
         for link in self.links:
             if link.up and (best is None or len(link.inflight) < len(best.inflight)):
                 best = link
         return best
 
+    def job_for(self, name: str, path: str, envelope: dict) -> tuple[dict, dict]:
+        """The job for a worker, and the log fields that describe how it is sent."""
+        recipient = envelope["recipient"]
+        domain = recipient.rpartition("@")[2].lower()
+        vmta = self.vmtas.lookup(envelope.get("mtaid", ""))
+        sender = self.vmtas.resolve(vmta, envelope.get("msguid", name), recipient)
+        settings = self.rules.settings(domain, sender.name if sender.kind == "ip" else None)
+        job: dict = {"id": name, "path": path, "route": settings.smtp_route,
+                     "starttls": settings.starttls_use, "source_ip": sender.source_ip,
+                     "helo": sender.hostname, "system_max": self.system_max_share}
+        max_conn, max_hour = settings.max_concurrent_connections, settings.max_messages_per_hour
+        rule = settings.throttle_rule
+        if sender.kind == "relay":
+            job["relay"], job["auth"] = sender.relay, sender.auth
+            max_conn, max_hour = sender.max_concurrent_connections, sender.max_messages_per_hour
+            rule = "relay" if (max_conn or max_hour) else ""
+        if rule:
+            program = self.programs.get((settings.throttle_program or "").lower())
+            job["throttle"] = {"key": f"{sender.name}|{rule}", "max_conn": max_conn,
+                               "max_hour": max_hour, "program": program}
+        if settings.reuse_connections:
+            job["reuse"] = {"max_messages": settings.reuse_connections_max_messages,
+                            "idle_timeout": settings.reuse_connections_idle_timeout}
+        if "throttle" in job:
+            job["worker_key"] = job["throttle"]["key"]
+        elif "reuse" in job:
+            job["worker_key"] = f"{sender.name}|reuse|{domain}"
+        fields = {"mtaid_id": vmta.id, "mtaid_name": vmta.name, "outmtaid": sender.id,
+                  "outmtaid_ip": sender.source_ip or "", "outmtaid_name": sender.name}
+        return job, fields
+
     def dispatch(self) -> None:
         self._promote_due()
         while self.ready and len(self.inflight) < self.concurrency and not self.stopping:
-            link = self._pick_link()
-            if link is None:
+            if not any(link.up for link in self.links):
                 return
             name = self.ready.popleft()
             if name not in self.known or name in self.inflight:
@@ -213,14 +261,12 @@ class Scheduler:
                 log.error("unreadable queue entry %s left in place: %s", name, e)
                 self.known.discard(name)
                 continue
-            domain = envelope["recipient"].rpartition("@")[2].lower()
-            settings = self.rules.settings(domain)
-            job = {
-                "id": name,
-                "path": path,
-                "route": settings.smtp_route,
-                "starttls": settings.starttls_use,
-            }
+            job, fields = self.job_for(name, path, envelope)
+            link = self._pick_link(job.get("worker_key"))
+            if link is None:
+                self.ready.appendleft(name)
+                return
+            envelope["_log"] = fields
             self.inflight[name] = (link, envelope, self.clock())
             link.inflight.add(name)
             link.writer.write(remote_link.encode(job))
@@ -248,10 +294,10 @@ class Scheduler:
                 continue
             _, attempts, _ = queue_entry.split_name(name)
             text = result.get("text", "")
-            if status == remote_link.DEFERRAL and self._expired(envelope, now):
+            if status in RETRIED and self._expired(envelope, now):
                 status, text = FAILURE_TOOLONG, f"{text} {TOOLONG_TEXT}".strip()
             records.append(self._record(envelope, result, started, attempts, status, text))
-            if status == remote_link.DEFERRAL:
+            if status in RETRIED:
                 due = retry_schedule.next_due(envelope.get("injected_time", now), attempts + 1,
                                               now, scale=self.retry_scale)
                 target = moves if self.queue in MOVES_TO_DISK else retries
@@ -355,6 +401,7 @@ class Scheduler:
             "msguid": envelope.get("msguid", ""),
             "sender": envelope.get("sender", ""),
             "mtaid": envelope.get("mtaid", ""),
+            **envelope.get("_log", {}),
             "injected_time": envelope.get("injected_time", ""),
             "message": text,
             "outmtaid_hostname": result.get("outmtaid_hostname", ""),

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from greenarrow.lib.mx import MxHost
@@ -381,6 +382,40 @@ class Session:
             return self._result(SUCCESS, f"{ip} accepted message.", code, lines)
         return self._result(_status(code), f"{ip} failed after I sent the message.", code, lines)
 
+    async def reset(self) -> bool:
+        """RSET before another transaction on a kept session; False when the session is unusable."""
+        if not self.reusable:
+            return False
+        try:
+            code, _ = await self._command(b"RSET\r\n", self._t.mail)
+        except _Dead:
+            self.broken = True
+            self.close()
+            return False
+        if code != 250:
+            await self.quit()
+            return False
+        self.mail_accepted = False
+        return True
+
+    async def login(self, user: str, password: str) -> None:
+        """AUTH PLAIN (RFC 4954) after EHLO; SessionError with qmail-style text if refused."""
+        import base64
+
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        try:
+            code, lines = await self._command(f"AUTH PLAIN {token}\r\n".encode(), self._t.mail)
+        except _Dead:
+            self.broken = True
+            self.close()
+            raise SessionError(self._died()) from None
+        if code != 235:
+            status = FAILURE if 500 <= code < 600 else DEFERRAL
+            result = self._result(status, f"Connected to {self.ip} but authentication was rejected.",
+                                  code, lines)
+            await self.quit()
+            raise SessionError(result)
+
     async def quit(self) -> None:
         """Say QUIT, wait briefly for the answer, close. Never raises on network trouble.
 
@@ -568,12 +603,21 @@ def _is_ipv4(name: str) -> bool:
 
 
 async def deliver(
-    attempt: Attempt, hosts: list[MxHost], port: int = 25, timeouts: Timeouts = Timeouts()
+    attempt: Attempt,
+    hosts: list[MxHost],
+    port: int = 25,
+    timeouts: Timeouts = Timeouts(),
+    keep: Callable[[Session, Result], bool] | None = None,
+    auth: tuple[str, str] | None = None,
 ) -> Result:
     """Deliver `attempt` to the first of `hosts` that takes it; never raises on network trouble.
 
     `port` applies to every host. See the module docstring for when the next
-    address is tried and which result is returned.
+    address is tried and which result is returned. `keep`, when given, is
+    asked after the transaction whether to keep the session open (connection
+    reuse: the caller then owns it); otherwise the session is closed with
+    QUIT. `auth` (user, password) logs in with AUTH PLAIN after EHLO (relay
+    servers).
     """
     problem = _address_problem(attempt)
     if problem is not None:
@@ -600,6 +644,8 @@ async def deliver(
                         starttls=mode,
                         timeouts=t,
                     )
+                    if auth is not None:
+                        await session.login(*auth)
                 except ConnectError:
                     break
                 except SessionError as exc:
@@ -617,7 +663,8 @@ async def deliver(
                     session.broken = True
                     session.close()
                     raise
-                await session.quit()
+                if keep is None or not keep(session, result):
+                    await session.quit()
                 if result.status == DEFERRAL and not session.mail_accepted:
                     if first_deferral is None:
                         first_deferral = result

@@ -1,0 +1,131 @@
+"""The benchmark harness (bench/) keeps working: its quick mode runs end to end.
+
+Engine only, tiny N, no Postfix install and no timing assertions: what is
+checked is that every scenario runs, counts exactly, and reports. Plus the
+pure pieces whose bugs would silently corrupt figures (count parsing,
+Message-ID matching, statistics, RESULTS.md rewriting).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import report  # noqa: E402
+from bench.loadgen import MessageFactory, message_id  # noqa: E402
+from bench.run import main  # noqa: E402
+from bench.scenarios import Run, match_latencies  # noqa: E402
+from bench.sinks import read_smtp_sink_count, smtp_sink_path, smtp_source_path  # noqa: E402
+from bench.stampsink import message_id as header_message_id  # noqa: E402
+
+
+def test_quick_mode_engine_only(tmp_path: Path) -> None:
+    """Every scenario once, with the Python load generator and the engine's own sink
+    (what a machine without Postfix uses): exit 0 means every count was exact."""
+    lines: list[str] = []
+    rc = main(
+        [
+            "--quick", "--peer", "none", "--tools", "python",
+            "--n", "50", "--cli-n", "10", "--cli-parallel", "2", "--backlog-n", "50", "--latency-n", "50",
+            "--settle", "0.3", "--timeout", "60",
+            "--work", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"),
+        ],
+        say=lines.append,
+    )
+    output = "\n".join(lines)
+    assert rc == 0, output
+    results = list((tmp_path / "results").glob("*.json"))
+    assert len(results) == 1
+    data = json.loads(results[0].read_text())
+    runs = data["runs"]
+    seen = {(r["scenario"], r["variant"]) for r in runs}
+    assert {s for s, _ in seen} == {"smtp", "direct", "cli", "backlog", "latency"}
+    assert ("cli", "2 parallel") in seen
+    assert all(r["ok"] for r in runs), output
+    assert all(r["mta"] in ("engine", "sink") for r in runs)
+    latency = next(r for r in runs if r["scenario"] == "latency")
+    assert latency["metrics"]["p50_ms"] <= latency["metrics"]["p99_ms"]
+    backlog = next(r for r in runs if r["scenario"] == "backlog")
+    assert backlog["metrics"]["peak_rss_mb"] > 0
+    assert "simplemh: not yet available" in output
+    assert "peer: skipped" in output
+
+
+@pytest.mark.skipif(not (smtp_sink_path() and smtp_source_path()),
+                    reason="smtp-source/smtp-sink (Postfix package) not installed")
+def test_direct_with_postfix_tools(tmp_path: Path) -> None:
+    """The smtp-source -> smtp-sink path, when the Postfix tools are there."""
+    lines: list[str] = []
+    rc = main(
+        ["--quick", "--peer", "none", "--scenarios", "direct", "--n", "50", "--settle", "0.3",
+         "--work", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")],
+        say=lines.append,
+    )
+    assert rc == 0, "\n".join(lines)
+    assert "smtp-source -> smtp-sink" in "\n".join(lines)
+
+
+def test_unknown_scenario_is_a_usage_error(tmp_path: Path) -> None:
+    assert main(["--scenarios", "nope", "--work", str(tmp_path)], say=lambda _: None) == 2
+
+
+def test_message_factory_unique_ids_crlf_dot_stuffed() -> None:
+    factory = MessageFactory(b"From: a\nMessage-ID: <old@x>\nTo: b\n\n.leading dot\nend", "tok")
+    one, two = factory(1), factory(2)
+    assert b"Message-ID: <tok.1@bench.test>\r\n" in one
+    assert b"Message-ID: <tok.2@bench.test>\r\n" in two
+    assert b"<old@x>" not in one
+    assert b"\r\n..leading dot\r\n" in one
+    assert one.endswith(b"end\r\n.\r\n")
+    assert b"\n" not in one.replace(b"\r\n", b"")
+    assert header_message_id(one) == message_id("tok", 1).encode()
+
+
+def test_smtp_sink_count_reads_last_complete_record(tmp_path: Path) -> None:
+    path = tmp_path / "count"
+    assert read_smtp_sink_count(path) == 0
+    path.write_bytes(b"sess=1 quit=0 mesg=1\rsess=2 quit=1 mesg=2\rsess=2 quit=1 mes")
+    assert read_smtp_sink_count(path) == 2
+
+
+def test_match_latencies_finds_missing_duplicate_and_foreign(tmp_path: Path) -> None:
+    acks = tmp_path / "acks"
+    acks.write_text("0 1000000\n1 2000000\n2 3000000\n")
+    stamps = [
+        (4_000_000, "<t.0@bench.test>"),
+        (5_000_000, "<t.1@bench.test>"),
+        (6_000_000, "<t.1@bench.test>"),
+        (7_000_000, "<other.5@bench.test>"),
+    ]
+    latencies, problem = match_latencies(acks, stamps, "t", 3)
+    assert sorted(latencies) == [3.0, 3.0]
+    assert "1 acknowledged messages never arrived" in problem
+    assert "1 duplicate" in problem and "1 arrivals not from this run" in problem
+
+
+def test_report_ratio_and_results_md_markers(tmp_path: Path) -> None:
+    runs = [
+        Run("smtp", "v", "engine", r, 10, True, metrics={"msgs_per_s": v})
+        for r, v in enumerate((100.0, 200.0, 300.0))
+    ] + [
+        Run("smtp", "v", "postfix", r, 10, True, metrics={"msgs_per_s": v})
+        for r, v in enumerate((400.0, 400.0, 400.0))
+    ] + [Run("smtp", "v", "postfix", 9, 10, False, note="sink counted 9 of 10")]
+    lines = "\n".join(report.scenario_tables(runs, "postfix"))
+    assert "100 / **200** / 300" in lines
+    assert "0.50x" in lines
+    assert "postfix 3/4" in lines
+    assert report.failures(runs) == ["- smtp/v postfix rep 9: sink counted 9 of 10"]
+    md = tmp_path / "RESULTS.md"
+    report.update_results_md(md, "first")
+    md.write_text(md.read_text() + "\n## Where the time goes\nhand-written\n")
+    report.update_results_md(md, "second")
+    text = md.read_text()
+    assert "second" in text and "first" not in text and "hand-written" in text
