@@ -140,6 +140,24 @@ class _Handler:
         return "250 2.0.0 Ok: queued as TEST"
 
 
+class _CountingSMTP(SMTP):
+    """aiosmtpd's SMTP, counting the connections open at once on its Receiver."""
+
+    def __init__(self, receiver: Receiver, *args: Any, **kwargs: Any) -> None:
+        self._receiver = receiver
+        super().__init__(*args, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        rx = self._receiver
+        rx.active += 1
+        rx.max_active = max(rx.max_active, rx.active)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._receiver.active -= 1
+        super().connection_lost(exc)
+
+
 class Receiver:
     """An aiosmtpd server on `host`:`port` that records messages and misbehaves on demand.
 
@@ -151,7 +169,8 @@ class Receiver:
       drop_at: "mail", "rcpt" or "data": close the connection instead of answering;
       pipelining: offer PIPELINING in the EHLO reply (aiosmtpd does not by itself).
     `tls_context` (fixed at construction) offers STARTTLS.
-    Records: `messages` (ReceivedMessage), `connections` (count).
+    Records: `messages` (ReceivedMessage), `connections` (count), `active` and
+    `max_active` (connections open now, and the most ever open at once).
     """
 
     def __init__(
@@ -183,6 +202,8 @@ class Receiver:
         self.hostname = hostname
         self.messages: list[ReceivedMessage] = []
         self.connections = 0
+        self.active = 0  # connections open now
+        self.max_active = 0  # the most that were ever open at once
         self._lt: _LoopThread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._protocols: list[SMTP] = []
@@ -190,7 +211,8 @@ class Receiver:
     def _factory(self) -> SMTP:
         assert self._lt is not None
         self.connections += 1
-        protocol = SMTP(
+        protocol = _CountingSMTP(
+            self,
             _Handler(self),
             hostname=self.hostname,
             tls_context=self.tls_context,

@@ -74,6 +74,11 @@ def status_command(queue: str, top: int, as_json: bool) -> None:
                    f"{flight} in flight, {q['deferred']} deferred, {q['held']} held")
         for domain, count in q["top_domains"]:
             click.echo(f"    {count:>8}  {domain}")
+    from greenarrow.lib.explain import throttle_states
+
+    for key, state in sorted(throttle_states(root_from_env()).items()):
+        if state.get("backoff_until"):
+            click.echo(f"backoff: {key}: {state['backoff_reason']}")
 
 
 @queue_command.command("list")
@@ -126,6 +131,21 @@ def _action(name: str, help_text: str):
         click.echo(f"{name}: {done} entries")
 
     return command
+
+
+@queue_command.command("explain")
+@click.argument("domain")
+@click.option("--mtaid", default="", help="As sent through this VirtualMTA (default: the default one).")
+def explain_command(domain: str, mtaid: str) -> None:
+    """Why is mail to DOMAIN held? Routing, throttle rule and its state, backoff, queued
+    entries and the last attempts."""
+    from greenarrow.lib.explain import explain
+
+    try:
+        for line in explain(root_from_env(), domain, mtaid):
+            click.echo(line)
+    except conflib.ConfError as e:
+        raise click.ClickException(str(e)) from None
 
 
 _action("hold", "Hold matching entries: no attempt is made until they are released.")

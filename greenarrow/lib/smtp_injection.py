@@ -6,6 +6,12 @@ everyone else is refused at RCPT and nothing is queued. The message goes
 through the same processing as command-line injection
 (greenarrow.lib.injection), and the queue commit happens before the 250
 reply to DATA.
+
+STARTTLS is offered when `control/smtp.tls.cert` names a certificate file
+(and `control/smtp.tls.key` its key; empty = in the certificate file).
+The TLS context is built once, at start and at each reload, so a session
+pays only for its handshake; a bad file stops the start with an error
+naming it, and a bad file at reload keeps the context in use.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -39,6 +47,48 @@ class Settings:
         self.rules = tcprules.parse(text, str(path))
         self.queue_dir = str(root.queue("ram"))
         self.fifo = str(root.trigger("ram"))
+        self.tls_context = tls_context(root.control)
+
+
+def tls_context(control_dir: Path) -> ssl.SSLContext | None:
+    """The STARTTLS server context of `smtp.tls.cert`/`smtp.tls.key`, or None (not offered).
+
+    Relative paths are relative to control/. ControlError naming the file
+    that is missing, unreadable or not what it should be.
+    """
+    cert = str(control.read(control_dir, "smtp.tls.cert"))
+    key = str(control.read(control_dir, "smtp.tls.key"))
+    if not cert:
+        if key:
+            raise control.ControlError(
+                f"{control_dir / 'smtp.tls.key'}: set, but smtp.tls.cert is empty"
+            )
+        return None
+    cert_path = control_dir / cert
+    key_path = control_dir / key if key else cert_path
+    data = {}
+    for path, what, setting in ((cert_path, "certificate", "smtp.tls.cert"),
+                                (key_path, "private key", "smtp.tls.key")):
+        try:
+            data[path] = path.read_bytes()
+        except OSError as e:
+            raise control.ControlError(
+                f"{path}: cannot read the TLS {what} (control/{setting}): {e.strerror}"
+            ) from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as e:
+        if b"-----BEGIN CERTIFICATE-----" not in data[cert_path]:
+            problem = f"{cert_path}: no PEM certificate in it (control/smtp.tls.cert)"
+        elif b"PRIVATE KEY-----" not in data[key_path]:
+            problem = f"{key_path}: no PEM private key in it (control/smtp.tls.key)"
+        elif e.reason == "KEY_VALUES_MISMATCH":
+            problem = f"{key_path}: this private key does not belong to the certificate {cert_path}"
+        else:
+            problem = f"{cert_path} / {key_path}: not a usable certificate and key: {e}"
+        raise control.ControlError(problem) from None
+    return context
 
 
 class InjectionHandler:
@@ -109,7 +159,8 @@ class InjectionHandler:
         if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
             trace = (
                 f"Received: from {session.host_name or 'unknown'} ([{ip}])\r\n"
-                f"\tby {settings.me} with ESMTP; {msglib.rfc5322_date()}\r\n"
+                f"\tby {settings.me} with {'ESMTPS' if session.ssl else 'ESMTP'};"
+                f" {msglib.rfc5322_date()}\r\n"
             ).encode("ascii", "replace")
         try:
             msguid = injection.accept(
@@ -160,6 +211,7 @@ class SmtpServer:
             decode_data=False,
             enable_SMTPUTF8=True,  # not advertised: see handle_EHLO
             timeout=300,
+            tls_context=settings.tls_context,  # None: STARTTLS neither offered nor accepted
         )
 
     async def start(self) -> None:
@@ -171,9 +223,11 @@ class SmtpServer:
             )
             self.servers.append(server)
             log.info("listening on %s:%d", host, port)
+        if self.handler.settings.tls_context is not None:
+            log.info("STARTTLS offered")
 
     def reload(self) -> None:
-        """Re-read smtp.tcp, databytes and me; an error keeps the old settings."""
+        """Re-read smtp.tcp, databytes, me and the TLS files; an error keeps the old settings."""
         try:
             self.handler.settings = Settings(self.root)
         except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
