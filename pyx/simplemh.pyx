@@ -136,8 +136,9 @@ def split_headers(bytes msg, Py_ssize_t start=0, Py_ssize_t end=-1):
         line_end = eol + 2 if eol + 2 < n else n
         first = s[pos]
         if (first == 32 or first == 9) and headers:
-            h = headers[-1]
-            headers[-1] = (h[0], h[1], line_end, h[3])
+            k = len(headers) - 1
+            h = headers[k]
+            headers[k] = (h[0], h[1], line_end, h[3])
             pos = eol + 2
             continue
         p = <const unsigned char*>memchr(s + pos, 58, eol - pos)

@@ -76,3 +76,34 @@ def test_check_from_the_command_line(tmp_path):
                                  __import__("os").environ["PATH"]})
     assert result.returncode == 1
     assert "greenarrow.conf:2:" in result.stderr
+
+
+def test_reload_under_load_loses_nothing(tmp_path):
+    """Messages keep flowing while greenarrow.conf is reloaded five times: every one arrives."""
+    import smtplib
+    import threading
+
+    with Receiver() as rx:
+        engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}), workers=2)
+        with engine:
+            stop = threading.Event()
+
+            def reload_repeatedly() -> None:
+                for n in range(5):
+                    if stop.wait(0.3):
+                        return
+                    conf = route_conf({"dest.test": rx.port}) + f"# reload {n}\n"
+                    (engine.root.control / "greenarrow.conf").write_text(conf)
+                    assert engine.program("greenarrow_config", "reload").returncode == 0
+
+            reloader = threading.Thread(target=reload_repeatedly)
+            reloader.start()
+            with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+                for n in range(400):
+                    smtp.sendmail("s@origin.test", [f"u{n}@dest.test"], f"Subject: {n}\r\n\r\nx\r\n")
+            reloader.join()
+            stop.set()
+            wait_until(lambda: len({m.recipients[0] for m in rx.messages}) == 400, 120,
+                       "every message")
+            log_text = (engine.root.log / "queue-send-ram" / "current").read_text()
+            assert log_text.count("reloaded configuration") >= 5

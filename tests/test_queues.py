@@ -164,3 +164,26 @@ def test_seed_bounce_queue_tuning_commands_then_restart(tmp_path):
     finally:
         if os.path.ismount(bounce_dir):
             subprocess.run(["umount", bounce_dir], check=False)
+
+
+def test_bounces_overflow_to_the_disk_queue_when_the_bounce_queue_is_full(tmp_path):
+    """Over queue.bounce.limit.messages (as published by the bounce-queue's scheduler),
+    internally created messages go to the durable disk-queue instead."""
+    from greenarrow.lib import queue_moves
+    from greenarrow.lib.install_root import init_root
+    from greenarrow.lib.paths import Root
+
+    root = Root(tmp_path)
+    init_root(root)
+    bounce = ({"sender": "", "recipient": "s@origin.test", "msguid": "b-1-0", "sendid": "-ic",
+               "listid": "", "mtaid": "", "mailclass": "", "instanceid": "",
+               "click_tracking_id": "", "injected_time": 1, "source_ip": "", "bounce_level": 1},
+              b"Subject: failure notice\r\n\r\nx\r\n")
+    count_file = queue_entry.count_path(str(root.path), "bounce")
+    queue_entry.write_count(count_file, 3)
+    assert queue_moves.commit_bounces(str(root.path), [bounce], bounce_limit=5) == "bounce"
+    queue_entry.write_count(count_file, 5)
+    second = (dict(bounce[0], msguid="b-2-0"), bounce[1])
+    assert queue_moves.commit_bounces(str(root.path), [second], bounce_limit=5) == "disk"
+    assert len(os.listdir(root.queue("bounce") / "entries")) == 1
+    assert len(os.listdir(root.queue("disk") / "entries")) == 1
