@@ -34,8 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from greenarrow.lib import queue_entry  # noqa: E402
 from greenarrow.pyx.queue_scan import scan  # noqa: E402
+
+from greenarrow.lib import queue_entry  # noqa: E402
 
 MESSAGE = (b"Subject: bench\r\n\r\n" + b"x" * 72 + b"\r\n") * 64  # about 5 KB
 
@@ -128,9 +129,9 @@ def bench_commits(base: str, count: int, batch: int) -> float:
                 "sendid": "bench", "listid": "", "mtaid": "", "mailclass": "",
                 "instanceid": "", "click_tracking_id": "", "injected_time": 0, "source_ip": ""}
     t = time.perf_counter()
-    for i in range(0, count, batch):
+    for _ in range(0, count, batch):
         envs = []
-        for j in range(batch):
+        for _ in range(batch):
             e = dict(envelope, msguid=queue_entry.new_msguid())
             envs.append(e)
         files = [(queue_entry.entry_name(f"{e['msguid']}-0", 0, 0),
