@@ -393,7 +393,7 @@ def test_domain_patterns(text: str, expected: tuple[str, str]) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "*.", "[*.]", "**.com", "a.*.com", "*example.com", "mx:*.yahoodns.net", "a..b", "[*]x"],
+    ["", "*.", "[*.]", "**.com", "a.*.com", "*example.com", "a..b", "[*]x"],
 )
 def test_bad_domain_patterns(text: str) -> None:
     with pytest.raises(ValueError, match="bad domain pattern"):

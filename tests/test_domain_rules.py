@@ -282,3 +282,26 @@ def test_lookup_agrees_with_plain_matching(specs: list[tuple[str, str]], domain:
         order = {key: n for n, key in enumerate(candidate_patterns(domain))}
         rank = {i: order[parse_domain_pattern(patterns[i])] for i in matching}
         assert got == f"r{min(matching, key=rank.__getitem__)}"
+
+
+def test_mx_patterns_match_the_learned_mx_host() -> None:
+    """`mx:*.yahoodns.net` applies to any domain whose MX host matches, after the
+    domain's own patterns and before `*`; without a known MX it does not apply."""
+    rules = DomainRules(parse(
+        "ip_address * {\n"
+        "  domain mx:*.yahoodns.net {\n    max_concurrent_connections 3\n    reuse_connections yes\n  }\n"
+        "  domain aol.com {\n    max_concurrent_connections 9\n  }\n"
+        "  domain * {\n    max_messages_per_hour 50\n  }\n"
+        "}\n", "t.conf"))
+    yahoo_mx = "mta5.am0.yahoodns.net"
+    aol = rules.settings("aol.com", None, yahoo_mx)
+    assert aol.max_concurrent_connections == 9  # the domain's own rule first
+    assert aol.reuse_connections is True  # then the MX rule
+    other = rules.settings("ymail.com", None, yahoo_mx)
+    assert other.max_concurrent_connections == 3
+    assert other.throttle_rule == "ip_address *:mx:*.yahoodns.net"
+    assert other.max_messages_per_hour == 50
+    assert rules.settings("ymail.com").max_concurrent_connections == 0
+    assert rules.settings("ymail.com", None, "mx.example.net").max_concurrent_connections == 0
+    with pytest.raises(ConfError):
+        parse("domain mx:bad/pattern {\n}\n", "t.conf")

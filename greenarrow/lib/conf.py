@@ -306,6 +306,7 @@ def parse_ip_name(text: str) -> str:
 
 # Domain pattern kinds, see parse_domain_pattern.
 EXACT, SELF_AND_SUBDOMAINS, SUBDOMAINS, ALL = "exact", "self_and_subdomains", "subdomains", "all"
+MX = "mx"  # `mx:PATTERN`: the domain's MX host name matches PATTERN (* and ? wildcards)
 
 
 def ascii_domain(text: str) -> str:
@@ -322,12 +323,17 @@ def ascii_domain(text: str) -> str:
 
 
 def parse_domain_pattern(text: str) -> tuple[str, str]:
-    """`example.com`, `[*.]example.com`, `*.example.com` or `*` -> (kind, domain).
+    """`example.com`, `[*.]example.com`, `*.example.com`, `mx:*.example.net` or `*` -> (kind, domain).
 
     Case-insensitive: the domain comes back lower case (`*` gives (ALL, "")).
     """
     if text == "*":
         return ALL, ""
+    if text[:3].lower() == "mx:":
+        pattern = text[3:].lower().rstrip(".")
+        if not pattern or any(not (c.isalnum() or c in "-.*?_") for c in pattern):
+            raise ValueError(f"bad MX pattern {text!r}: expected mx:HOST with * and ? wildcards")
+        return MX, pattern
     if text.startswith("[*.]"):
         kind, rest = SELF_AND_SUBDOMAINS, text[4:]
     elif text.startswith("*."):
@@ -491,6 +497,11 @@ SCHEMA: tuple[Rule, ...] = (
     # general
     directive("system_max_smtp_connections", "general", INT),
     directive("queue_lifetime", ("general", "domain"), DURATION),
+    directive("default_mail_class", "general", NAME),  # SimpleMH: greenarrow.lib.mail_class
+    directive("process_x_job_header", "general", YES_NO),
+    directive("process_x_virtual_mta_header", "general", YES_NO),
+    directive("default_event_tracking_metadata_storage", "general",
+              one_of("local", "stateless", "external")),
     directive("default_virtual_mta", "general", VMTA_NAME),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
@@ -528,6 +539,8 @@ SCHEMA: tuple[Rule, ...] = (
     directive("bounce_address", "mail_class", STRING),
     directive("list_unsubscribe", "mail_class", YES_NO),
     directive("statistic_report_grouping", "mail_class", STRING),
+    directive("track_text_links", "mail_class", YES_NO),
+    directive("handle_bounce_and_fbl", "mail_class", YES_NO),
 )
 
 

@@ -130,6 +130,10 @@ SPECS: dict[str, ControlSpec] = _specs(
     ("log.delivery.keep", "int", 20, False, "rotated delivery logs kept"),
     ("log.service.maxbytes", "size", 1024 * 1024, False, "size at which a service log is rotated"),
     ("log.service.keep", "int", 5, False, "rotated service logs kept"),
+    ("opt.simplemh.tracker_format", "text", "b", True,
+     "SimpleMH tracking URL format: a (/click/DATA), b (/click?DATA) or c (/click?qs=DATA)"),
+    ("opt.simplemh_stateless_event_handling", "bool", False, True,
+     "SimpleMH: stateless event tracking metadata by default (seed 000)"),
     ("dkim/hashfunc", "text", "sha256", True,
      "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim_signing)"),
 )

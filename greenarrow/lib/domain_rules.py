@@ -35,12 +35,14 @@ matches shares that rule's counters. `throttle_rule` names the rule found
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
 
 from greenarrow.lib.conf import (
     ALL,
     EXACT,
+    MX,
     SELF_AND_SUBDOMAINS,
     STARTTLS_CHOICES,
     SUBDOMAINS,
@@ -154,13 +156,22 @@ class DomainRules:
         general = conf.block("general")  # merged, if written in pieces
         lifetime = general.get_duration("queue_lifetime") if general is not None else None
         self._default = DomainSettings(queue_lifetime=lifetime)
+        self.has_mx_rules = any(key[0] == MX for t in self._all_tables() for key in t)
         self._cached = lru_cache(maxsize=cache_size)(self._compute)
 
-    def settings(self, domain: str, ip_name: str | None = None) -> DomainSettings:
-        """The settings for recipient `domain` sent from `ip_address` `ip_name` (cached)."""
-        return self._cached(domain, ip_name)
+    def _all_tables(self) -> list[_Table]:
+        return [t for ts in self._named.values() for t in ts] + self._star + [self._root]
 
-    def _compute(self, domain: str, ip_name: str | None = None) -> DomainSettings:
+    def settings(self, domain: str, ip_name: str | None = None, mx: str = "") -> DomainSettings:
+        """The settings for recipient `domain` sent from `ip_address` `ip_name` (cached).
+
+        `mx` is the domain's MX host name when known (queue-send learns it from
+        earlier attempts): `mx:PATTERN` blocks match on it, after the domain
+        patterns and before `*`.
+        """
+        return self._cached(domain, ip_name, mx.lower() if self.has_mx_rules else "")
+
+    def _compute(self, domain: str, ip_name: str | None = None, mx: str = "") -> DomainSettings:
         try:
             name = ascii_domain(domain.strip())
         except ValueError:
@@ -172,6 +183,9 @@ class DomainRules:
         tables.append(self._root)
         found: dict[str, Any] = {}
         keys = candidate_patterns(name)
+        if mx:
+            mx_keys = [k for t in tables for k in t if k[0] == MX and fnmatchcase(mx, k[1])]
+            keys = keys[:-1] + list(dict.fromkeys(mx_keys)) + keys[-1:]
         for table in tables:
             if not table:
                 continue

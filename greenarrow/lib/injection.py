@@ -10,6 +10,11 @@ same way (ARCHITECTURE section 6):
   a header wins over a variable because it is the more specific of the two;
 - every `X-GreenArrow-*` header is stripped;
 - `Message-ID` and `Date` are added when missing, using `me`;
+- when a Mail Class applies (greenarrow.conf defines classes and the message
+  names one, or a default is set), SimpleMH processing takes over
+  (greenarrow.lib.simplemh): each recipient gets their own copy, with
+  tracking links, X-Mailer-Info, List-Unsubscribe and the encoded bounce
+  address as envelope sender;
 - one queue entry per recipient is committed into the ram-queue, and the
   scheduler is woken.
 
@@ -21,10 +26,11 @@ Command-line injection imports this module: it imports nothing heavy.
 
 from __future__ import annotations
 
+import os
 import time
 
+from greenarrow.lib import mail_class, queue_entry
 from greenarrow.lib import message as msglib
-from greenarrow.lib import queue_entry
 from greenarrow.lib.address import address_problem
 from greenarrow.lib.identifiers import HEADER_NAMES, IDENTIFIERS, identifier_problem
 
@@ -64,26 +70,48 @@ def recipient_domain(recipient: str) -> str:
 
 
 class Prepared:
-    """A message ready to commit: its final bytes and its identifiers."""
+    """A message ready to commit: its final bytes and its identifiers.
 
-    __slots__ = ("message", "ids")
+    For SimpleMH (`simplemh` set) the final bytes depend on the recipient:
+    use message_for().
+    """
 
-    def __init__(self, message: bytes, ids: dict[str, str]) -> None:
+    __slots__ = ("message", "ids", "simplemh")
+
+    def __init__(self, message: bytes, ids: dict[str, str], simplemh: object = None) -> None:
         self.message = message
         self.ids = ids
+        self.simplemh = simplemh
+
+    def message_for(self, recipient: str) -> bytes:
+        """The message as it is queued for `recipient`."""
+        return self.message if self.simplemh is None else self.simplemh.render(recipient)
+
+
+def mail_classes(root: str | None) -> mail_class.MailClasses:
+    """The install root's Mail Classes (a cheap cached read); a broken greenarrow.conf is temporary."""
+    if root is None:
+        return mail_class.EMPTY
+    try:
+        return mail_class.load(root)
+    except mail_class.MailClassConfigError as e:
+        raise InjectionError(False, str(e)) from None
 
 
 def prepare(
-    message: bytes, env: dict[str, str], me: str, msguid: str, now: float, trace: bytes = b""
+    message: bytes, env: dict[str, str], me: str, msguid: str, now: float, trace: bytes = b"",
+    root: str | None = None,
 ) -> Prepared:
     """Process the headers of a CRLF message; see the module docstring.
 
     `env` holds the `GREENARROW_*` variables that apply (the process
     environment for the command line; the smtp.tcp rule for SMTP).
-    `trace` (a Received field) is put before the first header.
+    `trace` (a Received field) is put before the first header. `root` is
+    the install root whose greenarrow.conf may define Mail Classes.
     """
-    headers, _ = msglib.split_headers(message)
+    headers, body_start = msglib.split_headers(message)
     ids: dict[str, str] = {}
+    sources: dict[str, str] = {}
     drop: set[int] = set()
     for i, h in enumerate(headers):
         if h.name.startswith(b"x-greenarrow-"):
@@ -100,11 +128,24 @@ def prepare(
             source = f"environment variable {variable}"
         if value:
             ids[field] = validate_identifier(field, value, source)
+            sources[field] = source
+    classes = mail_classes(root)
+    if classes.process_x_virtual_mta_header:  # seed 004: X-Virtual-MTA wins over X-GreenArrow-MtaID
+        for h in headers:
+            if h.name == b"x-virtual-mta" and msglib.header_value(message, h):
+                ids["mtaid"] = validate_identifier(
+                    "mtaid", msglib.header_value(message, h), "header X-Virtual-MTA")
     added = []
     if msglib.find(headers, b"message-id") is None:
         added.append(f"Message-ID: <{msguid}@{me}>\r\n".encode("ascii", "replace"))
     if msglib.find(headers, b"date") is None:
         added.append(f"Date: {msglib.rfc5322_date(now)}\r\n".encode("ascii"))
+    if classes.classes and (ids.get("mailclass") or classes.default):
+        from greenarrow.lib import simplemh  # only SimpleMH mail pays for it
+
+        renderer = simplemh.prepare(message, headers, body_start, ids, sources, drop, added,
+                                    trace, classes, root or "", now)
+        return Prepared(message, renderer.ids(), renderer)
     if drop or added or trace:
         message = msglib.rebuild(message, headers, drop, prepend=trace, append=b"".join(added))
     return Prepared(message, ids)
@@ -128,8 +169,8 @@ def envelopes(
         "listid": ids.get("listid", ""),
         "mtaid": ids.get("mtaid", ""),
         "mailclass": ids.get("mailclass", ""),
-        "instanceid": "",
-        "click_tracking_id": "",
+        "instanceid": ids.get("instanceid", ""),
+        "click_tracking_id": ids.get("click_tracking_id", ""),
         "injected_time": int(now),
         "source_ip": source_ip,
     }
@@ -137,6 +178,8 @@ def envelopes(
     for rcpt in recipients:
         env = dict(base)
         env["recipient"] = rcpt
+        if prepared.simplemh is not None:
+            env["sender"] = prepared.simplemh.sender(rcpt, sender)
         out.append(env)
     return out
 
@@ -154,12 +197,14 @@ def accept(
     databytes: int = 0,
     limit: int = 0,
     count_file: str = "",
+    root: str | None = None,
 ) -> str:
     """Validate, process and commit a CRLF message; return its msguid.
 
     `limit` (control/queue.ram.limit.messages) is checked against the count
     the queue's scheduler publishes in `count_file`; over it the answer is a
     temporary failure, so the client tries again later and nothing is lost.
+    `root` is the install root (default: the one holding `queue_dir`).
     Raises InjectionError. When this returns, the message is in the queue.
     """
     if not recipients:
@@ -174,10 +219,18 @@ def accept(
                                     "control/queue.ram.limit.messages); try again later")
     now = time.time()
     msguid = queue_entry.new_msguid(now)
-    prepared = prepare(message, env, me, msguid, now, trace)
+    if root is None:  # queue_dir is ROOT/queue/ram
+        root = os.path.dirname(os.path.dirname(os.path.abspath(queue_dir)))
+    prepared = prepare(message, env, me, msguid, now, trace, root)
     envs = envelopes(prepared, sender, recipients, msguid, now, source_ip)
     try:
-        names = queue_entry.commit(queue_dir, envs, prepared.message)
+        if prepared.simplemh is None:
+            names = queue_entry.commit(queue_dir, envs, prepared.message)
+        else:  # one copy per recipient
+            names = queue_entry.place(queue_dir, [
+                (queue_entry.entry_name(f"{msguid}-{i}", 0, 0),
+                 [queue_entry.envelope_line(e), b"\n", prepared.message_for(e["recipient"])])
+                for i, e in enumerate(envs)])
     except queue_entry.QueueWriteError as e:
         raise InjectionError(False, str(e)) from None
     queue_entry.trigger(fifo, names)

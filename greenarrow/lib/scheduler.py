@@ -49,6 +49,7 @@ FAILURE_TOOLONG = "failure_toolong"
 TOOLONG_TEXT = "I'm not going to try again; this message has been in the queue too long."
 RETRIED = ("deferral", "connmaxout")  # tried again later (a throttle is not a failure)
 MOVES_TO_DISK = ("ram", "bounce")  # first-attempt queues; the disk-queue retries in place
+LEARNED_MX_MAX = 100_000  # domains whose MX host is remembered for mx: patterns
 STATUS_INTERVAL = 0.5  # seconds between two publications of the queue's count and status
 _FIFO_READ = 65536
 
@@ -83,6 +84,7 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.stopping = False
         self.changed = True
+        self.learned_mx: dict[str, str] = {}
         self.load_settings()
         c = root.control
         self.log = DeliveryLogWriter(
@@ -218,7 +220,8 @@ class Scheduler:
         domain = recipient.rpartition("@")[2].lower()
         vmta = self.vmtas.lookup(envelope.get("mtaid", ""))
         sender = self.vmtas.resolve(vmta, envelope.get("msguid", name), recipient)
-        settings = self.rules.settings(domain, sender.name if sender.kind == "ip" else None)
+        mx = self.learned_mx.get(domain, "") if self.rules.has_mx_rules else ""
+        settings = self.rules.settings(domain, sender.name if sender.kind == "ip" else None, mx)
         job: dict = {"id": name, "path": path, "route": settings.smtp_route,
                      "starttls": settings.starttls_use, "source_ip": sender.source_ip,
                      "helo": sender.hostname, "system_max": self.system_max_share}
@@ -289,6 +292,8 @@ class Scheduler:
             link, envelope, started = held
             link.inflight.discard(name)
             status = result["status"]
+            if result.get("mx_hostname") and self.rules.has_mx_rules:
+                self._learn_mx(envelope, result["mx_hostname"])
             if status == remote_link.MISSING:
                 self.known.discard(name)
                 continue
@@ -323,6 +328,14 @@ class Scheduler:
                 pass
         self.changed = True
         self.wake.set()
+
+    def _learn_mx(self, envelope: dict, mx_hostname: str) -> None:
+        """Remember a domain's MX host for `mx:` throttle patterns (learned, not looked up:
+        queue-send never waits on DNS)."""
+        if len(self.learned_mx) > LEARNED_MX_MAX:
+            self.learned_mx.clear()
+        domain = envelope.get("recipient", "").rpartition("@")[2].lower()
+        self.learned_mx[domain] = mx_hostname.lower()
 
     def _expired(self, envelope: dict, now: float) -> bool:
         domain = envelope.get("recipient", "").rpartition("@")[2].lower()
