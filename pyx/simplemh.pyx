@@ -22,6 +22,8 @@ Python-level API (all offsets are absolute indexes into the bytes given):
       [enc_start, enc_end, dec_start, dec_end, ...]
 - qp_encode(data) -> bytes                   RFC 2045 quoted-printable,
       CRLF line breaks, soft breaks so no line exceeds 76 octets
+- qp_encode_line(line, hard_break=False) -> bytes   one hard line: its
+      bytes are data (CR and LF encoded), then CRLF if hard_break
 - qp_render(raw, decoded, lines, slots, reps) -> bytes
       re-encodes only the hard lines that hold a slot; the other lines are
       copied from `raw` byte for byte
@@ -331,6 +333,38 @@ cdef inline void _put_hex(unsigned char* o, Py_ssize_t* w, unsigned char c) noex
     w[0] += 3
 
 
+cdef Py_ssize_t _qp_line(unsigned char* o, Py_ssize_t w, const unsigned char* s,
+                         Py_ssize_t i, Py_ssize_t line_end) noexcept nogil:
+    """Encode s[i:line_end] (no line break in it is a line break) at o[w]; return the new w."""
+    cdef Py_ssize_t col = 0, width
+    cdef unsigned char c
+    cdef bint last, literal
+    while i < line_end:
+        c = s[i]
+        last = i + 1 == line_end
+        literal = (33 <= c <= 126 and c != 61) or ((c == 32 or c == 9) and not last)
+        width = 1 if literal else 3
+        if col + width > (76 if last else 75):
+            o[w] = 61
+            o[w + 1] = 13
+            o[w + 2] = 10
+            w += 3
+            col = 0
+        if literal:
+            o[w] = c
+            w += 1
+        else:
+            _put_hex(o, &w, c)
+        col += width
+        i += 1
+    return w
+
+
+cdef inline Py_ssize_t _qp_bound(Py_ssize_t n) noexcept nogil:
+    # worst case: every byte =XX plus a soft break every 25 bytes, plus a CRLF
+    return n * 3 + (n // 24 + 2) * 3 + 2
+
+
 def qp_encode(bytes data):
     """Quoted-printable per RFC 2045 section 6.7, for text.
 
@@ -342,15 +376,11 @@ def qp_encode(bytes data):
     """
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-    # worst case: every byte =XX plus a soft break every 25 bytes
-    out = PyBytes_FromStringAndSize(NULL, n * 3 + (n // 24 + 2) * 3 + 2)
+    out = PyBytes_FromStringAndSize(NULL, _qp_bound(n))
     cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING_RW(out)
-    cdef Py_ssize_t i = 0, w = 0, col = 0, width, line_end
+    cdef Py_ssize_t i = 0, w = 0, line_end
     cdef const unsigned char* p
-    cdef unsigned char c
-    cdef bint last, literal
     while i < n:
-        # find the end of this line: the LF, and the CR before it
         p = <const unsigned char*>memchr(s + i, 10, n - i)
         if p == NULL:
             line_end = n
@@ -358,30 +388,30 @@ def qp_encode(bytes data):
             line_end = p - s
             if line_end > i and s[line_end - 1] == 13:
                 line_end -= 1
-        col = 0
-        while i < line_end:
-            c = s[i]
-            last = i + 1 == line_end
-            literal = (33 <= c <= 126 and c != 61) or ((c == 32 or c == 9) and not last)
-            width = 1 if literal else 3
-            if col + width > (76 if last else 75):
-                o[w] = 61
-                o[w + 1] = 13
-                o[w + 2] = 10
-                w += 3
-                col = 0
-            if literal:
-                o[w] = c
-                w += 1
-            else:
-                _put_hex(o, &w, c)
-            col += width
-            i += 1
+        w = _qp_line(o, w, s, i, line_end)
         if line_end < n:  # a line ending: CRLF or LF
             o[w] = 13
             o[w + 1] = 10
             w += 2
             i = line_end + (2 if s[line_end] == 13 else 1)
+        else:
+            i = n
+    return out[:w]
+
+
+def qp_encode_line(bytes line, bint hard_break=False):
+    """One hard line as quoted-printable: every byte of `line` is data (a CR or
+    LF in it is encoded), then CRLF when `hard_break`; soft breaks as needed."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(line)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(line)
+    cdef Py_ssize_t w
+    out = PyBytes_FromStringAndSize(NULL, _qp_bound(n))
+    cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING_RW(out)
+    w = _qp_line(o, 0, s, 0, n)
+    if hard_break:
+        o[w] = 13
+        o[w + 1] = 10
+        w += 2
     return out[:w]
 
 
@@ -389,35 +419,58 @@ def qp_render(bytes raw, bytes decoded, list lines, list slots, list reps):
     """Re-encode as quoted-printable the hard lines that hold a slot; copy the others.
 
     `lines` is qp_decode's line table for `raw`; `slots` are sorted,
-    non-overlapping (start, end) spans of `decoded`, each within one hard
-    line (an insertion at the very end belongs to the last line), and
-    `reps` their replacements.
+    non-overlapping (start, end) spans of `decoded`, each within the text
+    of one hard line (not its line break); insertions at the very end of
+    `decoded` are allowed. `reps` are their replacements. A line keeps its
+    hard line break; what the replacements contain is data.
     """
     cdef Py_ssize_t nlines = len(lines) // 4
     cdef Py_ssize_t li = 0, si = 0, nslots = len(slots)
-    cdef Py_ssize_t enc_start, enc_end, dec_start, dec_end, copied = 0, pos, a
+    cdef Py_ssize_t enc_start, enc_end, dec_start, dec_end, content_end, copied = 0, pos, a
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(decoded)
+    cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(decoded)
     cdef list out = []
     cdef list pieces
-    if nlines == 0:
-        return raw + qp_encode(b"".join(reps))
+    cdef bytes last
     while si < nslots:
         a = slots[si][0]
+        if a >= size and (size == 0 or d[size - 1] == 10):
+            # insertions after a final line break (or into nothing): a line of their own,
+            # after the raw text less any tail that decodes to nothing (a lone "=")
+            pos = PyBytes_GET_SIZE(raw)
+            if nlines and <Py_ssize_t>lines[4 * nlines - 2] == <Py_ssize_t>lines[4 * nlines - 1]:
+                pos = lines[4 * nlines - 4]
+            out.append(raw[copied:pos])
+            copied = PyBytes_GET_SIZE(raw)
+            if pos:
+                last = <bytes>out[len(out) - 1]
+                if not last.endswith(b"\r\n") and not last.endswith(b"\n"):
+                    out.append(b"=\r\n")
+            out.append(qp_encode_line(b"".join(reps[si:])))
+            si = nslots
+            break
         while li < nlines - 1 and <Py_ssize_t>lines[4 * li + 3] <= a:
             li += 1
         enc_start = lines[4 * li]
         enc_end = lines[4 * li + 1]
         dec_start = lines[4 * li + 2]
         dec_end = lines[4 * li + 3]
+        content_end = dec_end
+        if content_end > dec_start and d[content_end - 1] == 10:
+            content_end -= 1
+            if content_end > dec_start and d[content_end - 1] == 13:
+                content_end -= 1
         pieces = []
         pos = dec_start
-        while si < nslots and (li == nlines - 1 or <Py_ssize_t>slots[si][0] < dec_end):
+        while si < nslots and <Py_ssize_t>slots[si][0] <= content_end and (
+                <Py_ssize_t>slots[si][0] < dec_end or li == nlines - 1):
             pieces.append(decoded[pos:slots[si][0]])
             pieces.append(reps[si])
             pos = slots[si][1]
             si += 1
-        pieces.append(decoded[pos:dec_end])
+        pieces.append(decoded[pos:content_end])
         out.append(raw[copied:enc_start])
-        out.append(qp_encode(b"".join(pieces)))
+        out.append(qp_encode_line(b"".join(pieces), content_end < dec_end))
         copied = enc_end
         li += 1
     out.append(raw[copied:])

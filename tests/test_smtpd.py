@@ -86,9 +86,7 @@ class ServerThread:
         """Until every session's handler task has finished (its connection processed as closed)."""
 
         def all_done() -> bool:
-            return all(
-                p._handler_coroutine is not None and p._handler_coroutine.done() for p in self.sessions
-            )
+            return all(p.closed for p in self.sessions)
 
         deadline = time.monotonic() + WAIT
         while not self.in_loop(all_done):
@@ -538,10 +536,10 @@ def test_reload_picks_up_databytes(root: Root, server: ServerThread) -> None:
 @pytest.mark.parametrize("broken", ["1.2.3.256:allow\n", "=host.example:allow\n", "127.0.0.1:maybe\n"])
 def test_broken_rules_keep_old_ones(root: Root, server: ServerThread, broken: str) -> None:
     """A broken smtp.tcp at reload keeps the rules in force: relaying still works as before."""
-    before = server.server.handler.settings
+    before = server.server.policy.settings
     (root.control / "smtp.tcp").write_text(broken)
     server.reload()
-    assert server.server.handler.settings is before
+    assert server.server.policy.settings is before
     with client(root) as c:
         assert c.sendmail("s@example.com", ["r@example.com"], MESSAGE) == {}
     with client(root, "127.0.0.2") as c:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from greenarrow.lib import mail_class, queue_entry
 from greenarrow.lib import message as msglib
@@ -186,7 +187,7 @@ def envelopes(
 
 def accept(
     queue_dir: str,
-    fifo: str,
+    fifo: str | Callable[[list[str]], None],
     message: bytes,
     sender: str,
     recipients: list[str],
@@ -233,5 +234,8 @@ def accept(
                 for i, e in enumerate(envs)])
     except queue_entry.QueueWriteError as e:
         raise InjectionError(False, str(e)) from None
-    queue_entry.trigger(fifo, names)
+    if callable(fifo):
+        fifo(names)
+    else:
+        queue_entry.trigger(fifo, names)
     return msguid

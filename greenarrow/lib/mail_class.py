@@ -374,13 +374,16 @@ def load(root: str) -> MailClasses:
         if cached is not None:  # keep the last good configuration
             return loads_cache(cached[1].decode("utf-8"))
         raise MailClassConfigError(str(e)) from None
+    tmp = f"{cache_path}.{os.getpid()}.tmp"
     try:
         if _stat_key(os.stat(conf_path)) == key:  # not changed while we read it
-            tmp = f"{cache_path}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
                 f.write(_MAGIC + b" key=" + key + b"\n" + dumps_cache(classes).encode("utf-8"))
             os.replace(tmp, cache_path)
-    except OSError:
-        pass  # an unwritable var/: correct, just slower
+    except OSError:  # an unwritable var/: correct, just slower
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
     _memo[root] = (key, classes)
     return classes

@@ -1,4 +1,4 @@
-"""SMTP injection: the `smtpd` service's session handling, on aiosmtpd.
+"""SMTP injection: the `smtpd` service's policy, on greenarrow.lib.smtp_protocol.
 
 ESMTP with PIPELINING, SIZE (`control/databytes`) and 8BITMIME. Relaying is
 allowed only for clients whose `control/smtp.tcp` rule sets RELAYCLIENT;
@@ -22,14 +22,14 @@ import socket
 import ssl
 from pathlib import Path
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
 from greenarrow.lib import control, injection, queue_entry, tcprules
 from greenarrow.lib import message as msglib
 from greenarrow.lib.paths import Root
+from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession, Transaction
 
 log = logging.getLogger("smtpd")
 
+IDLE_TIMEOUT = 300.0  # seconds a session may wait for its next command (RFC 5321 4.5.3.2.7)
 RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
 
 
@@ -91,55 +91,29 @@ def tls_context(control_dir: Path) -> ssl.SSLContext | None:
     return context
 
 
-class InjectionHandler:
-    """aiosmtpd handler hooks: relay check at RCPT, queue commit at DATA."""
+class InjectionPolicy(SessionPolicy):
+    """The engine's side of an SMTP session: relay check at RCPT, queue commit at DATA."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.hostname = settings.me
+        self.databytes = settings.databytes
+        self.tls_context = settings.tls_context
+        self.trigger = queue_entry.Trigger(settings.fifo)
 
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        # SMTPUTF8 is not offered: it is enabled in aiosmtpd only so that an
-        # 8-bit address reaches the address check (553) instead of a bare 500.
-        responses = [r for r in responses if r != "250-SMTPUTF8"]
-        # aiosmtpd reads pipelined commands in order; say so.
-        return responses[:-1] + ["250-PIPELINING", responses[-1]]
+    def _rule(self, session: SmtpSession) -> tcprules.TcpRule | None:
+        if "rule" not in session.state:  # once per connection
+            session.state["rule"] = self.settings.rules.match(session.peer_ip or "127.0.0.1")
+        return session.state["rule"]
 
-    async def handle_MAIL(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        mail_options: list[str],
-    ) -> str:
-        if "SMTPUTF8" in mail_options:
-            return "555 5.6.7 SMTPUTF8 is not supported"
+    def check_sender(self, session: SmtpSession, address: str) -> str | None:
         try:
-            # aiosmtpd gives the null sender as "<>"; it stays so in the
-            # envelope (an empty mail_from would mean "no MAIL yet" to aiosmtpd).
-            injection.check_sender("" if address == "<>" else address)
+            injection.check_sender(address)
         except injection.InjectionError as e:
             return f"553 5.1.7 {e.text}"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 ok"
+        return None
 
-    async def handle_RCPT(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
+    def check_recipient(self, session: SmtpSession, address: str) -> str | None:
         rule = self._rule(session)
         if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
             return RELAY_DENIED
@@ -147,31 +121,29 @@ class InjectionHandler:
             injection.check_address(address, "recipient")
         except injection.InjectionError as e:
             return f"553 5.1.3 {e.text}"
-        envelope.rcpt_tos.append(address)
-        return "250 ok"
+        return None
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    def message(self, session: SmtpSession, transaction: Transaction, data: bytes) -> str:
         settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
-        ip = session.peer[0] if isinstance(session.peer, tuple) else ""
         trace = b""
         if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
             trace = (
-                f"Received: from {session.host_name or 'unknown'} ([{ip}])\r\n"
-                f"\tby {settings.me} with {'ESMTPS' if session.ssl else 'ESMTP'};"
+                f"Received: from {session.helo or 'unknown'} ([{session.peer_ip}])\r\n"
+                f"\tby {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
                 f" {msglib.rfc5322_date()}\r\n"
             ).encode("ascii", "replace")
         try:
             msguid = injection.accept(
                 settings.queue_dir,
-                settings.fifo,
-                msglib.to_crlf(envelope.original_content),
-                "" if envelope.mail_from == "<>" else envelope.mail_from,
-                list(envelope.rcpt_tos),
+                self.trigger,
+                msglib.to_crlf(data),
+                transaction.sender,
+                list(transaction.recipients),
                 env,
                 settings.me,
-                source_ip=ip,
+                source_ip=session.peer_ip,
                 trace=trace,
                 databytes=settings.databytes,
                 limit=settings.limit,
@@ -185,34 +157,17 @@ class InjectionHandler:
             return "451 4.3.0 temporary failure writing to the queue"
         return f"250 ok {msguid}"
 
-    def _rule(self, session: Session) -> tcprules.TcpRule | None:
-        peer = session.peer
-        ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-        if ip.startswith("::ffff:"):
-            ip = ip[7:]
-        return self.settings.rules.match(ip)
-
 
 class SmtpServer:
     """The listeners of `control/smtp.listen`, sharing one handler."""
 
     def __init__(self, root: Root) -> None:
         self.root = root
-        self.handler = InjectionHandler(Settings(root))
+        self.policy = InjectionPolicy(Settings(root))
         self.servers: list[asyncio.AbstractServer] = []
 
-    def _factory(self) -> SMTP:
-        settings = self.handler.settings
-        return SMTP(
-            self.handler,
-            data_size_limit=settings.databytes or None,
-            hostname=settings.me,
-            ident="GreenArrow-compatible ESMTP",
-            decode_data=False,
-            enable_SMTPUTF8=True,  # not advertised: see handle_EHLO
-            timeout=300,
-            tls_context=settings.tls_context,  # None: STARTTLS neither offered nor accepted
-        )
+    def _factory(self) -> SmtpSession:
+        return SmtpSession(self.policy, idle_timeout=IDLE_TIMEOUT)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,13 +178,14 @@ class SmtpServer:
             )
             self.servers.append(server)
             log.info("listening on %s:%d", host, port)
-        if self.handler.settings.tls_context is not None:
+        if self.policy.tls_context is not None:
             log.info("STARTTLS offered")
 
     def reload(self) -> None:
         """Re-read smtp.tcp, databytes, me and the TLS files; an error keeps the old settings."""
         try:
-            self.handler.settings = Settings(self.root)
+            old, self.policy = self.policy, InjectionPolicy(Settings(self.root))
+            old.trigger.close()
         except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
             log.error("reload failed, keeping the previous settings: %s", e)
         else:

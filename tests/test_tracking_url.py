@@ -1,0 +1,160 @@
+"""Tracking URLs and their signed DATA (greenarrow.lib.tracking_url, docs/simplemh.md).
+
+Round trips for every kind and format, the fields of stateless mode, and
+the promise that matters to the tracker: a DATA that was changed, cut short
+or made with other secret constants decodes to an error, never to a URL.
+"""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from greenarrow.lib import tracking_url as tu
+
+C = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
+OTHER = ("00000000000000000000000000000000", "fedcba9876543210fedcba9876543210")
+BASE = "https://links.example.com"
+
+_printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
+_url = st.binary(max_size=300).filter(lambda b: b"\0" not in b)
+
+
+def make(**kw) -> str:
+    args = dict(kind=tu.CLICK, recipient="r@example.com", listid="t100", sendid="news-1",
+                mailclass="news", instanceid="0901220005", click_tracking_id="42",
+                url=b"https://example.com/a?x=1&y=2", stateless=True)
+    args.update(kw)
+    return tu.encode(C, **args)
+
+
+def test_round_trip_carries_every_stateless_field() -> None:
+    """Stateless DATA carries recipient, ListID, SendID, Mail Class, InstanceID,
+    click tracking id and the target URL."""
+    d = tu.decode(make(), C)
+    assert (d.kind, d.recipient, d.listid, d.sendid, d.mailclass, d.instanceid,
+            d.click_tracking_id) == ("c", "r@example.com", "t100", "news-1", "news",
+                                     "0901220005", "42")
+    assert d.url == "https://example.com/a?x=1&y=2"
+    assert d.stateless and not d.text
+
+
+def test_data_is_url_safe_and_versioned() -> None:
+    data = make()
+    assert set(data) <= set(string.ascii_letters + string.digits + "-_")
+    assert tu.b64url(b"\x01")[:1] == data[:1].encode() == b"A"  # version byte 1 first
+
+
+@pytest.mark.parametrize(("fmt", "expected"), [
+    ("a", BASE + "/click/DATA"), ("b", BASE + "/click?DATA"), ("c", BASE + "/click?qs=DATA"),
+])
+def test_formats(fmt: str, expected: str) -> None:
+    assert tu.tracking_url(BASE, fmt, tu.CLICK, "DATA") == expected
+    assert tu.data_from_url(expected) == ("click", "DATA")
+
+
+def test_paths_by_kind() -> None:
+    assert tu.tracking_url(BASE, "b", tu.OPEN, "D") == BASE + "/open?D"
+    assert tu.tracking_url(BASE, "a", tu.UNSUBSCRIBE, "D") == BASE + "/click/D"
+    assert tu.tracking_url(BASE, "c", tu.LIST_UNSUBSCRIBE, "D") == BASE + "/unsub?qs=D"
+    with pytest.raises(ValueError):
+        tu.tracking_url(BASE, "d", tu.CLICK, "D")
+
+
+def test_data_from_request_targets() -> None:
+    assert tu.data_from_url("/click/ABC") == ("click", "ABC")
+    assert tu.data_from_url("/open?ABC") == ("open", "ABC")
+    assert tu.data_from_url("/click?qs=ABC&utm_source=x") == ("click", "ABC")
+    assert tu.data_from_url("https://h.example/base/click?ABC") == ("click", "ABC")
+    with pytest.raises(ValueError):
+        tu.data_from_url("https://h.example/")
+
+
+@pytest.mark.parametrize("fmt", tu.FORMATS)
+def test_encoder_matches_encode_in_every_format(fmt: str) -> None:
+    enc = tu.Encoder(C, BASE, fmt, "r@example.com", "t100", "news-1", "news", "0901220005",
+                     "42", True)
+    url = enc.url(tu.CLICK, b"https://example.com/a?x=1&y=2").decode()
+    path, data = tu.data_from_url(url)
+    assert path == "click"
+    assert data == make()
+    assert tu.decode(data, C).url == "https://example.com/a?x=1&y=2"
+    assert enc.url(tu.OPEN).decode().startswith(BASE + "/open")
+    assert tu.decode(tu.data_from_url(enc.url(tu.OPEN, text=True).decode())[1], C).text
+
+
+def test_non_ascii_target_is_escaped_for_redirects() -> None:
+    d = tu.decode(make(url="https://example.com/caf\u00e9 x".encode()), C)
+    assert d.url_bytes == "https://example.com/caf\u00e9 x".encode()
+    assert d.url == "https://example.com/caf%C3%A9%20x"
+
+
+def test_other_constants_rejected() -> None:
+    with pytest.raises(tu.TrackingDataError):
+        tu.decode(make(), OTHER)
+
+
+def test_kind_filter() -> None:
+    with pytest.raises(tu.TrackingDataError):
+        tu.decode(make(kind=tu.OPEN), C, kinds={tu.CLICK, tu.UNSUBSCRIBE})
+    assert tu.decode(make(kind=tu.UNSUBSCRIBE), C, kinds={tu.CLICK, tu.UNSUBSCRIBE}).kind == "u"
+
+
+@pytest.mark.parametrize("bad", ["", "!!!!", "A", "AAAA", "AW0A" * 3, "a b"])
+def test_garbage_rejected(bad: str) -> None:
+    with pytest.raises(tu.TrackingDataError):
+        tu.decode(bad, C)
+
+
+def test_every_truncation_rejected() -> None:
+    data = make()
+    for n in range(len(data)):
+        with pytest.raises(tu.TrackingDataError):
+            tu.decode(data[:n], C)
+
+
+def test_every_single_character_change_rejected() -> None:
+    data = make()
+    alphabet = string.ascii_letters + string.digits + "-_"
+    for i, ch in enumerate(data):
+        for repl in (alphabet[(alphabet.index(ch) + 1) % 64], alphabet[(alphabet.index(ch) + 33) % 64]):
+            with pytest.raises(tu.TrackingDataError):
+                tu.decode(data[:i] + repl + data[i + 1:], C)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(sorted(tu.KINDS)), recipient=_printable, listid=_printable,
+       sendid=_printable, mailclass=_printable, instanceid=_printable, ctid=_printable,
+       url=_url, stateless=st.booleans(), text=st.booleans())
+def test_round_trip_property(kind, recipient, listid, sendid, mailclass, instanceid, ctid, url,
+                             stateless, text) -> None:
+    data = tu.encode(C, kind, recipient, listid, sendid, mailclass, instanceid, ctid, url,
+                     stateless, text)
+    d = tu.decode(data, C)
+    assert (d.kind, d.recipient, d.listid, d.sendid, d.mailclass, d.instanceid,
+            d.click_tracking_id, d.url_bytes, d.stateless, d.text) == (
+        kind, recipient, listid, sendid, mailclass, instanceid, ctid, url, stateless, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.text(max_size=200))
+def test_decode_fuzz_never_returns_unsigned_data(data: str) -> None:
+    """Random input is an error, never a TrackingData (and never another exception)."""
+    with pytest.raises(tu.TrackingDataError):
+        tu.decode(data, C)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pos=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_any_byte_change_in_the_blob_rejected(pos: int, flip: int) -> None:
+    import binascii
+
+    data = make().encode()
+    blob = bytearray(binascii.a2b_base64(data.translate(bytes.maketrans(b"-_", b"+/"))
+                                         + b"=" * (-len(data) % 4)))
+    blob[pos % len(blob)] ^= flip
+    with pytest.raises(tu.TrackingDataError):
+        tu.decode(tu.b64url(bytes(blob)), C)
