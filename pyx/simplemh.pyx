@@ -784,3 +784,70 @@ def unescape_entities(bytes value):
         out.append(38)
         i += 1
     return bytes(out)
+
+
+# --------------------------------------------------------------------------- slots
+
+
+cdef bint _starts_ci(bytes value, const char* lit, Py_ssize_t m):
+    return _ci_match(<const unsigned char*>PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
+                     0, lit, m)
+
+
+def html_link_slots(bytes html, bint track, bint has_base, tuple own):
+    """The rewrites of an HTML text's links: (slots, body_close, opentags).
+
+    slots: (start, end, kind, target) per href to change, kind being
+    "c" (a tracked click; target the URL, character references decoded),
+    "u" (a ##unsubscribetag## link to track; target the URL after the tag)
+    or "s" (a ##unsubscribetag## link with no URL domain: the tag is
+    stripped; target the raw value without it). Only http(s) links are
+    tracked, never ones starting with one of `own` (already tracking URLs);
+    values holding a line break are left alone. body_close and opentags as
+    find_html_links returns them.
+    """
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(html)
+    cdef Py_ssize_t vs, ve, a, b
+    cdef list slots = []
+    hrefs, body_close, opentags = find_html_links(html)
+    for span in hrefs:
+        vs = span[0]
+        ve = span[1]
+        a = vs
+        b = ve
+        while a < b and _is_ws(s[a]):
+            a += 1
+        while b > a and _is_ws(s[b - 1]):
+            b -= 1
+        if a == b or memchr(s + a, 10, b - a) != NULL or memchr(s + a, 13, b - a) != NULL:
+            continue
+        inner = html[a:b]
+        url = unescape_entities(inner)
+        if _starts_ci(url, b"##unsubscribetag##", 18):
+            if has_base:
+                slots.append((a, b, "u", url[18:]))
+            else:
+                slots.append((a, b, "s", inner[18:]))
+        elif track and (_starts_ci(url, b"http://", 7) or _starts_ci(url, b"https://", 8)):
+            if own and url.startswith(own):
+                continue
+            slots.append((a, b, "c", url))
+    return slots, body_close, opentags
+
+
+def text_link_slots(bytes text, bint track, bint has_base, tuple own):
+    """The rewrites of a plain text's URLs: [(start, end, kind, target)] as html_link_slots."""
+    cdef list slots = []
+    cdef Py_ssize_t a, b, u
+    for span in find_text_links(text):
+        a = span[0]
+        b = span[1]
+        u = span[2]
+        if u > a:
+            slots.append((a, b, "u" if has_base else "s", text[u:b]))
+        elif track:
+            url = text[a:b]
+            if own and url.startswith(own):
+                continue
+            slots.append((a, b, "c", url))
+    return slots

@@ -245,3 +245,27 @@ cdef class Signer:
         out = PyBytes_FromStringAndSize(NULL, (total + 2) // 3 * 4)
         w = _b64url(b, total, <unsigned char*>PyBytes_AS_STRING_RW(out))
         return out[:w]
+
+    def replacements(self, list kinds, list targets, dict prefixes, dict bases,
+                     bytes pixel_open, bytes pixel_close):
+        """The bytes that replace each slot of a part, for one recipient.
+
+        kinds[i]: "c" or "u" -> bases[kind] + data(prefixes[kind], targets[i]);
+        "p" -> pixel_open + bases["o"] + data(prefixes["o"], b"") + pixel_close;
+        "s" -> targets[i] as it is; anything else -> b"" (a slot removed).
+        """
+        cdef list out = []
+        cdef Py_ssize_t i, n = len(kinds)
+        cdef object k
+        for i in range(n):
+            k = kinds[i]
+            if k == "c" or k == "u":
+                out.append(<bytes>bases[k] + self.data(prefixes[k], targets[i]))
+            elif k == "p":
+                out.append(pixel_open + <bytes>bases["o"] + self.data(prefixes["o"], b"")
+                           + pixel_close)
+            elif k == "s":
+                out.append(targets[i])
+            else:
+                out.append(b"")
+        return out

@@ -107,3 +107,25 @@ def test_reload_under_load_loses_nothing(tmp_path):
                        "every message")
             log_text = (engine.root.log / "queue-send-ram" / "current").read_text()
             assert log_text.count("reloaded configuration") >= 5
+
+
+def test_check_finds_mistakes_that_parse(tmp_path):
+    """A route to an unknown VirtualMTA, a relay without relay_host, an unknown throttle
+    program: reported with file and line by check (and so refused by reload)."""
+    root = Root(tmp_path)
+    init_root(root)
+    cases = [
+        ("routing_rule mix {\n  route nowhere 1\n}\n", ":2:", "no VirtualMTA named 'nowhere'"),
+        ("relay_server r {\n  hostname a.example\n}\n", ":1:", "relay_host is required"),
+        ("domain x.test {\n  throttle_program slow\n}\n", ":2:", "no throttle_program named"),
+        ("ip_address a {\n  smtp_source 127.0.0.2\n}\nip_address a {\n  hostname a.test\n}\n",
+         None, None),  # one VirtualMTA written in two pieces is fine
+    ]
+    for text, line, words in cases:
+        (root.control / "greenarrow.conf").write_text(text)
+        result = invoke(root, "check")
+        if line is None:
+            assert result.exit_code == 0, result.output
+            continue
+        assert result.exit_code == 1, text
+        assert line in result.output and words in result.output, result.output

@@ -276,7 +276,7 @@ def test_mtaid_from_smtp_service_rule(root: Root, start_server) -> None:
     server = start_server('127.0.0.1:allow,RELAYCLIENT="",GREENARROW_MTAID="smtpmta",'
                           'GREENARROW_MAILCLASS="news"\n:deny\n')
     assert server
-    body = ("From: s@o.example\r\nTo: r@d.example\r\nSubject: x\r\n\r\nhi\r\n").encode()
+    body = (b"From: s@o.example\r\nTo: r@d.example\r\nSubject: x\r\n\r\nhi\r\n")
     with smtplib.SMTP("127.0.0.1", _port(root), timeout=15) as smtp:
         smtp.sendmail("s@o.example", [RCPT], body)
         smtp.sendmail("s@o.example", [RCPT], b"X-GreenArrow-MtaID: hdrmta\r\n" + body)

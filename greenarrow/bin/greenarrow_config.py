@@ -12,6 +12,7 @@ import click
 
 from greenarrow.lib import conf, supervisor
 from greenarrow.lib import secret_constants as constants
+from greenarrow.lib.config_check import ConfigProblem, check_root
 from greenarrow.lib.paths import root_from_env
 
 
@@ -35,14 +36,13 @@ def check(path: Path | None) -> None:
     named with --file must exist.
     """
     label = str(path) if path is not None else conf.CONF_NAME
-    if path is None:
-        path = conf.conf_path(root_from_env())
-        if not path.exists():
-            click.echo(f"{label}: OK (no file at {path}: empty configuration)")
-            return
+    root = root_from_env()
+    if path is None and not conf.conf_path(root).exists():
+        click.echo(f"{label}: OK (no file at {conf.conf_path(root)}: empty configuration)")
+        return
     try:
-        conf.load(path)
-    except conf.ConfError as exc:
+        check_root(root, path)
+    except ConfigProblem as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(1) from None
     click.echo(f"{label}: OK")
@@ -54,8 +54,8 @@ def reload() -> None:
     files) without a restart. A file with errors is rejected and changes nothing."""
     root = root_from_env()
     try:
-        conf.load_root(root)
-    except conf.ConfError as exc:
+        check_root(root)
+    except ConfigProblem as exc:
         click.echo(f"{exc}\nnot reloaded: the running services keep their configuration", err=True)
         raise SystemExit(1) from None
     pid = supervisor.supervisor_pid(root)

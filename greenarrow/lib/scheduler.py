@@ -47,7 +47,9 @@ log = logging.getLogger("queue-send")
 STALE_TMP_SECONDS = 3600
 FAILURE_TOOLONG = "failure_toolong"
 TOOLONG_TEXT = "I'm not going to try again; this message has been in the queue too long."
-RETRIED = ("deferral", "connmaxout")  # tried again later (a throttle is not a failure)
+CONNMAXOUT = "connmaxout"
+CONNMAXOUT_RETRY = 60  # seconds before a throttled attempt is tried again (at most)
+RETRIED = ("deferral", CONNMAXOUT)  # tried again later (a throttle is not a failure)
 MOVES_TO_DISK = ("ram", "bounce")  # first-attempt queues; the disk-queue retries in place
 LEARNED_MX_MAX = 100_000  # domains whose MX host is remembered for mx: patterns
 STATUS_INTERVAL = 0.5  # seconds between two publications of the queue's count and status
@@ -305,6 +307,8 @@ class Scheduler:
             if status in RETRIED:
                 due = retry_schedule.next_due(envelope.get("injected_time", now), attempts + 1,
                                               now, scale=self.retry_scale)
+                if status == CONNMAXOUT:  # the receiver did not refuse: try again soon
+                    due = min(due, int(now + CONNMAXOUT_RETRY * self.retry_scale) + 1)
                 target = moves if self.queue in MOVES_TO_DISK else retries
                 target.append((name, attempts + 1, due))
             else:

@@ -70,6 +70,7 @@ HEADERS = {
 STORAGE_VALUES = ("system_default", "local", "stateless", "external")
 UNSUBSCRIBE_TAG = b"##unsubscribetag##"
 PIXEL = b'<img src="%s" width="1" height="1" border="0" alt="" />'
+_PIXEL_OPEN, _PIXEL_CLOSE = PIXEL.split(b"%s")
 MAX_LINE = 998
 _FLAGS = {"yes": True, "1": True, "no": False, "0": False}
 _SKIP_CHARSETS = (b"utf-16", b"utf-32", b"utf16", b"utf32", b"ucs-", b"ucs2", b"ucs4",
@@ -80,7 +81,7 @@ _QP_HEADER = b"Content-Transfer-Encoding: quoted-printable\r\n"
 
 # slot kinds: tracked click, tracked unsubscribe link, unsubscribe tag stripped
 # (no URL domain), open pixel, <opentag/> removed (a second one)
-_CLICK, _UNSUB, _STRIP, _PIXEL, _DROP = "c", "u", "s", "p", "d"
+_STRIP, _PIXEL, _DROP = "s", "p", "d"  # and "c" click, "u" unsubscribe (pyx)
 
 
 def _bad(header: str, value: str, rule: str) -> InjectionError:
@@ -308,8 +309,8 @@ def resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, st
 class _Part:
     """A text part to rewrite: its encoded body, decoded text and the slots in it."""
 
-    __slots__ = ("hdr", "hdr_qp", "enc", "text", "raw", "decoded", "lines", "spans", "slots",
-                 "suffix")
+    __slots__ = ("hdr", "hdr_qp", "enc", "text", "raw", "decoded", "lines", "spans", "kinds",
+                 "targets", "suffix")
 
 
 def _first(msg: bytes, hdrs: list, name: bytes) -> bytes | None:
@@ -440,33 +441,15 @@ class _Planner:
         part.decoded = decoded
         part.lines = lines
         part.spans = [(s[0], s[1]) for s in slots]
-        part.slots = [(s[2], s[3]) for s in slots]
+        part.kinds = [s[2] for s in slots]
+        part.targets = [s[3] for s in slots]
         part.suffix = suffix
         return part
 
-    def _tracked(self, url: bytes) -> bool:
-        return url.startswith(self.own) if self.own else False
-
     def html_slots(self, html: bytes) -> list:
         job = self.job
-        slots = []
-        hrefs, body_close, opentags = fast.find_html_links(html)
-        for vs, ve in hrefs:
-            value = html[vs:ve]
-            inner = value.strip()
-            if not inner or b"\n" in inner or b"\r" in inner:
-                continue
-            s = vs + len(value) - len(value.lstrip())
-            e = s + len(inner)
-            url = fast.unescape_entities(inner)
-            head = url[:18].lower()
-            if head == UNSUBSCRIBE_TAG:
-                if self.base:
-                    slots.append((s, e, _UNSUB, url[18:]))
-                else:
-                    slots.append((s, e, _STRIP, inner[18:]))
-            elif job.track and head.startswith((b"http://", b"https://")) and not self._tracked(url):
-                slots.append((s, e, _CLICK, url))
+        slots, body_close, opentags = fast.html_link_slots(html, job.track, bool(self.base),
+                                                           self.own)
         if job.track:
             tags = [(s, e) for s, e in opentags if b"\n" not in html[s:e]]
             if tags:
@@ -479,15 +462,7 @@ class _Planner:
 
     def text_slots(self, text: bytes) -> list:
         job = self.job
-        track = job.track and job.track_text
-        slots = []
-        for s, e, u in fast.find_text_links(text):
-            if u > s:
-                url = text[u:e]
-                slots.append((s, e, _UNSUB, url) if self.base else (s, e, _STRIP, url))
-            elif track and not self._tracked(text[s:e]):
-                slots.append((s, e, _CLICK, text[s:e]))
-        return slots
+        return fast.text_link_slots(text, job.track and job.track_text, bool(self.base), self.own)
 
 
 def _b64_lines(data: bytes) -> bytes:
@@ -497,18 +472,11 @@ def _b64_lines(data: bytes) -> bytes:
 
 def _render_part(part: _Part, encoder: tracking_url.Encoder | None) -> tuple[bytes, bool]:
     """(the part's header region and body for one recipient, whether it became QP)."""
-    reps = []
-    for kind, target in part.slots:
-        if kind == _CLICK:
-            reps.append(encoder.url(tracking_url.CLICK, target, part.text))
-        elif kind == _UNSUB:
-            reps.append(encoder.url(tracking_url.UNSUBSCRIBE, target, part.text))
-        elif kind == _PIXEL:
-            reps.append(PIXEL % encoder.url(tracking_url.OPEN))
-        elif kind == _STRIP:
-            reps.append(target)
-        else:
-            reps.append(b"")
+    if encoder is None:  # only stripped ##unsubscribetag## prefixes
+        reps = [t if k == _STRIP else b"" for k, t in zip(part.kinds, part.targets, strict=True)]
+    else:
+        reps = encoder.replacements(part.kinds, part.targets, part.text, _PIXEL_OPEN,
+                                    _PIXEL_CLOSE)
     if part.enc == "qp":
         return part.hdr + fast.qp_render(part.raw, part.decoded, part.lines, part.spans, reps), False
     out = fast.splice(part.decoded, part.spans, reps)

@@ -31,7 +31,7 @@ log = logging.getLogger("supervise")
 
 STATUS_FILE = "supervise.status"
 PID_FILE = "supervise.pid"
-MIN_BACKOFF, MAX_BACKOFF, STABLE_SECONDS = 1.0, 60.0, 30.0
+MIN_BACKOFF, MAX_BACKOFF, STABLE_SECONDS = 1.0, 60.0, 10.0  # a run of 10 s resets the back-off
 STOP_GRACE = 30.0
 
 

@@ -217,44 +217,63 @@ def data_from_url(url: str) -> tuple[str, str]:
     raise ValueError(f"no tracking data in {url!r}")
 
 
+_signers: dict[bytes, object] = {}
+
+
 class Encoder:
     """Makes the tracking URLs of one message for one recipient, fast.
 
-    The fields common to every link are packed once; each link then costs
-    one HMAC and one base64 encoding. URLs are returned as ASCII bytes,
-    ready to splice into the message.
+    The fields common to every link are packed once, and signing is done
+    by greenarrow.pyx.tracksign (HMAC-SHA256 in C, with the state after
+    those common fields kept), so each link costs a few SHA-256 blocks and
+    a base64url encoding. The result is exactly encode()'s. URLs are
+    returned as ASCII bytes, ready to splice into the message.
     """
 
-    __slots__ = ("_key", "_prefixes", "_bases", "_cache")
+    __slots__ = ("_signer", "_fields", "_state", "_prefixes", "_bases")
 
     def __init__(self, constants: tuple[str, str], base: str, fmt: str, recipient: str,
                  listid: str, sendid: str, mailclass: str, instanceid: str,
                  click_tracking_id: str, stateless: bool) -> None:
-        self._key = derive_key(constants)
-        fields = _payload(CLICK, 0, (recipient, listid, sendid, mailclass, instanceid,
-                                     click_tracking_id), b"")[3:]
-        state = FLAG_STATELESS if stateless else 0
-        self._prefixes = {}
-        for kind in KINDS:
-            for text in (False, True):
-                flags = state | (FLAG_TEXT if text else 0)
-                self._prefixes[kind, text] = bytes((VERSION, ord(kind), flags)) + fields
-        self._bases = {}
-        for kind, path in PATHS.items():
-            sep = {"a": "/", "b": "?", "c": "?qs="}[fmt]
-            self._bases[kind] = f"{base}/{path}{sep}".encode("ascii")
-        self._cache: dict[tuple[str, bytes, bool], bytes] = {}
+        key = derive_key(constants)
+        signer = _signers.get(key)
+        if signer is None:
+            from greenarrow.pyx.tracksign import Signer
+
+            signer = _signers[key] = Signer(key)
+        self._signer = signer
+        self._fields = _payload(CLICK, 0, (recipient, listid, sendid, mailclass, instanceid,
+                                           click_tracking_id), b"")[3:]
+        self._state = FLAG_STATELESS if stateless else 0
+        self._prefixes: dict[tuple[str, bool], bytes] = {}
+        sep = {"a": "/", "b": "?", "c": "?qs="}[fmt]
+        self._bases = {kind: f"{base}/{path}{sep}".encode("ascii") for kind, path in PATHS.items()}
+
+    def _prefix(self, kind: str, text: bool) -> bytes:
+        flags = self._state | (FLAG_TEXT if text else 0)
+        prefix = self._prefixes[kind, text] = bytes((VERSION, ord(kind), flags)) + self._fields
+        return prefix
 
     def data(self, kind: str, url: bytes = b"", text: bool = False) -> bytes:
         """DATA (base64url bytes) for one target."""
-        payload = self._prefixes[kind, text] + url
-        return b64url(payload + hmac.digest(self._key, payload, "sha256")[:TAG_BYTES])
+        prefix = self._prefixes.get((kind, text)) or self._prefix(kind, text)
+        return self._signer.data(prefix, url, TAG_BYTES)
 
     def url(self, kind: str, url: bytes = b"", text: bool = False) -> bytes:
         """The tracking URL for `url` (empty for the open pixel and List-Unsubscribe)."""
-        key = (kind, url, text)
-        out = self._cache.get(key)
-        if out is None:
-            out = self._bases[kind] + self.data(kind, url, text)
-            self._cache[key] = out
-        return out
+        prefix = self._prefixes.get((kind, text)) or self._prefix(kind, text)
+        return self._bases[kind] + self._signer.data(prefix, url, TAG_BYTES)
+
+    def replacements(self, kinds: list[str], targets: list[bytes], text: bool,
+                     pixel_open: bytes, pixel_close: bytes) -> list[bytes]:
+        """The tracking URLs (or open pixel) for a part's slots, in one C loop.
+
+        kinds: "c" click, "u" unsubscribe link, "p" the open pixel
+        (pixel_open + open URL + pixel_close), "s" the target as it is,
+        anything else nothing.
+        """
+        prefixes = self._prefixes
+        by_kind = {k: prefixes.get((k, text)) or self._prefix(k, text)
+                   for k in (CLICK, UNSUBSCRIBE, OPEN)}
+        return self._signer.replacements(kinds, targets, by_kind, self._bases, pixel_open,
+                                         pixel_close)

@@ -90,24 +90,26 @@ class VirtualMtas:
         taken = {b.directive("id").as_int() for k in kinds for b in conf.blocks_named(k)
                  if b.directive("id") is not None}
         for kind in kinds:
-            for block in conf.blocks_named(kind):
-                for name in block.args:
-                    if name == "*":
-                        continue
-                    explicit = block.directive("id")
-                    number = explicit.as_int() if explicit is not None else None
-                    if number is None:
-                        while next_id in self.by_id or next_id in taken:
-                            next_id += 1
-                        number = next_id
-                    vmta = self._make(kind, name, number, block)
-                    key = name.lower()
-                    if key in self.by_name and self.by_name[key] != vmta:
-                        raise block.error(f"VirtualMTA name {name!r} is used twice")
-                    if number in self.by_id and self.by_id[number].name.lower() != key:
-                        raise block.error(f"VirtualMTA id {number} is used twice")
-                    self.by_name[key] = vmta
-                    self.by_id[number] = vmta
+            names = list(dict.fromkeys(n.lower() for b in conf.blocks_named(kind) for n in b.args))
+            for lowered in names:
+                if lowered == "*":
+                    continue
+                block = conf.block(kind, lowered)  # merged when written in pieces
+                name = next(n for n in block.args if n.lower() == lowered)
+                explicit = block.directive("id")
+                number = explicit.as_int() if explicit is not None else None
+                if number is None:
+                    while next_id in self.by_id or next_id in taken:
+                        next_id += 1
+                    number = next_id
+                vmta = self._make(kind, name, number, block)
+                key = name.lower()
+                if key in self.by_name and self.by_name[key] != vmta:
+                    raise block.error(f"VirtualMTA name {name!r} is used twice")
+                if number in self.by_id and self.by_id[number].name.lower() != key:
+                    raise block.error(f"VirtualMTA id {number} is used twice")
+                self.by_name[key] = vmta
+                self.by_id[number] = vmta
         self._check_routes(conf)
         general = conf.block("general")
         default = general.directive("default_virtual_mta") if general is not None else None
