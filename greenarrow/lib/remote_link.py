@@ -5,13 +5,19 @@ every worker and sends jobs; a worker answers each job with one result, in
 any order. One line of JSON each way:
 
     job     {"id": NAME, "path": PATH, "route": [HOST, PORT] | null,
-             "starttls": "never"|"opportunistic"|"required"}
-    result  {"id": NAME, "status": "success"|"failure"|"deferral"|"missing",
+             "starttls": "never"|"opportunistic"|"required",
+             "source_ip": IP | null, "helo": NAME | null,          the sending VirtualMTA
+             "relay": [HOST, PORT], "auth": [USER, PASSWORD],      a relay server (optional)
+             "throttle": {"key", "max_conn", "max_hour", "program"} (optional)
+             "reuse": {"max_messages", "idle_timeout"}             (optional)
+             "worker_key": KEY, "system_max": N}
+    result  {"id": NAME, "status": "success"|"failure"|"deferral"|"connmaxout"|"missing",
              "text": TEXT, "mx_hostname": H, "mx_ip": IP, "smtp_code": N | null,
              "outmtaid_hostname": NAME}
 
 `missing` means the entry file was gone when the worker opened it (deleted by
-an operator): nothing was attempted. The worker reads the message from
+an operator): nothing was attempted. `connmaxout`: a throttle held the
+attempt back (greenarrow.lib.throttle); nothing was attempted either. The worker reads the message from
 `path` itself, so message bytes never cross the socket.
 """
 
