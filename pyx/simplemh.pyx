@@ -41,6 +41,7 @@ Python-level API (all offsets are absolute indexes into the bytes given):
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memchr, memcpy
 
 cdef extern from "Python.h":
@@ -286,8 +287,26 @@ def qp_decode(bytes data):
     cdef unsigned char c
     cdef int hi, lo
     cdef list lines = []
+    cdef const unsigned char* pe
+    cdef const unsigned char* pl
+    cdef Py_ssize_t run, next_lf = -1
     while i < n:
         c = s[i]
+        if c != 61 and c != 10:  # a run of plain bytes: copy it at once
+            pe = <const unsigned char*>memchr(s + i, 61, n - i)
+            if next_lf < i:
+                pl = <const unsigned char*>memchr(s + i, 10, n - i)
+                next_lf = n if pl == NULL else pl - s
+            pl = s + next_lf if next_lf < n else NULL
+            run = n - i
+            if pe != NULL and pe - (s + i) < run:
+                run = pe - (s + i)
+            if pl != NULL and pl - (s + i) < run:
+                run = pl - (s + i)
+            memcpy(o + w, s + i, run)
+            w += run
+            i += run
+            continue
         if c == 61:  # '='
             i += 1
             if i >= n:
@@ -333,33 +352,6 @@ cdef inline void _put_hex(unsigned char* o, Py_ssize_t* w, unsigned char c) noex
     w[0] += 3
 
 
-cdef Py_ssize_t _qp_line(unsigned char* o, Py_ssize_t w, const unsigned char* s,
-                         Py_ssize_t i, Py_ssize_t line_end) noexcept nogil:
-    """Encode s[i:line_end] (no line break in it is a line break) at o[w]; return the new w."""
-    cdef Py_ssize_t col = 0, width
-    cdef unsigned char c
-    cdef bint last, literal
-    while i < line_end:
-        c = s[i]
-        last = i + 1 == line_end
-        literal = (33 <= c <= 126 and c != 61) or ((c == 32 or c == 9) and not last)
-        width = 1 if literal else 3
-        if col + width > (76 if last else 75):
-            o[w] = 61
-            o[w + 1] = 13
-            o[w + 2] = 10
-            w += 3
-            col = 0
-        if literal:
-            o[w] = c
-            w += 1
-        else:
-            _put_hex(o, &w, c)
-        col += width
-        i += 1
-    return w
-
-
 cdef inline Py_ssize_t _qp_bound(Py_ssize_t n) noexcept nogil:
     # worst case: every byte =XX plus a soft break every 25 bytes, plus a CRLF
     return n * 3 + (n // 24 + 2) * 3 + 2
@@ -378,7 +370,7 @@ def qp_encode(bytes data):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     out = PyBytes_FromStringAndSize(NULL, _qp_bound(n))
     cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING_RW(out)
-    cdef Py_ssize_t i = 0, w = 0, line_end
+    cdef Py_ssize_t i = 0, w = 0, line_end, col
     cdef const unsigned char* p
     while i < n:
         p = <const unsigned char*>memchr(s + i, 10, n - i)
@@ -388,7 +380,8 @@ def qp_encode(bytes data):
             line_end = p - s
             if line_end > i and s[line_end - 1] == 13:
                 line_end -= 1
-        w = _qp_line(o, w, s, i, line_end)
+        col = 0
+        w = _qp_piece(o, w, &col, s + i, line_end - i, True)
         if line_end < n:  # a line ending: CRLF or LF
             o[w] = 13
             o[w + 1] = 10
@@ -407,12 +400,79 @@ def qp_encode_line(bytes line, bint hard_break=False):
     cdef Py_ssize_t w
     out = PyBytes_FromStringAndSize(NULL, _qp_bound(n))
     cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING_RW(out)
-    w = _qp_line(o, 0, s, 0, n)
+    cdef Py_ssize_t col = 0
+    w = _qp_piece(o, 0, &col, s, n, True)
     if hard_break:
         o[w] = 13
         o[w + 1] = 10
         w += 2
     return out[:w]
+
+
+# bytes written as themselves in quoted-printable (space and tab: except at a line's end)
+cdef unsigned char _QP_LITERAL[256]
+for _c in range(256):
+    _QP_LITERAL[_c] = 1 if (33 <= _c <= 126 and _c != 61) or _c in (32, 9) else 0
+
+
+cdef Py_ssize_t _qp_piece(unsigned char* o, Py_ssize_t w, Py_ssize_t* col,
+                          const unsigned char* s, Py_ssize_t n, bint final) noexcept nogil:
+    """Encode s[0:n] at o[w], continuing a line at column col[0]; `final`: it ends the line."""
+    cdef Py_ssize_t i, c_col = col[0], stop = n - 1 if final else n
+    cdef unsigned char c
+    cdef const char* digits = b"0123456789ABCDEF"
+    # every byte but a final one: room must be left for a soft break's "="
+    for i in range(stop):
+        c = s[i]
+        if _QP_LITERAL[c]:
+            if c_col >= 75:
+                o[w] = 61
+                o[w + 1] = 13
+                o[w + 2] = 10
+                w += 3
+                c_col = 0
+            o[w] = c
+            w += 1
+            c_col += 1
+        else:
+            if c_col > 72:
+                o[w] = 61
+                o[w + 1] = 13
+                o[w + 2] = 10
+                w += 3
+                c_col = 0
+            o[w] = 61
+            o[w + 1] = digits[c >> 4]
+            o[w + 2] = digits[c & 15]
+            w += 3
+            c_col += 3
+    if final and n:
+        # the last byte of the line: may reach column 76; trailing space or tab encoded
+        c = s[n - 1]
+        if _QP_LITERAL[c] and c != 32 and c != 9:
+            if c_col >= 76:
+                o[w] = 61
+                o[w + 1] = 13
+                o[w + 2] = 10
+                w += 3
+                c_col = 0
+            o[w] = c
+            w += 1
+            c_col += 1
+        else:
+            if c_col > 73:
+                o[w] = 61
+                o[w + 1] = 13
+                o[w + 2] = 10
+                w += 3
+                c_col = 0
+            o[w] = 61
+            o[w + 1] = digits[c >> 4]
+            o[w + 2] = digits[c & 15]
+            w += 3
+            c_col += 3
+    col[0] = c_col
+    return w
 
 
 def qp_render(bytes raw, bytes decoded, list lines, list slots, list reps):
@@ -425,56 +485,117 @@ def qp_render(bytes raw, bytes decoded, list lines, list slots, list reps):
     hard line break; what the replacements contain is data.
     """
     cdef Py_ssize_t nlines = len(lines) // 4
-    cdef Py_ssize_t li = 0, si = 0, nslots = len(slots)
+    cdef Py_ssize_t nslots = len(slots)
+    cdef Py_ssize_t li = 0, si = 0, k, i, npieces, lastp
     cdef Py_ssize_t enc_start, enc_end, dec_start, dec_end, content_end, copied = 0, pos, a
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(decoded)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(decoded), nraw = PyBytes_GET_SIZE(raw)
+    cdef Py_ssize_t reps_len = 0, w = 0, col
     cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(decoded)
-    cdef list out = []
-    cdef list pieces
-    cdef bytes last
-    while si < nslots:
-        a = slots[si][0]
-        if a >= size and (size == 0 or d[size - 1] == 10):
-            # insertions after a final line break (or into nothing): a line of their own,
-            # after the raw text less any tail that decodes to nothing (a lone "=")
-            pos = PyBytes_GET_SIZE(raw)
-            if nlines and <Py_ssize_t>lines[4 * nlines - 2] == <Py_ssize_t>lines[4 * nlines - 1]:
-                pos = lines[4 * nlines - 4]
-            out.append(raw[copied:pos])
-            copied = PyBytes_GET_SIZE(raw)
-            if pos:
-                last = <bytes>out[len(out) - 1]
-                if not last.endswith(b"\r\n") and not last.endswith(b"\n"):
-                    out.append(b"=\r\n")
-            out.append(qp_encode_line(b"".join(reps[si:])))
-            si = nslots
-            break
-        while li < nlines - 1 and <Py_ssize_t>lines[4 * li + 3] <= a:
-            li += 1
-        enc_start = lines[4 * li]
-        enc_end = lines[4 * li + 1]
-        dec_start = lines[4 * li + 2]
-        dec_end = lines[4 * li + 3]
-        content_end = dec_end
-        if content_end > dec_start and d[content_end - 1] == 10:
-            content_end -= 1
-            if content_end > dec_start and d[content_end - 1] == 13:
+    cdef const unsigned char* r = <const unsigned char*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t* ss
+    cdef Py_ssize_t* se
+    cdef const unsigned char** pp
+    cdef Py_ssize_t* pn
+    cdef bytes rep
+    if len(reps) != nslots:
+        raise ValueError("one replacement per slot")
+    for i in range(nslots):
+        reps_len += PyBytes_GET_SIZE(<bytes>reps[i])
+    ss = <Py_ssize_t*>PyMem_Malloc((2 * nslots + 1) * sizeof(Py_ssize_t))
+    se = ss + nslots
+    pp = <const unsigned char**>PyMem_Malloc((2 * nslots + 2) * sizeof(char*))
+    pn = <Py_ssize_t*>PyMem_Malloc((2 * nslots + 2) * sizeof(Py_ssize_t))
+    if ss == NULL or pp == NULL or pn == NULL:
+        PyMem_Free(ss)
+        PyMem_Free(pp)
+        PyMem_Free(pn)
+        raise MemoryError()
+    try:
+        for i in range(nslots):
+            ss[i] = slots[i][0]
+            se[i] = slots[i][1]
+            if ss[i] < 0 or se[i] < ss[i] or se[i] > size or (i and ss[i] < se[i - 1]):
+                raise ValueError("slots must be sorted, non-overlapping spans of decoded")
+        out = PyBytes_FromStringAndSize(NULL, nraw + _qp_bound(size + reps_len) + 8)
+        o = <unsigned char*>PyBytes_AS_STRING_RW(out)
+        while si < nslots:
+            a = ss[si]
+            if a >= size and (size == 0 or d[size - 1] == 10):
+                # insertions after a final line break (or into nothing): a line of their own,
+                # after the raw text less any tail that decodes to nothing (a lone "=")
+                pos = nraw
+                if nlines and <Py_ssize_t>lines[4 * nlines - 2] == <Py_ssize_t>lines[4 * nlines - 1]:
+                    pos = lines[4 * nlines - 4]
+                if pos > copied:
+                    memcpy(o + w, r + copied, pos - copied)
+                    w += pos - copied
+                if pos and r[pos - 1] != 10:
+                    o[w] = 61
+                    o[w + 1] = 13
+                    o[w + 2] = 10
+                    w += 3
+                copied = nraw
+                col = 0
+                lastp = -1
+                for k in range(si, nslots):
+                    if PyBytes_GET_SIZE(<bytes>reps[k]):
+                        lastp = k
+                for k in range(si, nslots):
+                    rep = <bytes>reps[k]
+                    w = _qp_piece(o, w, &col, <const unsigned char*>PyBytes_AS_STRING(rep),
+                                  PyBytes_GET_SIZE(rep), k == lastp)
+                si = nslots
+                break
+            while li < nlines - 1 and <Py_ssize_t>lines[4 * li + 3] <= a:
+                li += 1
+            enc_start = lines[4 * li]
+            enc_end = lines[4 * li + 1]
+            dec_start = lines[4 * li + 2]
+            dec_end = lines[4 * li + 3]
+            content_end = dec_end
+            if content_end > dec_start and d[content_end - 1] == 10:
                 content_end -= 1
-        pieces = []
-        pos = dec_start
-        while si < nslots and <Py_ssize_t>slots[si][0] <= content_end and (
-                <Py_ssize_t>slots[si][0] < dec_end or li == nlines - 1):
-            pieces.append(decoded[pos:slots[si][0]])
-            pieces.append(reps[si])
-            pos = slots[si][1]
-            si += 1
-        pieces.append(decoded[pos:content_end])
-        out.append(raw[copied:enc_start])
-        out.append(qp_encode_line(b"".join(pieces), content_end < dec_end))
-        copied = enc_end
-        li += 1
-    out.append(raw[copied:])
-    return b"".join(out)
+                if content_end > dec_start and d[content_end - 1] == 13:
+                    content_end -= 1
+            # the pieces of the rewritten line
+            npieces = 0
+            pos = dec_start
+            while si < nslots and ss[si] <= content_end and (ss[si] < dec_end or li == nlines - 1):
+                pp[npieces] = d + pos
+                pn[npieces] = ss[si] - pos
+                rep = <bytes>reps[si]
+                pp[npieces + 1] = <const unsigned char*>PyBytes_AS_STRING(rep)
+                pn[npieces + 1] = PyBytes_GET_SIZE(rep)
+                npieces += 2
+                pos = se[si]
+                si += 1
+            pp[npieces] = d + pos
+            pn[npieces] = content_end - pos if content_end > pos else 0
+            npieces += 1
+            lastp = -1
+            for k in range(npieces):
+                if pn[k]:
+                    lastp = k
+            if enc_start > copied:
+                memcpy(o + w, r + copied, enc_start - copied)
+                w += enc_start - copied
+            col = 0
+            for k in range(npieces):
+                w = _qp_piece(o, w, &col, pp[k], pn[k], k == lastp)
+            if content_end < dec_end:
+                o[w] = 13
+                o[w + 1] = 10
+                w += 2
+            copied = enc_end
+            li += 1
+        if nraw > copied:
+            memcpy(o + w, r + copied, nraw - copied)
+            w += nraw - copied
+        return out[:w]
+    finally:
+        PyMem_Free(ss)
+        PyMem_Free(pp)
+        PyMem_Free(pn)
 
 
 def splice(bytes data, list slots, list reps):
@@ -725,22 +846,29 @@ def unescape_entities(bytes value):
     """Decode the HTML character references of an attribute value that stand for ASCII.
 
     &amp; &lt; &gt; &quot; &apos; and numeric references (&#38; &#x26;) to
-    code points below 128 are decoded (a missing `;` is tolerated for the
-    named ones, as browsers do for &amp;); anything else is left as it is,
-    so non-ASCII text keeps its bytes and its charset.
+    code points below 128 are decoded (a missing `;` is tolerated for
+    &amp;, as browsers do); anything else is left as it is, so non-ASCII
+    text keeps its bytes and its charset.
     """
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(value)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
-    cdef Py_ssize_t i = 0, j, code, k0
-    cdef bytearray out
+    cdef Py_ssize_t i = 0, j, code, k0, w = 0
+    cdef const unsigned char* p
+    cdef unsigned char* o
     if memchr(s, 38, n) == NULL:
         return value
-    out = bytearray()
+    out = PyBytes_FromStringAndSize(NULL, n)
+    o = <unsigned char*>PyBytes_AS_STRING_RW(out)
     while i < n:
-        if s[i] != 38:
-            out.append(s[i])
-            i += 1
-            continue
+        p = <const unsigned char*>memchr(s + i, 38, n - i)
+        j = n if p == NULL else p - s
+        if j > i:
+            memcpy(o + w, s + i, j - i)
+            w += j - i
+            i = j
+        if i >= n:
+            break
+        # s[i] is '&'
         if i + 1 < n and s[i + 1] == 35:  # '&#'
             j = i + 2
             code = 0
@@ -755,35 +883,42 @@ def unescape_entities(bytes value):
                 while j < n and 48 <= s[j] <= 57 and code < 0x110000:
                     code = code * 10 + (s[j] - 48)
                     j += 1
-            if j > k0 and code < 128 and code > 0:
-                out.append(code)
+            if j > k0 and 0 < code < 128:
+                o[w] = <unsigned char>code
+                w += 1
                 if j < n and s[j] == 59:
                     j += 1
                 i = j
                 continue
         elif _ci_match(s, n, i, b"&amp", 4):
-            out.append(38)
+            o[w] = 38
+            w += 1
             i += 4 + (1 if i + 4 < n and s[i + 4] == 59 else 0)
             continue
         elif _ci_match(s, n, i, b"&lt;", 4):
-            out.append(60)
+            o[w] = 60
+            w += 1
             i += 4
             continue
         elif _ci_match(s, n, i, b"&gt;", 4):
-            out.append(62)
+            o[w] = 62
+            w += 1
             i += 4
             continue
         elif _ci_match(s, n, i, b"&quot;", 6):
-            out.append(34)
+            o[w] = 34
+            w += 1
             i += 6
             continue
         elif _ci_match(s, n, i, b"&apos;", 6):
-            out.append(39)
+            o[w] = 39
+            w += 1
             i += 6
             continue
-        out.append(38)
+        o[w] = 38
+        w += 1
         i += 1
-    return bytes(out)
+    return out[:w]
 
 
 # --------------------------------------------------------------------------- slots

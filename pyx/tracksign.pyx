@@ -20,11 +20,15 @@ Python-level API:
 - Signer.data(prefix: bytes, url: bytes, tag_bytes: int = 10) -> bytes
       base64url without padding of prefix + url + HMAC(prefix + url)[:tag_bytes];
       the state after `prefix` is cached (a few prefixes at a time)
+- Signer.url(base, prefix, url, tag_bytes=10) -> bytes   base + data(...)
+- Signer.replacements(kinds, targets, prefixes, bases, pixel_open, pixel_close)
+      the tracking URLs (or open pixel) of a part's slots, in one loop
 - b64url(data: bytes) -> bytes             base64url without padding
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint32_t, uint64_t
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memcpy, memset
 
 cdef extern from "Python.h":
@@ -215,36 +219,61 @@ cdef class Signer:
         self._tag(&s, out)
         return PyBytes_FromStringAndSize(<char*>out, 32)
 
-    def data(self, bytes prefix, bytes url, int tag_bytes=10):
-        """base64url(prefix + url + HMAC(prefix + url)[:tag_bytes]), without padding."""
-        cdef Sha s
-        cdef int slot = -1, i
-        cdef unsigned char tag[32]
-        cdef Py_ssize_t np = PyBytes_GET_SIZE(prefix), nu = PyBytes_GET_SIZE(url), total, w
-        if tag_bytes < 0 or tag_bytes > 32:
-            raise ValueError("tag_bytes must be 0 to 32")
+    cdef int _slot(self, bytes prefix):
+        """The cache slot holding the state after `prefix` (computed when missing)."""
+        cdef int i, slot
         for i in range(CACHE):
-            if self.cached_prefixes[i] is prefix or self.cached_prefixes[i] == prefix:
-                slot = i
-                break
-        if slot < 0:
-            slot = self.next_slot
-            self.next_slot = (self.next_slot + 1) % CACHE
-            self.cached[slot] = self.inner
-            _update(&self.cached[slot], <const unsigned char*>PyBytes_AS_STRING(prefix), np)
-            self.cached_prefixes[slot] = prefix
-        s = self.cached[slot]
+            if self.cached_prefixes[i] is prefix:
+                return i
+        for i in range(CACHE):
+            if self.cached_prefixes[i] == prefix:
+                return i
+        slot = self.next_slot
+        self.next_slot = (self.next_slot + 1) % CACHE
+        self.cached[slot] = self.inner
+        _update(&self.cached[slot], <const unsigned char*>PyBytes_AS_STRING(prefix),
+                PyBytes_GET_SIZE(prefix))
+        self.cached_prefixes[slot] = prefix
+        return slot
+
+    cdef bytes _data(self, bytes base, bytes prefix, bytes url, int tag_bytes):
+        """base + base64url(prefix + url + tag), built in one allocation."""
+        cdef Sha s = self.cached[self._slot(prefix)]
+        cdef unsigned char tag[32]
+        cdef unsigned char stack[2048]
+        cdef unsigned char* b = stack
+        cdef Py_ssize_t nb = PyBytes_GET_SIZE(base), np = PyBytes_GET_SIZE(prefix)
+        cdef Py_ssize_t nu = PyBytes_GET_SIZE(url), total, enc
         _update(&s, <const unsigned char*>PyBytes_AS_STRING(url), nu)
         self._tag(&s, tag)
         total = np + nu + tag_bytes
-        buf = PyBytes_FromStringAndSize(NULL, total)
-        cdef unsigned char* b = <unsigned char*>PyBytes_AS_STRING_RW(buf)
+        if total > 2048:
+            b = <unsigned char*>PyMem_Malloc(total)
+            if b == NULL:
+                raise MemoryError()
         memcpy(b, PyBytes_AS_STRING(prefix), np)
         memcpy(b + np, PyBytes_AS_STRING(url), nu)
         memcpy(b + np + nu, tag, tag_bytes)
-        out = PyBytes_FromStringAndSize(NULL, (total + 2) // 3 * 4)
-        w = _b64url(b, total, <unsigned char*>PyBytes_AS_STRING_RW(out))
-        return out[:w]
+        enc = (total * 4 + 2) // 3
+        out = PyBytes_FromStringAndSize(NULL, nb + enc)
+        cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING_RW(out)
+        memcpy(o, PyBytes_AS_STRING(base), nb)
+        _b64url(b, total, o + nb)
+        if b != stack:
+            PyMem_Free(b)
+        return out
+
+    def data(self, bytes prefix, bytes url, int tag_bytes=10):
+        """base64url(prefix + url + HMAC(prefix + url)[:tag_bytes]), without padding."""
+        if tag_bytes < 0 or tag_bytes > 32:
+            raise ValueError("tag_bytes must be 0 to 32")
+        return self._data(b"", prefix, url, tag_bytes)
+
+    def url(self, bytes base, bytes prefix, bytes url, int tag_bytes=10):
+        """base + data(prefix, url, tag_bytes)."""
+        if tag_bytes < 0 or tag_bytes > 32:
+            raise ValueError("tag_bytes must be 0 to 32")
+        return self._data(base, prefix, url, tag_bytes)
 
     def replacements(self, list kinds, list targets, dict prefixes, dict bases,
                      bytes pixel_open, bytes pixel_close):
@@ -260,9 +289,9 @@ cdef class Signer:
         for i in range(n):
             k = kinds[i]
             if k == "c" or k == "u":
-                out.append(<bytes>bases[k] + self.data(prefixes[k], targets[i]))
+                out.append(self._data(bases[k], prefixes[k], targets[i], 10))
             elif k == "p":
-                out.append(pixel_open + <bytes>bases["o"] + self.data(prefixes["o"], b"")
+                out.append(pixel_open + self._data(bases["o"], prefixes["o"], b"", 10)
                            + pixel_close)
             elif k == "s":
                 out.append(targets[i])

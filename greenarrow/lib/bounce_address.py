@@ -68,8 +68,16 @@ def derive_key(constants: tuple[str, str]) -> bytes:
     return key
 
 
+_ESCAPES = {i: f"={i:02x}" for i in range(128) if chr(i) not in _LITERAL}
+
+
 def escape(text: str) -> str:
     """A field as it is written in the local part (see the module docstring)."""
+    if text.isascii():
+        out = text.translate(_ESCAPES)
+        while ".." in out:  # a second dot in a row is escaped: the local part stays a dot-atom
+            out = out.replace("..", ".=2e", 1)
+        return out
     out = []
     prev = ""
     for c in text:
@@ -106,10 +114,14 @@ def unescape(field: str) -> str:
         raise BounceAddressError(f"bad escape in {field!r}") from None
 
 
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> 2 characters
+
+
 def _tag(key: bytes, version: str, box: str, listid: str, sendid: str, recipient: str) -> str:
     msg = "\0".join((version, box.lower(), listid, sendid, recipient)).encode("utf-8")
     n = int.from_bytes(hmac.digest(key, msg, "sha256")[:5], "big")
-    return "".join(_B32[(n >> shift) & 31] for shift in range(35, -1, -5))
+    pairs = _B32_PAIRS
+    return pairs[n >> 30] + pairs[(n >> 20) & 1023] + pairs[(n >> 10) & 1023] + pairs[n & 1023]
 
 
 def mailbox_problem(mailbox: str) -> str | None:

@@ -27,6 +27,7 @@ Command-line injection imports this module: it imports nothing heavy.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -110,7 +111,13 @@ def prepare(
     `trace` (a Received field) is put before the first header. `root` is
     the install root whose greenarrow.conf may define Mail Classes.
     """
-    headers, body_start = msglib.split_headers(message)
+    classes = mail_classes(root)
+    fast = sys.modules.get("greenarrow.pyx.simplemh") if classes.classes else None
+    if fast is not None:  # a long-lived injector that has done SimpleMH: the compiled scanner
+        found, body_start = fast.split_headers(message)
+        headers = [msglib.Header(*h) for h in found]
+    else:
+        headers, body_start = msglib.split_headers(message)
     ids: dict[str, str] = {}
     sources: dict[str, str] = {}
     drop: set[int] = set()
@@ -130,7 +137,6 @@ def prepare(
         if value:
             ids[field] = validate_identifier(field, value, source)
             sources[field] = source
-    classes = mail_classes(root)
     if classes.process_x_virtual_mta_header:  # seed 004: X-Virtual-MTA wins over X-GreenArrow-MtaID
         for h in headers:
             if h.name == b"x-virtual-mta" and msglib.header_value(message, h):

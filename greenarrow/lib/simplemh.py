@@ -67,6 +67,7 @@ HEADERS = {
         "X-Virtual-MTA",
     )
 }
+_KEYS = {display: name for name, display in HEADERS.items()}
 STORAGE_VALUES = ("system_default", "local", "stateless", "external")
 UNSUBSCRIBE_TAG = b"##unsubscribetag##"
 PIXEL = b'<img src="%s" width="1" height="1" border="0" alt="" />'
@@ -113,7 +114,8 @@ class RootSettings:
         self.stateless = stateless
 
 
-_settings_memo: dict[str, tuple[tuple, RootSettings]] = {}
+_settings_memo: dict[str, tuple[list, RootSettings]] = {}
+_settings_paths: dict[str, tuple[str, ...]] = {}
 _SETTINGS_FILES = (secret_constants.FILE, "opt.simplemh.tracker_format",
                    "opt.simplemh_stateless_event_handling")
 
@@ -125,15 +127,18 @@ def root_settings(root: str) -> RootSettings:
     waits for the operator rather than going out untracked or unsigned.
     """
     control_dir = os.path.join(root, "control")
+    paths = _settings_paths.get(root)
+    if paths is None:
+        paths = _settings_paths[root] = tuple(os.path.join(control_dir, n) for n in _SETTINGS_FILES)
     key = []
-    for name in _SETTINGS_FILES:
+    for path in paths:
         try:
-            st = os.stat(os.path.join(control_dir, name))
+            st = os.stat(path)
             key.append((st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
             key.append(None)
     memo = _settings_memo.get(root)
-    if memo is not None and memo[0] == tuple(key):
+    if memo is not None and memo[0] == key:
         return memo[1]
     try:
         constants = secret_constants.read(control_dir)
@@ -145,7 +150,7 @@ def root_settings(root: str) -> RootSettings:
         raise InjectionError(False, f"{os.path.join(control_dir, 'opt.simplemh.tracker_format')}"
                                     f": bad value {fmt!r}: expected a, b or c")
     settings = RootSettings(constants, fmt, stateless)
-    _settings_memo[root] = (tuple(key), settings)
+    _settings_memo[root] = (key, settings)
     return settings
 
 
@@ -217,7 +222,7 @@ def resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, st
     job.sendid = mail_class.build_sendid(mc.name, instance, grouping, now)
 
     def get(header: str) -> str:
-        return values.get(header.lower().encode("ascii"), "")
+        return values.get(_KEYS[header], "")
 
     h = "X-GreenArrow-Click-Tracking-ID"
     job.click_tracking_id = get(h)
@@ -532,14 +537,21 @@ class Renderer:
         added = []
         who = job.obscured or recipient
         if self.add_mailer_info:
-            info = tracking_url.encode(job.constants, tracking_url.MAILER_INFO, who, job.listid,
-                                       job.sendid, job.mailclass, job.instanceid,
-                                       job.click_tracking_id, stateless=job.stateless)
-            added.append(b"X-Mailer-Info: " + _fold(info.encode("ascii")) + b"\r\n")
+            info = self.data(tracking_url.MAILER_INFO, who, encoder)
+            added.append(b"X-Mailer-Info: " + _fold(info) + b"\r\n")
         if self.add_list_unsubscribe:
             added.append(self.list_unsubscribe(who, encoder))
         head = self.head_qp if switched else self.head
         return b"".join((head, *added, self.sep, *body))
+
+    def data(self, kind: str, who: str, encoder: tracking_url.Encoder | None) -> bytes:
+        """DATA with no target URL (X-Mailer-Info, List-Unsubscribe) for one recipient."""
+        if encoder is not None:
+            return encoder.data(kind)
+        job = self.job
+        return tracking_url.encode(job.constants, kind, who, job.listid, job.sendid,
+                                   job.mailclass, job.instanceid, job.click_tracking_id,
+                                   stateless=job.stateless).encode("ascii")
 
     def list_unsubscribe(self, who: str, encoder: tracking_url.Encoder | None) -> bytes:
         """List-Unsubscribe (RFC 2369) and List-Unsubscribe-Post (RFC 8058) for one recipient.
@@ -558,10 +570,7 @@ class Renderer:
                                             job.constants, unsubscribe=True)
             mailto = f"mailto:{address}"
             if not bounce_address.is_full(address):
-                data = tracking_url.encode(job.constants, tracking_url.LIST_UNSUBSCRIBE, who,
-                                           job.listid, job.sendid, job.mailclass,
-                                           job.instanceid, job.click_tracking_id,
-                                           stateless=job.stateless)
+                data = self.data(tracking_url.LIST_UNSUBSCRIBE, who, encoder).decode("ascii")
                 mailto += f"?subject=unsubscribe-{data}"
             uris.append(mailto.encode("ascii"))
         post = b""

@@ -248,6 +248,7 @@ class Encoder:
         self._prefixes: dict[tuple[str, bool], bytes] = {}
         sep = {"a": "/", "b": "?", "c": "?qs="}[fmt]
         self._bases = {kind: f"{base}/{path}{sep}".encode("ascii") for kind, path in PATHS.items()}
+        self._bases[MAILER_INFO] = b""
 
     def _prefix(self, kind: str, text: bool) -> bytes:
         flags = self._state | (FLAG_TEXT if text else 0)
@@ -262,7 +263,7 @@ class Encoder:
     def url(self, kind: str, url: bytes = b"", text: bool = False) -> bytes:
         """The tracking URL for `url` (empty for the open pixel and List-Unsubscribe)."""
         prefix = self._prefixes.get((kind, text)) or self._prefix(kind, text)
-        return self._bases[kind] + self._signer.data(prefix, url, TAG_BYTES)
+        return self._signer.url(self._bases[kind], prefix, url, TAG_BYTES)
 
     def replacements(self, kinds: list[str], targets: list[bytes], text: bool,
                      pixel_open: bytes, pixel_close: bytes) -> list[bytes]:
