@@ -29,12 +29,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 
 from greenarrow.lib import mail_class, queue_entry
 from greenarrow.lib import message as msglib
 from greenarrow.lib.address import address_problem
 from greenarrow.lib.identifiers import HEADER_NAMES, IDENTIFIERS, identifier_problem
+
+TYPE_CHECKING = False  # typing and collections.abc cost start-up milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class InjectionError(Exception):
