@@ -18,15 +18,15 @@ Python-level API (all offsets are absolute indexes into the bytes given):
 - find_delimiters(msg, start, end, boundary) -> list of (line start,
       offset after the line's CRLF, is closing delimiter)
 - qp_decode(data) -> (decoded, line table)   exactly binascii.a2b_qp's
-      result, plus the hard lines as a flat list
-      [enc_start, enc_end, dec_start, dec_end, ...]
+      result, plus the physical lines (packed; line_table() unpacks them
+      into (enc_start, enc_end, dec_start, dec_end, how it ends) tuples)
 - qp_encode(data) -> bytes                   RFC 2045 quoted-printable,
       CRLF line breaks, soft breaks so no line exceeds 76 octets
 - qp_encode_line(line, hard_break=False) -> bytes   one hard line: its
       bytes are data (CR and LF encoded), then CRLF if hard_break
 - qp_render(raw, decoded, lines, slots, reps) -> bytes
-      re-encodes only the hard lines that hold a slot; the other lines are
-      copied from `raw` byte for byte
+      re-encodes only the physical lines that hold a slot; the other lines
+      are copied from `raw` byte for byte
 - splice(data, slots, reps) -> bytes          replace slot spans
 - max_line_length(data) -> int                longest line, without its CRLF
 - find_html_links(html) -> (hrefs, body_close, opentags)
@@ -41,7 +41,8 @@ Python-level API (all offsets are absolute indexes into the bytes given):
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport int64_t
 from libc.string cimport memchr, memcpy
 
 cdef extern from "Python.h":
@@ -271,13 +272,43 @@ def find_delimiters(bytes msg, Py_ssize_t start, Py_ssize_t end, bytes boundary)
 # --------------------------------------------------------------------------- quoted-printable
 
 
+ctypedef struct _Table:
+    int64_t* v
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef void _table_add(_Table* t, int64_t a, int64_t b, int64_t c, int64_t d, int64_t e) noexcept:
+    """Append one line (five integers); on failure to grow, n becomes -1."""
+    cdef int64_t* grown
+    if t.n < 0:
+        return
+    if t.n + 5 > t.cap:
+        t.cap = t.cap * 2 + 80
+        grown = <int64_t*>PyMem_Realloc(t.v, t.cap * sizeof(int64_t))
+        if grown == NULL:
+            t.n = -1
+            return
+        t.v = grown
+    t.v[t.n] = a
+    t.v[t.n + 1] = b
+    t.v[t.n + 2] = c
+    t.v[t.n + 3] = d
+    t.v[t.n + 4] = e
+    t.n += 5
+
+
 def qp_decode(bytes data):
     """Decode quoted-printable exactly as binascii.a2b_qp (the email package's decoder) does.
 
-    Returns (decoded bytes, line table). The line table is a flat list of
-    four integers per hard line: its span in `data` (soft breaks included)
-    and its span in the decoded bytes (its line ending included), so that a
-    caller can re-encode only the lines it changes.
+    Returns (decoded bytes, line table). The line table (bytes: packed
+    64-bit integers; line_table() unpacks it) holds five integers per
+    physical line of `data` (each line ends after an LF,
+    or at the end): its span in `data`, its span in the decoded bytes, and
+    how it ends: 1 or 2 for a hard line break (that many octets, LF or
+    CRLF, decoded as themselves), 0 for a soft line break, -1 for the end
+    of the data. Lines decode independently, so a caller can re-encode
+    only the lines it changes and copy the others.
     """
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
@@ -286,7 +317,10 @@ def qp_decode(bytes data):
     cdef Py_ssize_t i = 0, w = 0, enc_start = 0, dec_start = 0
     cdef unsigned char c
     cdef int hi, lo
-    cdef list lines = []
+    cdef _Table lines
+    lines.n = 0
+    lines.cap = 0
+    lines.v = NULL
     cdef const unsigned char* pe
     cdef const unsigned char* pl
     cdef Py_ssize_t run, next_lf = -1
@@ -318,6 +352,9 @@ def qp_decode(bytes data):
                         i += 1
                 if i < n:
                     i += 1
+                    _table_add(&lines, enc_start, i, dec_start, w, 0)
+                    enc_start = i
+                    dec_start = w
             elif c == 61:
                 o[w] = 61
                 w += 1
@@ -336,12 +373,25 @@ def qp_decode(bytes data):
             w += 1
             i += 1
             if c == 10:
-                lines.extend((enc_start, i, dec_start, w))
+                _table_add(&lines, enc_start, i, dec_start, w,
+                           2 if i >= 2 and s[i - 2] == 13 and w >= 2 and o[w - 2] == 13 else 1)
                 enc_start = i
                 dec_start = w
     if enc_start < n or dec_start < w:
-        lines.extend((enc_start, n, dec_start, w))
-    return out[:w], lines
+        _table_add(&lines, enc_start, n, dec_start, w, -1)
+    if lines.n < 0:
+        PyMem_Free(lines.v)
+        raise MemoryError()
+    table = PyBytes_FromStringAndSize(<char*>lines.v, lines.n * sizeof(int64_t))
+    PyMem_Free(lines.v)
+    return out[:w], table
+
+
+def line_table(bytes table):
+    """qp_decode's line table as a list of (enc_start, enc_end, dec_start, dec_end, end) tuples."""
+    cdef const int64_t* v = <const int64_t*>PyBytes_AS_STRING(table)
+    cdef Py_ssize_t k, n = PyBytes_GET_SIZE(table) // sizeof(int64_t)
+    return [(v[k], v[k + 1], v[k + 2], v[k + 3], v[k + 4]) for k in range(0, n - 4, 5)]
 
 
 cdef inline void _put_hex(unsigned char* o, Py_ssize_t* w, unsigned char c) noexcept nogil:
@@ -475,19 +525,28 @@ cdef Py_ssize_t _qp_piece(unsigned char* o, Py_ssize_t w, Py_ssize_t* col,
     return w
 
 
-def qp_render(bytes raw, bytes decoded, list lines, list slots, list reps):
-    """Re-encode as quoted-printable the hard lines that hold a slot; copy the others.
+cdef inline Py_ssize_t _content_end(const int64_t* lines, Py_ssize_t li) noexcept nogil:
+    """Where a line's text ends in the decoded bytes (before a hard line break)."""
+    cdef int64_t term = lines[5 * li + 4]
+    return <Py_ssize_t>(lines[5 * li + 3] - (term if term > 0 else 0))
+
+
+def qp_render(bytes raw, bytes decoded, bytes table, list slots, list reps):
+    """Re-encode as quoted-printable only the physical lines that hold a slot; copy the others.
 
     `lines` is qp_decode's line table for `raw`; `slots` are sorted,
-    non-overlapping (start, end) spans of `decoded`, each within the text
-    of one hard line (not its line break); insertions at the very end of
-    `decoded` are allowed. `reps` are their replacements. A line keeps its
-    hard line break; what the replacements contain is data.
+    non-overlapping (start, end) spans of `decoded` with no line break in
+    them (they may cross soft line breaks); insertions at the very end of
+    `decoded` are allowed. `reps` are their replacements, data to encode.
+    The lines from the one where a slot starts to the one where it ends
+    are encoded again (ending with the soft or hard break they had), so
+    every other physical line of `raw` is kept byte for byte.
     """
-    cdef Py_ssize_t nlines = len(lines) // 4
+    cdef const int64_t* lines = <const int64_t*>PyBytes_AS_STRING(table)
+    cdef Py_ssize_t nlines = PyBytes_GET_SIZE(table) // (5 * sizeof(int64_t))
     cdef Py_ssize_t nslots = len(slots)
-    cdef Py_ssize_t li = 0, si = 0, k, i, npieces, lastp
-    cdef Py_ssize_t enc_start, enc_end, dec_start, dec_end, content_end, copied = 0, pos, a
+    cdef Py_ssize_t li = 0, lj, si = 0, sj, k, i, npieces, lastp, term
+    cdef Py_ssize_t copied = 0, pos, a, b, range_end, ce
     cdef Py_ssize_t size = PyBytes_GET_SIZE(decoded), nraw = PyBytes_GET_SIZE(raw)
     cdef Py_ssize_t reps_len = 0, w = 0, col
     cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(decoded)
@@ -516,24 +575,15 @@ def qp_render(bytes raw, bytes decoded, list lines, list slots, list reps):
             se[i] = slots[i][1]
             if ss[i] < 0 or se[i] < ss[i] or se[i] > size or (i and ss[i] < se[i - 1]):
                 raise ValueError("slots must be sorted, non-overlapping spans of decoded")
-        out = PyBytes_FromStringAndSize(NULL, nraw + _qp_bound(size + reps_len) + 8)
+        out = PyBytes_FromStringAndSize(NULL, nraw + _qp_bound(size + reps_len) + 3 * nslots + 8)
         o = <unsigned char*>PyBytes_AS_STRING_RW(out)
         while si < nslots:
             a = ss[si]
-            if a >= size and (size == 0 or d[size - 1] == 10):
-                # insertions after a final line break (or into nothing): a line of their own,
-                # after the raw text less any tail that decodes to nothing (a lone "=")
-                pos = nraw
-                if nlines and <Py_ssize_t>lines[4 * nlines - 2] == <Py_ssize_t>lines[4 * nlines - 1]:
-                    pos = lines[4 * nlines - 4]
-                if pos > copied:
-                    memcpy(o + w, r + copied, pos - copied)
-                    w += pos - copied
-                if pos and r[pos - 1] != 10:
-                    o[w] = 61
-                    o[w + 1] = 13
-                    o[w + 2] = 10
-                    w += 3
+            if a >= size and (nlines == 0 or lines[5 * nlines - 1] > 0):
+                # insertions after a final hard line break (or into nothing): a line of their own
+                if nraw > copied:
+                    memcpy(o + w, r + copied, nraw - copied)
+                    w += nraw - copied
                 copied = nraw
                 col = 0
                 lastp = -1
@@ -544,50 +594,61 @@ def qp_render(bytes raw, bytes decoded, list lines, list slots, list reps):
                     rep = <bytes>reps[k]
                     w = _qp_piece(o, w, &col, <const unsigned char*>PyBytes_AS_STRING(rep),
                                   PyBytes_GET_SIZE(rep), k == lastp)
-                si = nslots
                 break
-            while li < nlines - 1 and <Py_ssize_t>lines[4 * li + 3] <= a:
+            # the line where this slot starts
+            while li < nlines - 1 and _content_end(lines, li) < a:
                 li += 1
-            enc_start = lines[4 * li]
-            enc_end = lines[4 * li + 1]
-            dec_start = lines[4 * li + 2]
-            dec_end = lines[4 * li + 3]
-            content_end = dec_end
-            if content_end > dec_start and d[content_end - 1] == 10:
-                content_end -= 1
-                if content_end > dec_start and d[content_end - 1] == 13:
-                    content_end -= 1
-            # the pieces of the rewritten line
+            # the lines its slots cover, merging slots that share a line
+            lj = li
+            sj = si
+            while sj < nslots:
+                if sj > si and _content_end(lines, lj) < ss[sj]:
+                    break  # the next slot starts on a later line (or after the end)
+                b = se[sj] - 1 if se[sj] > ss[sj] else ss[sj]
+                while lj < nlines - 1 and _content_end(lines, lj) <= b and \
+                        not (se[sj] == ss[sj] and _content_end(lines, lj) == b):
+                    lj += 1
+                sj += 1
+            range_end = _content_end(lines, lj)
+            term = lines[5 * lj + 4]
+            # the pieces: decoded text from the start of line li to the end of line lj's text
             npieces = 0
-            pos = dec_start
-            while si < nslots and ss[si] <= content_end and (ss[si] < dec_end or li == nlines - 1):
+            pos = lines[5 * li + 2]
+            for k in range(si, sj):
                 pp[npieces] = d + pos
-                pn[npieces] = ss[si] - pos
-                rep = <bytes>reps[si]
+                pn[npieces] = ss[k] - pos
+                rep = <bytes>reps[k]
                 pp[npieces + 1] = <const unsigned char*>PyBytes_AS_STRING(rep)
                 pn[npieces + 1] = PyBytes_GET_SIZE(rep)
                 npieces += 2
-                pos = se[si]
-                si += 1
+                pos = se[k]
             pp[npieces] = d + pos
-            pn[npieces] = content_end - pos if content_end > pos else 0
+            pn[npieces] = range_end - pos if range_end > pos else 0
             npieces += 1
             lastp = -1
-            for k in range(npieces):
-                if pn[k]:
-                    lastp = k
-            if enc_start > copied:
-                memcpy(o + w, r + copied, enc_start - copied)
-                w += enc_start - copied
+            if term != 0:  # a hard break or the end follows: trailing white space is encoded
+                for k in range(npieces):
+                    if pn[k]:
+                        lastp = k
+            ce = lines[5 * li]
+            if ce > copied:
+                memcpy(o + w, r + copied, ce - copied)
+                w += ce - copied
             col = 0
             for k in range(npieces):
                 w = _qp_piece(o, w, &col, pp[k], pn[k], k == lastp)
-            if content_end < dec_end:
-                o[w] = 13
-                o[w + 1] = 10
-                w += 2
-            copied = enc_end
-            li += 1
+            if term > 0:  # the hard line break, as it was
+                ce = lines[5 * lj + 1]
+                memcpy(o + w, r + ce - term, term)
+                w += term
+            elif term == 0:  # the soft line break, as a new one
+                o[w] = 61
+                o[w + 1] = 13
+                o[w + 2] = 10
+                w += 3
+            copied = lines[5 * lj + 1]
+            si = sj
+            li = lj + 1 if lj < nlines - 1 else lj
         if nraw > copied:
             memcpy(o + w, r + copied, nraw - copied)
             w += nraw - copied
@@ -929,21 +990,36 @@ cdef bint _starts_ci(bytes value, const char* lit, Py_ssize_t m):
                      0, lit, m)
 
 
-def html_link_slots(bytes html, bint track, bint has_base, tuple own):
-    """The rewrites of an HTML text's links: (slots, body_close, opentags).
+def _split_sorted(list slots):
+    """[(start, end, kind, target)] in order -> ([(start, end)], [kind], [target])."""
+    cdef list spans = [], kinds = [], targets = []
+    for slot in slots:
+        spans.append((slot[0], slot[1]))
+        kinds.append(slot[2])
+        targets.append(slot[3])
+    return spans, kinds, targets
 
-    slots: (start, end, kind, target) per href to change, kind being
-    "c" (a tracked click; target the URL, character references decoded),
-    "u" (a ##unsubscribetag## link to track; target the URL after the tag)
-    or "s" (a ##unsubscribetag## link with no URL domain: the tag is
-    stripped; target the raw value without it). Only http(s) links are
-    tracked, never ones starting with one of `own` (already tracking URLs);
-    values holding a line break are left alone. body_close and opentags as
-    find_html_links returns them.
+
+def html_link_slots(bytes html, bint track, bint has_base, tuple own):
+    """What to rewrite in an HTML text: (spans, kinds, targets), in text order.
+
+    Per href to change, kind is "c" (a tracked click; target the URL,
+    character references decoded), "u" (a ##unsubscribetag## link to
+    track; target the URL after the tag) or "s" (a ##unsubscribetag## link
+    with no URL domain: the tag is stripped; target the raw value without
+    it). Only http(s) links are tracked, never ones starting with one of
+    `own` (already tracking URLs); values holding a line break are left
+    alone. With `track`, the open pixel is a "p" slot: at the first
+    <opentag/> (any others become "d", removed), else an insertion before
+    the last </body>, else at the end of the text (before its final line
+    breaks).
     """
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(html)
-    cdef Py_ssize_t vs, ve, a, b
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(html)
+    cdef Py_ssize_t vs, ve, a, b, at
     cdef list slots = []
+    cdef list extra = []
+    cdef bint placed = False
     hrefs, body_close, opentags = find_html_links(html)
     for span in hrefs:
         vs = span[0]
@@ -967,11 +1043,29 @@ def html_link_slots(bytes html, bint track, bint has_base, tuple own):
             if own and url.startswith(own):
                 continue
             slots.append((a, b, "c", url))
-    return slots, body_close, opentags
+    if track:
+        for span in opentags:
+            a = span[0]
+            b = span[1]
+            if memchr(s + a, 10, b - a) != NULL:
+                continue
+            extra.append((a, b, "d" if placed else "p", b""))
+            placed = True
+        if not placed:
+            at = body_close
+            if at < 0:
+                at = n
+                while at > 0 and (s[at - 1] == 10 or s[at - 1] == 13):
+                    at -= 1
+            extra.append((at, at, "p", b""))
+    if extra:  # the few tag slots go in by position; the href slots are in order already
+        slots.extend(extra)
+        slots.sort()
+    return _split_sorted(slots)
 
 
 def text_link_slots(bytes text, bint track, bint has_base, tuple own):
-    """The rewrites of a plain text's URLs: [(start, end, kind, target)] as html_link_slots."""
+    """What to rewrite in a plain text: (spans, kinds, targets) as html_link_slots (no pixel)."""
     cdef list slots = []
     cdef Py_ssize_t a, b, u
     for span in find_text_links(text):
@@ -985,4 +1079,4 @@ def text_link_slots(bytes text, bint track, bint has_base, tuple own):
             if own and url.startswith(own):
                 continue
             slots.append((a, b, "c", url))
-    return slots
+    return _split_sorted(slots)

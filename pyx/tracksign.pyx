@@ -24,6 +24,8 @@ Python-level API:
 - Signer.replacements(kinds, targets, prefixes, bases, pixel_open, pixel_close)
       the tracking URLs (or open pixel) of a part's slots, in one loop
 - b64url(data: bytes) -> bytes             base64url without padding
+- sha_extensions(enabled=None) -> bool     whether the x86 SHA extensions are in use
+      (detected at import; tests turn them off to check the portable code)
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -58,11 +60,104 @@ ctypedef struct Sha:
     Py_ssize_t buflen
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    #include <cpuid.h>
+    #include <immintrin.h>
+
+    static const uint32_t GA_K256[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+    /* One 64-byte block with the x86 SHA extensions (the Intel SHA-NI round pattern). */
+    __attribute__((target("sha,sse4.1,ssse3")))
+    static void ga_sha256_shani(uint32_t *state, const unsigned char *data) {
+        __m128i STATE0, STATE1, MSG, TMP, W[4], ABEF_SAVE, CDGH_SAVE;
+        const __m128i MASK = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+        int g;
+        TMP = _mm_loadu_si128((const __m128i *)&state[0]);
+        STATE1 = _mm_loadu_si128((const __m128i *)&state[4]);
+        TMP = _mm_shuffle_epi32(TMP, 0xB1);
+        STATE1 = _mm_shuffle_epi32(STATE1, 0x1B);
+        STATE0 = _mm_alignr_epi8(TMP, STATE1, 8);
+        STATE1 = _mm_blend_epi16(STATE1, TMP, 0xF0);
+        ABEF_SAVE = STATE0;
+        CDGH_SAVE = STATE1;
+        for (g = 0; g < 16; g++) {
+            if (g < 4)
+                W[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 16 * g)), MASK);
+            MSG = _mm_add_epi32(W[g & 3], _mm_loadu_si128((const __m128i *)&GA_K256[4 * g]));
+            STATE1 = _mm_sha256rnds2_epu32(STATE1, STATE0, MSG);
+            if (g >= 3 && g < 15) {
+                TMP = _mm_alignr_epi8(W[g & 3], W[(g + 3) & 3], 4);
+                W[(g + 1) & 3] = _mm_add_epi32(W[(g + 1) & 3], TMP);
+                W[(g + 1) & 3] = _mm_sha256msg2_epu32(W[(g + 1) & 3], W[g & 3]);
+            }
+            MSG = _mm_shuffle_epi32(MSG, 0x0E);
+            STATE0 = _mm_sha256rnds2_epu32(STATE0, STATE1, MSG);
+            if (g >= 1 && g < 13)
+                W[(g + 3) & 3] = _mm_sha256msg1_epu32(W[(g + 3) & 3], W[g & 3]);
+        }
+        STATE0 = _mm_add_epi32(STATE0, ABEF_SAVE);
+        STATE1 = _mm_add_epi32(STATE1, CDGH_SAVE);
+        TMP = _mm_shuffle_epi32(STATE0, 0x1B);
+        STATE1 = _mm_shuffle_epi32(STATE1, 0xB1);
+        STATE0 = _mm_blend_epi16(TMP, STATE1, 0xF0);
+        STATE1 = _mm_alignr_epi8(STATE1, TMP, 8);
+        _mm_storeu_si128((__m128i *)&state[0], STATE0);
+        _mm_storeu_si128((__m128i *)&state[4], STATE1);
+    }
+
+    static int ga_cpu_has_shani(void) {
+        unsigned int a, b, c, d;
+        if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+        if (!(c & (1u << 19)) || !(c & (1u << 9))) return 0;  /* SSE4.1, SSSE3 */
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+        return (b >> 29) & 1;  /* SHA */
+    }
+    #else
+    static void ga_sha256_shani(uint32_t *state, const unsigned char *data) { (void)state; (void)data; }
+    static int ga_cpu_has_shani(void) { return 0; }
+    #endif
+    """
+    void ga_sha256_shani(uint32_t* state, const unsigned char* data) noexcept nogil
+    int ga_cpu_has_shani() noexcept nogil
+
+
+cdef bint _use_shani = ga_cpu_has_shani()
+
+
+def sha_extensions(enabled=None):
+    """Whether the x86 SHA extensions are used (for tests: False forces the portable C code).
+
+    With an argument, turn them on (only if the CPU has them) or off; returns the setting.
+    """
+    global _use_shani
+    if enabled is not None:
+        _use_shani = bool(enabled) and bool(ga_cpu_has_shani())
+    return bool(_use_shani)
+
+
 cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
     return (x >> n) | (x << (32 - n))
 
 
 cdef void _compress(uint32_t* h, const unsigned char* p) noexcept nogil:
+    if _use_shani:
+        ga_sha256_shani(h, p)
+        return
+    _compress_portable(h, p)
+
+
+cdef void _compress_portable(uint32_t* h, const unsigned char* p) noexcept nogil:
     cdef uint32_t w[64]
     cdef uint32_t a, b, c, d, e, f, g, hh, t1, t2, s0, s1
     cdef int i

@@ -453,10 +453,16 @@ mail_class newsletter {
     bounce_address bounces@example.com
     list_unsubscribe no
     statistic_report_grouping "by list"
+    track_text_links no
+    handle_bounce_and_fbl yes
 }
 mail_class transactional {}
 general {
     default_virtual_mta ipaddr-1
+    default_mail_class transactional
+    process_x_job_header yes
+    process_x_virtual_mta_header no
+    default_event_tracking_metadata_storage stateless
 }
 ip_address ipaddr-1 {
     id 7

@@ -239,3 +239,21 @@ def test_fast_path_stays_light(root: Root, conf_text: str) -> None:
     write_conf(root, "mail_class news {\n    listid t1\n}\n")
     names = _imports(root, message, {"GREENARROW_MAILCLASS": "news"})
     assert "greenarrow.lib.simplemh" in names
+
+
+def test_error_elsewhere_does_not_stop_mail_classes(root: Root) -> None:
+    """With no cache yet, a mistake outside the mail classes leaves them usable."""
+    write_conf(root, CLASSES.replace("process_x_job_header yes",
+                                     "process_x_job_header yes\n    system_max_smtp_connections x")
+               + "ip_address * {\n  domain d.test {\n    smtp_route 127.0.0.1:99999\n  }\n}\n")
+    classes = mail_class.load(str(root.path))
+    assert classes.default == "News" and classes.process_x_job_header
+    assert classes.get("news").listid == "t100"
+    # a mistake in the mail classes themselves is an error (once no good cache is left)
+    (root.var / mail_class.CACHE_NAME).unlink()
+    write_conf(root, "mail_class a {\n    bogus 1\n}\n")
+    with pytest.raises(mail_class.MailClassConfigError, match="greenarrow.conf:2: unknown directive"):
+        mail_class.load(str(root.path))
+    write_conf(root, "mail_class a {\n")
+    with pytest.raises(mail_class.MailClassConfigError, match="never closed"):
+        mail_class.load(str(root.path))

@@ -96,15 +96,22 @@ def test_find_delimiters() -> None:
 def test_qp_decode_is_a2b_qp(data: bytes) -> None:
     decoded, lines = fast.qp_decode(data)
     assert decoded == binascii.a2b_qp(data)
-    # the line table tiles both the input and the output, in order
-    spans = [lines[i:i + 4] for i in range(0, len(lines), 4)]
+    # the line table tiles both the input and the output, in order, one entry per physical line
+    spans = fast.line_table(lines)
     enc_pos = dec_pos = 0
-    for enc_start, enc_end, dec_start, dec_end in spans:
+    for enc_start, enc_end, dec_start, dec_end, term in spans:
         assert (enc_start, dec_start) == (enc_pos, dec_pos)
         enc_pos, dec_pos = enc_end, dec_end
+        line = data[enc_start:enc_end]
+        assert binascii.a2b_qp(line) == decoded[dec_start:dec_end]  # each decodes on its own
+        assert b"\n" not in line[:-1]
+        if term == -1:
+            assert enc_end == len(data) and not line.endswith(b"\n")
+        elif term == 0:
+            assert line.endswith(b"\n") and b"=" in line
+        else:
+            assert decoded[dec_end - term:dec_end] == line[-term:] == b"\r\n"[2 - term:]
     assert (enc_pos, dec_pos) == ((len(data), len(decoded)) if spans else (0, 0))
-    for enc_start, enc_end, dec_start, dec_end in spans:  # each line decodes on its own
-        assert binascii.a2b_qp(data[enc_start:enc_end]) == decoded[dec_start:dec_end]
 
 
 @FUZZ
@@ -127,23 +134,25 @@ def test_qp_encode_examples() -> None:
 
 
 @FUZZ
-@given(text=st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=120),
+@given(text=st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=200),
                      min_size=1, max_size=8),
-       picks=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 200), st.integers(0, 5),
-                                st.binary(max_size=90)), max_size=5))
+       picks=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 300),
+                                st.binary(max_size=90)), max_size=6))
 def test_qp_render_rewrites_only_changed_lines(text: list[str], picks: list) -> None:
+    """Slots anywhere in the text (across soft line breaks too, never across a hard one):
+    the result decodes to the spliced text, lines stay within 76 octets, and every physical
+    line that holds no slot is copied as it was."""
     raw = fast.qp_encode("\r\n".join(text).encode("utf-8"))
     decoded, lines = fast.qp_decode(raw)
-    line_spans = [(lines[i + 2], lines[i + 3]) for i in range(0, len(lines), 4)]
-    if not line_spans:
-        assert raw == b""
-        return
     slots, reps = [], []
-    for li, off, length, rep in picks:
-        ds, de = line_spans[li % len(line_spans)]
-        content_end = de - 2 if decoded[ds:de].endswith(b"\r\n") else de
-        s = min(ds + off, content_end)
-        e = min(s + length, content_end)
+    for start, length, rep in picks:
+        s = min(start, len(decoded))
+        e = min(s + length, len(decoded))
+        nl = decoded.find(b"\r", s, e)
+        if nl >= 0:
+            e = nl
+        if decoded[s - 1:s] == b"\r" and s:
+            continue  # inside a line break: not a place a link can be
         if any(not (e <= a or s >= b) or s == a for a, b in slots):
             continue
         slots.append((s, e))
@@ -153,13 +162,11 @@ def test_qp_render_rewrites_only_changed_lines(text: list[str], picks: list) -> 
     reps = [reps[i] for i in order]
     out = fast.qp_render(raw, decoded, lines, slots, reps)
     assert binascii.a2b_qp(out) == fast.splice(decoded, slots, reps)
-    touched = {next(i for i, (a, b) in enumerate(line_spans) if a <= s < b or
-                    (i == len(line_spans) - 1 and s == b)) for s, _ in slots}
-    raw_lines = [raw[lines[i]:lines[i + 1]] for i in range(0, len(lines), 4)]
-    for i, line in enumerate(raw_lines):
-        if i not in touched:
-            assert line in out
     assert all(len(x) <= 76 for x in out.split(b"\r\n"))
+    for enc_start, enc_end, dec_start, dec_end, _ in fast.line_table(lines):
+        untouched = all(e < dec_start or s > dec_end for s, e in slots)
+        if untouched and enc_end > enc_start:
+            assert raw[enc_start:enc_end] in out
 
 
 def test_max_line_length() -> None:
@@ -268,11 +275,26 @@ def test_qp_render_insertion_at_the_end(raw: bytes) -> None:
     assert binascii.a2b_qp(out) == decoded + b"<img>"
 
 
+def test_qp_render_keeps_the_other_physical_lines() -> None:
+    """A link in the middle of a long soft-broken line: only its physical lines change."""
+    text = ("word " * 40 + '<a href="http://x.example/long/path?q=1">x</a> ' + "word " * 40).encode()
+    raw = fast.qp_encode(text + b"\r\n")
+    decoded, lines = fast.qp_decode(raw)
+    s = decoded.index(b"http://")
+    e = decoded.index(b'">x')
+    out = fast.qp_render(raw, decoded, lines, [(s, e)], [b"https://t.example/click?" + b"D" * 120])
+    assert binascii.a2b_qp(out) == decoded[:s] + b"https://t.example/click?" + b"D" * 120 + decoded[e:]
+    raw_lines = raw.split(b"\r\n")
+    out_lines = out.split(b"\r\n")
+    assert raw_lines[0] == out_lines[0] and raw_lines[-2:] == out_lines[-2:]
+
+
 def test_qp_render_keeps_encoded_line_feeds() -> None:
     """A line holding =0A (a line feed that is data) keeps it as data when rewritten."""
     raw = b"a=0Ab http://x.example/\r\nnext\r\n"
     decoded, lines = fast.qp_decode(raw)
     s = decoded.index(b"http")
     out = fast.qp_render(raw, decoded, lines, [(s, s + 17)], [b"https://t.example/c?D"])
+    assert out.count(b"\r\n") == 2
     assert binascii.a2b_qp(out) == b"a\nb https://t.example/c?D\r\nnext\r\n"
     assert out.endswith(b"\r\nnext\r\n")

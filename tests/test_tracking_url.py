@@ -158,3 +158,58 @@ def test_any_byte_change_in_the_blob_rejected(pos: int, flip: int) -> None:
     blob[pos % len(blob)] ^= flip
     with pytest.raises(tu.TrackingDataError):
         tu.decode(tu.b64url(bytes(blob)), C)
+
+
+# --------------------------------------------------------------------------- the compiled signer
+
+
+@pytest.fixture(params=[True, False], ids=["sha-extensions", "portable"])
+def sha_mode(request):
+    """Run with the x86 SHA extensions (when the CPU has them) and with the portable C code."""
+    from greenarrow.pyx import tracksign
+
+    before = tracksign.sha_extensions()
+    tracksign.sha_extensions(request.param)
+    yield tracksign
+    tracksign.sha_extensions(before)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(max_size=100), msg=st.binary(max_size=700), cut=st.integers(0, 700))
+def test_signer_is_hmac_sha256(key: bytes, msg: bytes, cut: int) -> None:
+    import hmac
+
+    from greenarrow.pyx import tracksign
+
+    for mode in (True, False):
+        tracksign.sha_extensions(mode)
+        signer = tracksign.Signer(key)
+        assert signer.digest(msg) == hmac.digest(key, msg, "sha256")
+        prefix, url = msg[:cut], msg[cut:]
+        expected = tu.b64url(msg + hmac.digest(key, msg, "sha256")[:10])
+        assert signer.data(prefix, url) == expected
+        assert signer.data(prefix, url) == expected  # from the cached prefix state
+        assert signer.url(b"https://x/c?", prefix, url) == b"https://x/c?" + expected
+        assert tracksign.b64url(msg) == tu.b64url(msg)
+    tracksign.sha_extensions(True)
+
+
+def test_signer_prefix_cache_holds_many(sha_mode) -> None:
+    import hmac
+
+    signer = sha_mode.Signer(b"k" * 32)
+    prefixes = [bytes([i]) * (i * 7) for i in range(20)]
+    for _ in range(3):
+        for p in prefixes:
+            assert signer.data(p, b"u") == tu.b64url(p + b"u" + hmac.digest(b"k" * 32, p + b"u",
+                                                                            "sha256")[:10])
+
+
+def test_encoder_replacements(sha_mode) -> None:
+    enc = tu.Encoder(C, BASE, "b", "r@example.com", "t1", "s1", "news", "", "", False)
+    reps = enc.replacements(["c", "u", "p", "s", "d"], [b"http://a/", b"http://u/", b"", b"T", b""],
+                            True, b"<img src=\"", b"\">")
+    assert reps[0] == enc.url(tu.CLICK, b"http://a/", True)
+    assert tu.decode(tu.data_from_url(reps[1].decode())[1], C).kind == "u"
+    assert reps[2] == b'<img src="' + enc.url(tu.OPEN, b"", True) + b'">'
+    assert reps[3:] == [b"T", b""]

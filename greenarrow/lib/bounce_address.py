@@ -154,14 +154,14 @@ def encode(mailbox: str, listid: str, sendid: str, recipient: str,
     """The encoded address for one recipient: the full form, or the short one past 64 octets."""
     box, _, domain = mailbox.rpartition("@")
     key = derive_key(constants)
-    version = UNSUBSCRIBE if unsubscribe else BOUNCE
-    local = (f"{box}-{escape(listid)}-{escape(sendid)}-{escape(recipient)}-"
-             f"{version}{_tag(key, version, box, listid, sendid, recipient)}")
-    if len(local) <= MAX_LOCAL:
-        return f"{local}@{domain}"
+    lid = escape(listid)
+    head = f"{box}-{lid}-{escape(sendid)}-{escape(recipient)}-"
+    if len(head) + 1 + TAG_CHARS <= MAX_LOCAL:
+        version = UNSUBSCRIBE if unsubscribe else BOUNCE
+        return f"{head}{version}{_tag(key, version, box, listid, sendid, recipient)}@{domain}"
     version = UNSUBSCRIBE_SHORT if unsubscribe else BOUNCE_SHORT
     tag = _tag(key, version, box, listid, sendid, recipient)
-    local = f"{box}-{escape(listid)}-{version}{tag}"
+    local = f"{box}-{lid}-{version}{tag}"
     if len(local) > MAX_LOCAL:
         local = f"{box}--{version}{tag}"
     return f"{local}@{domain}"

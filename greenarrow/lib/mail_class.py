@@ -30,7 +30,9 @@ greenarrow.conf's mtime, size and inode; an injection stats the file and
 reads the small cache. When greenarrow.conf has an error, the last good
 cache stays in use (as a failed `greenarrow_config reload` leaves running
 services on their old configuration); with no cache to fall back on, the
-error is a temporary failure.
+mail_class blocks are compiled on their own, so a mistake elsewhere in the
+file does not stop injection, and only a mistake in them is an error (a
+temporary failure: mail waits for the fix).
 
 This module imports nothing heavy: the parser is imported only to compile.
 """
@@ -149,7 +151,7 @@ def instanceid_problem(value: str, grouping: str) -> str | None:
             return ("must start with a digit and be at most 27 letters and digits "
                     "(statistic_report_grouping per_instanceid_legacy)")
         return None
-    if not (0 < len(value) <= 300 and all(" " <= c <= "~" for c in value)):
+    if not (0 < len(value) <= 300 and value.isascii() and value.isprintable()):
         return "must be 1 to 300 printable ASCII characters (0x20-0x7E)"
     return None
 
@@ -187,7 +189,7 @@ def build_sendid(mailclass: str, instanceid: str, grouping: str, now: float) -> 
         sendid = f"{mc}-{day[:6]}"
     else:
         raise ValueError(f"unknown statistic_report_grouping {grouping!r}")
-    if len(sendid) > 100 or not all("!" <= c <= "~" for c in sendid):
+    if len(sendid) > 100 or not (sendid.isascii() and sendid.isprintable()) or " " in sendid:
         import hashlib
 
         digest = hashlib.sha256(inst.encode("utf-8")).hexdigest()[:16]
@@ -262,6 +264,34 @@ def compile_conf(root_block: object) -> MailClasses:
     return out
 
 
+_GENERAL = ("default_mail_class", "process_x_job_header", "process_x_virtual_mta_header",
+            "default_event_tracking_metadata_storage")
+
+
+def _compile_leniently(conf_path: str, error: Exception) -> MailClasses:
+    """Mail classes from a greenarrow.conf that has an error, when none were cached before.
+
+    A mistake elsewhere in the file (a bad smtp_route, say) must not stop
+    injection: the mail_class blocks and the general directives SimpleMH
+    reads are checked and compiled on their own. When the mistake is in
+    them, or the file does not parse at all, MailClassConfigError.
+    """
+    from greenarrow.lib import conf
+
+    try:
+        root = conf.load(conf_path, check=False)
+        general = [conf.Block("general", [], [d for d in b.directives if d.name in _GENERAL], [],
+                              b.line, b.filename) for b in root.blocks_named("general")]
+        ours = conf.Block(conf.ROOT, [], [], general + root.blocks_named("mail_class"), 0,
+                          root.filename)
+        conf.validate(ours)
+        return compile_conf(ours)
+    except conf.ConfError as e:
+        raise MailClassConfigError(str(e)) from None
+    except Exception:
+        raise MailClassConfigError(str(error)) from None
+
+
 # --------------------------------------------------------------------------- the cache
 
 
@@ -327,6 +357,7 @@ def loads_cache(text: str) -> MailClasses:
 
 # In-process memo for long-lived injectors (smtpd): (root, stat key) -> classes.
 _memo: dict[str, tuple[bytes, MailClasses]] = {}
+_paths: dict[str, tuple[str, str]] = {}
 
 
 def _stat_key(st: os.stat_result) -> bytes:
@@ -339,7 +370,11 @@ def load(root: str) -> MailClasses:
     Raises MailClassConfigError when greenarrow.conf is wrong and no earlier
     compilation is cached.
     """
-    conf_path = os.path.join(root, "control", "greenarrow.conf")
+    paths = _paths.get(root)
+    if paths is None:
+        paths = _paths[root] = (os.path.join(root, "control", "greenarrow.conf"),
+                                os.path.join(root, "var", CACHE_NAME))
+    conf_path, cache_path = paths
     try:
         st = os.stat(conf_path)
     except FileNotFoundError:
@@ -350,7 +385,6 @@ def load(root: str) -> MailClasses:
     memo = _memo.get(root)
     if memo is not None and memo[0] == key:
         return memo[1]
-    cache_path = os.path.join(root, "var", CACHE_NAME)
     cached = None
     try:
         with open(cache_path, "rb") as f:
@@ -373,7 +407,7 @@ def load(root: str) -> MailClasses:
     except conf.ConfError as e:
         if cached is not None:  # keep the last good configuration
             return loads_cache(cached[1].decode("utf-8"))
-        raise MailClassConfigError(str(e)) from None
+        classes = _compile_leniently(conf_path, e)
     tmp = f"{cache_path}.{os.getpid()}.tmp"
     try:
         if _stat_key(os.stat(conf_path)) == key:  # not changed while we read it

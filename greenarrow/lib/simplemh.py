@@ -31,10 +31,10 @@ X-GreenArrow-URL-Domain without http:// or https://.
 
 Body rewriting (greenarrow.pyx.simplemh does the byte work): the MIME tree
 is walked on the bytes; each text/html and text/plain part that is not an
-attachment (nor inside a message/rfc822) is decoded from quoted-printable or
-base64, its links are found and replaced, and it is encoded again:
-quoted-printable re-encodes only the lines that changed, base64 the whole
-part (76-character lines), and a 7bit/8bit part whose rewritten lines would
+attachment (nor inside a message/*: forwarded mail is left alone) is decoded
+from quoted-printable or base64, its links are found and replaced, and it
+is encoded again: quoted-printable re-encodes only the physical lines that
+hold a change, base64 the whole part (76-character lines), and a 7bit/8bit part whose rewritten lines would
 pass 998 octets becomes quoted-printable (its Content-Transfer-Encoding
 header says so). Everything else, boundaries and charsets included, is
 copied byte for byte. Charsets that are not ASCII-compatible (UTF-16/32,
@@ -80,9 +80,10 @@ _IDENTITY = frozenset((b"", b"7bit", b"8bit", b"binary"))
 _MAX_DEPTH = 30
 _QP_HEADER = b"Content-Transfer-Encoding: quoted-printable\r\n"
 
-# slot kinds: tracked click, tracked unsubscribe link, unsubscribe tag stripped
-# (no URL domain), open pixel, <opentag/> removed (a second one)
-_STRIP, _PIXEL, _DROP = "s", "p", "d"  # and "c" click, "u" unsubscribe (pyx)
+# Slot kinds (greenarrow.pyx.simplemh.html_link_slots): "c" tracked click, "u"
+# tracked unsubscribe link, "s" unsubscribe tag stripped (no URL domain), "p"
+# open pixel, "d" a second <opentag/> removed.
+_STRIP = "s"
 
 
 def _bad(header: str, value: str, rule: str) -> InjectionError:
@@ -97,7 +98,9 @@ def _flag(value: str, header: str) -> bool:
 
 
 def _printable(value: str, low: str, limit: int) -> bool:
-    return 0 < len(value) <= limit and all(low <= c <= "~" for c in value)
+    """1 to `limit` characters from `low` (" " or "!") to "~"."""
+    return (0 < len(value) <= limit and value.isascii() and value.isprintable()
+            and (low == " " or " " not in value))
 
 
 # --------------------------------------------------------------------------- settings per root
@@ -126,10 +129,10 @@ def root_settings(root: str) -> RootSettings:
     A missing or bad file is a temporary InjectionError naming it: mail
     waits for the operator rather than going out untracked or unsigned.
     """
-    control_dir = os.path.join(root, "control")
     paths = _settings_paths.get(root)
     if paths is None:
-        paths = _settings_paths[root] = tuple(os.path.join(control_dir, n) for n in _SETTINGS_FILES)
+        paths = _settings_paths[root] = tuple(os.path.join(root, "control", n)
+                                              for n in _SETTINGS_FILES)
     key = []
     for path in paths:
         try:
@@ -140,6 +143,7 @@ def root_settings(root: str) -> RootSettings:
     memo = _settings_memo.get(root)
     if memo is not None and memo[0] == key:
         return memo[1]
+    control_dir = os.path.join(root, "control")
     try:
         constants = secret_constants.read(control_dir)
         fmt = str(control.read(control_dir, "opt.simplemh.tracker_format")).lower()
@@ -431,10 +435,14 @@ class _Planner:
         job = self.job
         if not job.track and UNSUBSCRIBE_TAG not in decoded.lower():
             return None
-        slots = self.html_slots(decoded) if html else self.text_slots(decoded)
-        if not slots:
+        if html:
+            spans, kinds, targets = fast.html_link_slots(decoded, job.track, bool(self.base),
+                                                         self.own)
+        else:
+            spans, kinds, targets = fast.text_link_slots(decoded, job.track and job.track_text,
+                                                         bool(self.base), self.own)
+        if not spans:
             return None
-        slots.sort(key=lambda s: (s[0], s[1]))
         part = _Part()
         part.hdr = msg[start:body_start]
         part.hdr_qp = b""  # the top part's header is the message's: see prepare()
@@ -445,29 +453,11 @@ class _Planner:
         part.raw = raw
         part.decoded = decoded
         part.lines = lines
-        part.spans = [(s[0], s[1]) for s in slots]
-        part.kinds = [s[2] for s in slots]
-        part.targets = [s[3] for s in slots]
+        part.spans = spans
+        part.kinds = kinds
+        part.targets = targets
         part.suffix = suffix
         return part
-
-    def html_slots(self, html: bytes) -> list:
-        job = self.job
-        slots, body_close, opentags = fast.html_link_slots(html, job.track, bool(self.base),
-                                                           self.own)
-        if job.track:
-            tags = [(s, e) for s, e in opentags if b"\n" not in html[s:e]]
-            if tags:
-                slots.append((tags[0][0], tags[0][1], _PIXEL, b""))
-                slots.extend((s, e, _DROP, b"") for s, e in tags[1:])
-            else:
-                at = body_close if body_close >= 0 else len(html.rstrip(b"\r\n"))
-                slots.append((at, at, _PIXEL, b""))
-        return slots
-
-    def text_slots(self, text: bytes) -> list:
-        job = self.job
-        return fast.text_link_slots(text, job.track and job.track_text, bool(self.base), self.own)
 
 
 def _b64_lines(data: bytes) -> bytes:
@@ -502,6 +492,7 @@ class Renderer:
                  "add_list_unsubscribe")
 
     def ids(self) -> dict[str, str]:
+        """The identifiers for the envelopes (injection.envelopes reads them)."""
         return self.job.ids()
 
     def sender(self, recipient: str, sender: str) -> str:
