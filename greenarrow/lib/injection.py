@@ -155,10 +155,32 @@ def prepare(
 
         renderer = simplemh.prepare(message, headers, body_start, ids, sources, drop, added,
                                     trace, classes, root or "", now)
-        return Prepared(message, renderer.ids(), renderer)
+        simplemh_ids = renderer.ids()
+        dkim = dkim_request(message, headers)
+        if dkim:
+            simplemh_ids["dkim"] = dkim
+        return Prepared(message, simplemh_ids, renderer)
     if drop or added or trace:
         message = msglib.rebuild(message, headers, drop, prepend=trace, append=b"".join(added))
     return Prepared(message, ids)
+
+
+def dkim_request(message: bytes, headers: list[msglib.Header]) -> str:
+    """The signatures asked for by X-GreenArrow-DKIM headers, in the envelope's form.
+
+    GreenArrow honours the header for SimpleMH mail (not for raw command-line
+    injection), so only the SimpleMH path calls this. A bad value is a
+    permanent error naming the header.
+    """
+    values = [msglib.header_value(message, h) for h in headers if h.name == b"x-greenarrow-dkim"]
+    if not values:
+        return ""
+    from greenarrow.lib import dkim_request as request
+
+    try:
+        return request.encode_request(request.parse_dkim_header_values(values))
+    except ValueError as e:
+        raise InjectionError(True, str(e)) from None
 
 
 def envelopes(
@@ -190,6 +212,8 @@ def envelopes(
         env["recipient"] = rcpt
         if prepared.simplemh is not None:
             env["sender"] = prepared.simplemh.sender(rcpt, sender)
+        if ids.get("dkim"):
+            env["dkim"] = ids["dkim"]
         out.append(env)
     return out
 

@@ -9,8 +9,10 @@ the engine's user only; `greenarrow init` creates them at random.
 from __future__ import annotations
 
 import os
-import secrets
-from pathlib import Path
+
+TYPE_CHECKING = False  # pathlib, secrets and typing cost command-line injection milliseconds
+if TYPE_CHECKING:
+    from pathlib import Path
 
 FILE = "secret_constants"
 
@@ -23,15 +25,18 @@ def valid(value: str) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdefABCDEF" for c in value)
 
 
-def path(control_dir: Path) -> Path:
+def path(control_dir: Path | str) -> Path:
+    from pathlib import Path
+
     return Path(control_dir) / FILE
 
 
-def read(control_dir: Path) -> tuple[str, str]:
+def read(control_dir: Path | str) -> tuple[str, str]:
     """The two constants; SecretConstantsError naming the file when missing or malformed."""
-    p = path(control_dir)
+    p = os.path.join(control_dir, FILE)
     try:
-        lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        with open(p) as f:
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     except FileNotFoundError:
         raise SecretConstantsError(f"{p}: missing; run `greenarrow init`") from None
     if len(lines) != 2 or not all(valid(v) for v in lines):
@@ -53,6 +58,8 @@ def write(control_dir: Path, constant1: str, constant2: str) -> None:
 
 
 def random_pair() -> tuple[str, str]:
+    import secrets
+
     return secrets.token_hex(16), secrets.token_hex(16)
 
 
