@@ -99,5 +99,5 @@ def describe(work: Path) -> dict[str, str]:
         "memory": f"{int(mem_kb) / 2**20:.1f} GiB" if mem_kb.isdigit() else "?",
         "work filesystem": filesystem(work),
         "load average at start": loadavg(),
-        "engine": engine_version(),
+        "engine at start": engine_version(),
     }

@@ -138,8 +138,10 @@ def scenario_tables(runs: list[Run], peer_name: str | None) -> list[str]:
                 continue
             row = [label, *(_cell(per[m], bold=higher is not None) for m in mtas)]
             if both and peer_name:
-                better = "" if higher is None else ("higher" if higher else "lower")
-                row += [_ratio(per["engine"], per[peer_name]), better]
+                if higher is None:  # informational: a ratio would mean nothing
+                    row += ["", ""]
+                else:
+                    row += [_ratio(per["engine"], per[peer_name]), "higher" if higher else "lower"]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return lines

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None
             except Exception as e:  # noqa: BLE001
                 say(f"postfix stop failed: {e}")
     facts["load average at end"] = machine.loadavg()
+    facts["engine at end"] = machine.engine_version()  # others may commit during a long run
     facts["engine settings"] = engine.describe() + " (other control files: defaults)"
     section = report.render(stamp, command, opts, facts, peer_text, bench.runs, bench.notes,
                             peer.name if peer else None)

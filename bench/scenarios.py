@@ -268,7 +268,7 @@ class Bench:
         variant = "sequential" if parallel == 1 else f"{parallel} parallel"
         run = Run("cli", variant, peer.name, rep, n)
         sink = self.sink()
-        run.tools = f"{' '.join(peer.cli_argv('S', 'R')[:1])} -> MTA -> {sink.kind}"
+        run.tools = f"one `sendmail -i -f S -- R` process per message -> MTA -> {sink.kind}"
         problems: list[str] = []
         try:
             self._restart(peer, sink.port)

@@ -76,7 +76,7 @@ def start(wait_seconds: float) -> None:
     logdir.mkdir(parents=True, exist_ok=True)
     with open(logdir / "current", "ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "greenarrow.bin.hvmail_init", "run"],
+            [sys.executable, "-P", "-m", "greenarrow.bin.hvmail_init", "run"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             env=dict(os.environ, HVMAIL_ROOT=str(root.path)),
         )

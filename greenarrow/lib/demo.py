@@ -51,7 +51,7 @@ def demo_message(number: int, channel: str) -> bytes:
 
 def _program(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", f"greenarrow.bin.{name}", *args],
+        [sys.executable, "-P", "-m", f"greenarrow.bin.{name}", *args],
         env=env,
         capture_output=True,
         text=True,

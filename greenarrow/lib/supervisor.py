@@ -49,7 +49,9 @@ class Service:
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", f"greenarrow.bin.{self.program}", *self.args]
+        # -P: never import the greenarrow of the current folder (a source checkout
+        # without its compiled modules) instead of the installed one.
+        return [sys.executable, "-P", "-m", f"greenarrow.bin.{self.program}", *self.args]
 
 
 def _die_with_parent() -> None:
