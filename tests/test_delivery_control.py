@@ -269,3 +269,45 @@ ip_address * {{
         assert plain_rx.messages == []
         record = next(r for r in engine.records() if r["email"] == "c@plain.test")
         assert record["status"] == "deferral" and "TLS" in record["message"]
+
+
+def test_relay_server_with_smtp_auth(tmp_path):
+    """A relay_server VirtualMTA sends everything to its relay_host, logs in with AUTH
+    PLAIN, and a refused login is a deferral (a configuration mistake must not bounce
+    every message), reported in qmail's words."""
+    import base64
+
+    from smtp_receivers import ScriptedServer
+
+    with ScriptedServer(extensions=["PIPELINING", "AUTH PLAIN LOGIN"],
+                        replies={"AUTH": "235 2.7.0 authenticated"}) as relay, \
+            ScriptedServer(extensions=["AUTH PLAIN"],
+                           replies={"AUTH": "535 5.7.8 bad credentials"}) as refusing:
+        conf = f"""
+relay_server smarthost {{
+  relay_host 127.0.0.1:{relay.port}
+  smtp_auth_username sender@example.test
+  smtp_auth_password "s3cret pass"
+  hostname relay-client.example.test
+}}
+relay_server badauth {{
+  relay_host 127.0.0.1:{refusing.port}
+  smtp_auth_username u
+  smtp_auth_password wrong
+}}
+"""
+        engine = Engine(tmp_path, conf=conf, controls={"queue.retry.scale": 100})
+        with engine:
+            send(engine, "anyone@anywhere.test", mtaid="smarthost")
+            send(engine, "other@anywhere.test", mtaid="badauth")
+            wait_until(lambda: len(engine.records()) == 2, 30, "both attempts")
+        token = base64.b64encode(b"\0sender@example.test\0s3cret pass").decode()
+        assert f"AUTH PLAIN {token}" in relay.commands
+        assert any(c.startswith("EHLO relay-client.example.test") for c in relay.commands)
+        assert len(relay.raw_messages) == 1
+        records = {r["email"]: r for r in engine.records()}
+        assert records["anyone@anywhere.test"]["status"] == "success"
+        assert records["anyone@anywhere.test"]["outmtaid_name"] == "smarthost"
+        refused = records["other@anywhere.test"]
+        assert refused["status"] == "deferral"
+        assert "authentication was rejected" in refused["message"] and "535" in refused["message"]

@@ -410,8 +410,9 @@ class Session:
             self.close()
             raise SessionError(self._died()) from None
         if code != 235:
-            status = FAILURE if 500 <= code < 600 else DEFERRAL
-            result = self._result(status, f"Connected to {self.ip} but authentication was rejected.",
+            # A deferral even for a 5xx: refused credentials are the sender's own
+            # configuration mistake, and must not bounce every message relayed.
+            result = self._result(DEFERRAL, f"Connected to {self.ip} but authentication was rejected.",
                                   code, lines)
             await self.quit()
             raise SessionError(result)
