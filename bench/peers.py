@@ -65,12 +65,15 @@ class Peer:
         raise NotImplementedError
 
     def start(self) -> None:
+        """Start the MTA; return once its SMTP port listens (PeerError otherwise)."""
         raise NotImplementedError
 
     def stop(self) -> None:
+        """Stop the MTA; return once it is down, so the next run starts from nothing."""
         raise NotImplementedError
 
     def queue_count(self) -> int:
+        """Queued messages (files): must be 0 before a run and after it has drained."""
         raise NotImplementedError
 
     def root_pid(self) -> int | None:

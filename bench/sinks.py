@@ -84,9 +84,11 @@ class Sink:
         self._err = work / f"sink.{port}.err"
 
     def argv(self) -> list[str]:
+        """The command line of the sink process."""
         raise NotImplementedError
 
     def count(self) -> int:
+        """Messages accepted so far (exact), read from the sink's count file."""
         raise NotImplementedError
 
     def start(self) -> Sink:
