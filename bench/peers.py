@@ -27,10 +27,13 @@ from pathlib import Path
 
 from bench.procs import descendants, free_port, pid_alive, read_pid, wait_port
 
-ROUTE_ALL = """# Written by the benchmark: every domain goes to the sink.
+# Connection reuse matches the peer's setup: the Postfix baseline runs with
+# smtp_connection_cache_on_demand = yes.
+ROUTE_ALL = """# Written by the benchmark: every domain goes to the sink, over reused connections.
 ip_address * {{
   domain * {{
     smtp_route 127.0.0.1:{port}
+    reuse_connections yes
   }}
 }}
 """

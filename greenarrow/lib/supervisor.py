@@ -212,6 +212,7 @@ class Supervisor:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped) does not."""
     if not pid:
         return False
     try:
@@ -220,7 +221,12 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != b"Z"
 
 
 def supervisor_pid(root: Root) -> int | None:
