@@ -664,11 +664,12 @@ def _script_env() -> dict[str, str]:
 
 
 def test_bin_sendmail_script(root: Root) -> None:
-    """bin/sendmail (written by init_root, `#!python -S`) queues a message into its own root:
-    with site.py skipped and no PYTHONPATH, the package is found through the path the
-    script puts on sys.path."""
+    """bin/sendmail (the compiled client; with no injection daemon running it runs
+    bin/sendmail.py, written by init_root, `#!python -S`) queues a message into its own
+    root: with site.py skipped and no PYTHONPATH, the package is found through the path
+    the script puts on sys.path."""
     script = root.bin / "sendmail"
-    assert script.read_text().splitlines()[0] == f"#!{sys.executable} -S"
+    assert (root.bin / "sendmail.py").read_text().splitlines()[0] == f"#!{sys.executable} -S"
     proc = subprocess.run(
         [str(script), "-f", "s@example.com", "r@example.com"],
         input=DOTTED,

@@ -78,10 +78,14 @@ def test_me_defaults_to_fqdn(root: Root, monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize(("name", "function"), [("sendmail", "sendmail_main"), ("qmail-inject", "qmail_inject_main")])
 def test_scripts(root: Root, name: str, function: str) -> None:
-    """bin/sendmail and bin/qmail-inject are executable, start `#!<python> -S`, point at
-    this root and at the installed package, and call their entry point."""
+    """bin/sendmail.py and bin/qmail-inject.py are executable, start `#!<python> -S`, point
+    at this root and at the installed package, and call their entry point; bin/sendmail and
+    bin/qmail-inject are the compiled client (a C compiler is on every machine that builds
+    the package)."""
     init_root(root, "mx.example.test")
-    script = root.bin / name
+    client = root.bin / name
+    assert client.read_bytes()[:4] == b"\x7fELF" and os.access(client, os.X_OK)
+    script = root.bin / f"{name}.py"
     mode = script.stat().st_mode
     assert stat.S_ISREG(mode) and os.access(script, os.X_OK)
     assert mode & 0o111 == 0o111
@@ -140,12 +144,12 @@ def test_completes_a_partial_root(root: Root) -> None:
     (root.path / "queue" / "disk" / "hold").rmdir()
     (root.var / "trigger.ram").unlink()
     (root.var / "trigger.ram").write_text("not a fifo")
-    (root.bin / "sendmail").unlink()
+    (root.bin / "sendmail.py").unlink()
     created = init_root(root, "mx.example.test")
     assert (root.path / "queue" / "disk" / "hold").is_dir()
     assert stat.S_ISFIFO((root.var / "trigger.ram").lstat().st_mode)
-    assert created == [str(root.bin / "sendmail")]
-    assert (root.bin / "sendmail").read_text().startswith(f"#!{sys.executable} -S\n")
+    assert created == [str(root.bin / "sendmail.py")]
+    assert (root.bin / "sendmail.py").read_text().startswith(f"#!{sys.executable} -S\n")
 
 
 def test_existing_queue_entries_untouched(root: Root) -> None:

@@ -7,9 +7,13 @@ operator made. Default control files are copied only where no file exists.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import socket
 import stat
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import greenarrow
@@ -101,6 +105,54 @@ def init_root(root: Root, me: str | None = None) -> list[str]:
         text = _SCRIPT.format(
             python=sys.executable, path=package_parent(), root=str(root.path), function=function
         )
-        if _write_if_changed(root.bin / name, text, 0o755):
-            created.append(str(root.bin / name))
+        if _write_if_changed(root.bin / f"{name}.py", text, 0o755):
+            created.append(str(root.bin / f"{name}.py"))
+    created += install_client(root)
+    return created
+
+
+def client_source() -> Path:
+    return Path(greenarrow.__file__).parent / "client" / "sendmail.c"
+
+
+def compile_client(target: Path) -> str | None:
+    """Compile the sendmail client to `target`; None on success, else why not."""
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    tmp = target.with_name(f".{target.name}.tmp")
+    command = [*shlex.split(compiler), "-O2", "-o", str(tmp), str(client_source())]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if result.returncode != 0:
+        return result.stderr.strip() or f"{compiler} exited {result.returncode}"
+    os.replace(tmp, target)
+    return None
+
+
+def install_client(root: Root) -> list[str]:
+    """`bin/sendmail` and `bin/qmail-inject`: the compiled client, or the Python program.
+
+    The client hands each message to the running `injectd` and falls back to
+    `bin/<name>.py` when the engine is stopped; without a C compiler the
+    Python program itself is installed under both names.
+    """
+    created = []
+    binary = root.bin / ".sendmail-client"
+    source = client_source()
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        problem = compile_client(binary)
+        if problem is not None:
+            print(f"greenarrow init: no compiled sendmail client ({problem}); "
+                  "bin/sendmail runs the Python program", file=sys.stderr)
+    for name in SCRIPTS:
+        target = root.bin / name
+        origin = binary if binary.exists() else root.bin / f"{name}.py"
+        if target.exists() and target.read_bytes() == origin.read_bytes():
+            continue
+        tmp = target.with_name(f".{name}.tmp")
+        shutil.copyfile(origin, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+        created.append(str(target))
     return created
