@@ -101,6 +101,12 @@ def test_kill_minus_nine_during_5000_deliveries_loses_nothing(tmp_path):
                     t.start()
                 for t in clients:
                     t.join()
+                # Injection may outrun the chaos: keep killing while delivery goes on,
+                # until this round has had its share of kills (bounded in time).
+                wanted = 3 * (round_no + 1)
+                deadline = time.monotonic() + 60
+                while len(kills) < wanted and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 stop.set()
                 killer.join()
                 assert all(r in acknowledged for r in recipients), "a client gave up"

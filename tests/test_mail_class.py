@@ -212,7 +212,7 @@ FORBIDDEN = ("greenarrow.lib.conf", "re", "json", "pathlib", "email", "hmac", "h
 
 def _imports(root: Root, message: bytes, env: dict[str, str] | None = None) -> set[str]:
     proc = subprocess.run(
-        [sys.executable, "-S", "-X", "importtime", str(root.bin / "sendmail"), "-f",
+        [sys.executable, "-S", "-X", "importtime", str(root.bin / "sendmail.py"), "-f",
          "s@example.com", "r@example.com"],
         input=message, capture_output=True, timeout=60,
         env={"PATH": os.environ.get("PATH", ""), **(env or {})},
