@@ -54,7 +54,7 @@ def test_quick_mode_engine_only(tmp_path: Path) -> None:
     assert latency["metrics"]["p50_ms"] <= latency["metrics"]["p99_ms"]
     backlog = next(r for r in runs if r["scenario"] == "backlog")
     assert backlog["metrics"]["peak_rss_mb"] > 0
-    assert "simplemh: not yet available" in output
+    assert "simplemh: not yet in this harness" in output
     assert "peer: skipped" in output
 
 
