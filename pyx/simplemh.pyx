@@ -394,6 +394,14 @@ def line_table(bytes table):
     return [(v[k], v[k + 1], v[k + 2], v[k + 3], v[k + 4]) for k in range(0, n - 4, 5)]
 
 
+cdef inline Py_ssize_t _soft_break(unsigned char* o, Py_ssize_t w) noexcept nogil:
+    """Write a quoted-printable soft line break ("=" CRLF) at o[w]; the new write position."""
+    o[w] = 61
+    o[w + 1] = 13
+    o[w + 2] = 10
+    return w + 3
+
+
 cdef inline void _put_hex(unsigned char* o, Py_ssize_t* w, unsigned char c) noexcept nogil:
     cdef const char* digits = b"0123456789ABCDEF"
     o[w[0]] = 61
@@ -470,56 +478,37 @@ cdef Py_ssize_t _qp_piece(unsigned char* o, Py_ssize_t w, Py_ssize_t* col,
     """Encode s[0:n] at o[w], continuing a line at column col[0]; `final`: it ends the line."""
     cdef Py_ssize_t i, c_col = col[0], stop = n - 1 if final else n
     cdef unsigned char c
-    cdef const char* digits = b"0123456789ABCDEF"
     # every byte but a final one: room must be left for a soft break's "="
     for i in range(stop):
         c = s[i]
         if _QP_LITERAL[c]:
             if c_col >= 75:
-                o[w] = 61
-                o[w + 1] = 13
-                o[w + 2] = 10
-                w += 3
+                w = _soft_break(o, w)
                 c_col = 0
             o[w] = c
             w += 1
             c_col += 1
         else:
             if c_col > 72:
-                o[w] = 61
-                o[w + 1] = 13
-                o[w + 2] = 10
-                w += 3
+                w = _soft_break(o, w)
                 c_col = 0
-            o[w] = 61
-            o[w + 1] = digits[c >> 4]
-            o[w + 2] = digits[c & 15]
-            w += 3
+            _put_hex(o, &w, c)
             c_col += 3
     if final and n:
         # the last byte of the line: may reach column 76; trailing space or tab encoded
         c = s[n - 1]
         if _QP_LITERAL[c] and c != 32 and c != 9:
             if c_col >= 76:
-                o[w] = 61
-                o[w + 1] = 13
-                o[w + 2] = 10
-                w += 3
+                w = _soft_break(o, w)
                 c_col = 0
             o[w] = c
             w += 1
             c_col += 1
         else:
             if c_col > 73:
-                o[w] = 61
-                o[w + 1] = 13
-                o[w + 2] = 10
-                w += 3
+                w = _soft_break(o, w)
                 c_col = 0
-            o[w] = 61
-            o[w + 1] = digits[c >> 4]
-            o[w + 2] = digits[c & 15]
-            w += 3
+            _put_hex(o, &w, c)
             c_col += 3
     col[0] = c_col
     return w
