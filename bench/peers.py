@@ -27,6 +27,9 @@ from pathlib import Path
 
 from bench.procs import descendants, free_port, pid_alive, read_pid, wait_port
 
+# queue.ram.ramdisk.size when the bench runs as root (--engine-ramdisk overrides).
+RAMDISK_MB = 1024
+
 # Connection reuse matches the peer's setup: the Postfix baseline runs with
 # smtp_connection_cache_on_demand = yes.
 ROUTE_ALL = """# Written by the benchmark: every domain goes to the sink, over reused connections.
@@ -112,10 +115,16 @@ class EnginePeer(Peer):
         workers: int | None = None,
         concurrency: int | None = None,
         keep_roots: bool = False,
+        ramdisk_mb: int | None = None,
     ) -> None:
         self.work = work
         self.workers = workers
         self.concurrency = concurrency
+        # The ram-queue on tmpfs, as GreenArrow installs it (hvmail_init mounts it
+        # when run as root); a plain folder otherwise.
+        if ramdisk_mb is None:
+            ramdisk_mb = RAMDISK_MB if os.geteuid() == 0 else 0
+        self.ramdisk_mb = ramdisk_mb
         self.keep_roots = keep_roots
         self.root_path = work / "engine-root"
         self.smtp_port = 0
@@ -146,6 +155,8 @@ class EnginePeer(Peer):
         self.retry_scale = retry_scale
         if retry_scale is not None:
             control.write(root.control, "queue.retry.scale", retry_scale)
+        if self.ramdisk_mb:
+            control.write(root.control, "queue.ram.ramdisk.size", self.ramdisk_mb)
         (root.control / "greenarrow.conf").write_text(ROUTE_ALL.format(port=sink_port))
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root_path))
 
@@ -219,6 +230,10 @@ class EnginePeer(Peer):
         if self.started:
             self.stop()
         if self.root_path.exists() and not self.keep_roots:
+            for queue in ("ram", "bounce"):  # hvmail_init stop leaves its tmpfs mounted
+                path = self.root_path / "queue" / queue
+                if os.path.ismount(path):
+                    run_cmd(["umount", "-l", str(path)], timeout=30)
             shutil.rmtree(self.root_path, ignore_errors=True)
 
     def describe(self) -> str:
@@ -226,7 +241,9 @@ class EnginePeer(Peer):
 
         workers = self.workers or control.SPECS["remote.workers"].default
         conc = self.concurrency or control.SPECS["concurrencyremote"].default
-        return f"engine (remote.workers={workers}, concurrencyremote={conc})"
+        queue = (f"ram-queue on a {self.ramdisk_mb} MB tmpfs" if self.ramdisk_mb
+                 else "ram-queue in a plain folder")
+        return f"engine (remote.workers={workers}, concurrencyremote={conc}, {queue})"
 
 
 # main.cf settings of the shared baseline (shared/bench/adapters/postfix.sh),

@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                     help="auto: smtp-source/smtp-sink when installed; python: never")
     ap.add_argument("--engine-workers", type=int, help="engine control/remote.workers")
     ap.add_argument("--engine-concurrency", type=int, help="engine control/concurrencyremote")
+    ap.add_argument("--engine-ramdisk", type=int, metavar="MB",
+                    help="engine control/queue.ram.ramdisk.size: the ram-queue on a tmpfs, as "
+                         "GreenArrow runs it (default: 1024 when run as root, else 0 = a plain folder)")
     ap.add_argument("--work", type=Path, default=d.work, help="scratch folder (default %(default)s)")
     ap.add_argument("--results-dir", type=Path,
                     help="where the dated results go (default bench/results; quick: the work folder)")
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None
     if args.peer == "postfix" and peer is None:
         say(f"peer: {peer_text}")
         return 1
-    engine = EnginePeer(opts.work, args.engine_workers, args.engine_concurrency)
+    engine = EnginePeer(opts.work, args.engine_workers, args.engine_concurrency,
+                        ramdisk_mb=args.engine_ramdisk)
     peers: list[Peer] = [engine] + ([peer] if peer else [])
     bench = Bench(opts, peers, say)
     say(f"bench {stamp}: {command}")

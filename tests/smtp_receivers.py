@@ -294,6 +294,8 @@ class ScriptedServer:
     hold_after_mail: seconds to wait, before answering MAIL, for the RCPT and
       DATA of a pipelining client (then answered in order). `pipelined` records,
       per MAIL, whether they came without waiting for the MAIL reply.
+    hold_after_rset: the same for RSET and the MAIL, RCPT and DATA behind it
+      (`rset_pipelined`).
     Records: `commands` (every command line, all connections), `raw_messages`
     (the data between DATA and the final dot, still dot-stuffed),
     `connections` (count).
@@ -308,6 +310,7 @@ class ScriptedServer:
         extensions: list[str] | None = None,
         replies: dict[str, str | list[str] | None] | None = None,
         hold_after_mail: float = 0.0,
+        hold_after_rset: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -321,6 +324,8 @@ class ScriptedServer:
         self.commands: list[str] = []
         self.raw_messages: list[bytes] = []
         self.pipelined: list[bool] = []
+        self.hold_after_rset = hold_after_rset
+        self.rset_pipelined: list[bool] = []
         self.connections = 0
         self._lt: _LoopThread | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -361,6 +366,11 @@ class ScriptedServer:
                     self.commands.extend(got)
                     pending.extend(got)
                     self.pipelined.append(len(got) == 2)
+                if verb == "RSET" and self.hold_after_rset:
+                    got = await self._collect(reader, 3, self.hold_after_rset)
+                    self.commands.extend(got)
+                    pending.extend(got)
+                    self.rset_pipelined.append(len(got) == 3)
                 if reply is None:
                     return
                 await say(reply)

@@ -10,6 +10,7 @@ from dns_server import DnsServer
 from smtp_receivers import Receiver, ScriptedServer, self_signed_context
 
 from greenarrow.lib.mx import MxHost, MxResolver
+from greenarrow.lib.session_pool import SessionPool
 from greenarrow.lib.smtp_client import (
     NO_CONNECTION_TEXT,
     Attempt,
@@ -361,6 +362,55 @@ def test_pipelining_against_aiosmtpd():
     with Receiver(pipelining=True) as rx:
         assert send(rx).status == "success"
     assert rx.messages[0].content == MESSAGE
+
+
+# -- kept sessions (reuse_connections) ------------------------------------------
+
+
+def pool_send_twice(srv, *, keep_first: bool = True) -> tuple[Result, Result, SessionPool]:
+    """Two messages for one pool key: the first opens and keeps a session, the second
+    goes on the kept session when it can, else on a new connection."""
+    host = MxHost("mx.example.test", 10, [srv.host])
+    pool = SessionPool()
+    key = ("example.test",)
+
+    async def go():
+        first = await deliver(attempt(), [host], port=srv.port, timeouts=T,
+                              keep=pool.keeper(key, {"max_messages": 10, "idle_timeout": 30}))
+        second = await pool.send(key, attempt())
+        if second is None:
+            second = await deliver(attempt(), [host], port=srv.port, timeouts=T)
+        await pool.close_all()
+        return first, second
+
+    first, second = run(go())
+    return first, second, pool
+
+
+def test_kept_session_pipelines_rset_with_the_next_transaction():
+    with ScriptedServer(hold_after_rset=5.0) as srv:
+        first, second, pool = pool_send_twice(srv)
+    assert (first.status, second.status) == ("success", "success")
+    assert srv.connections == 1 and pool.opened == 1
+    assert srv.rset_pipelined == [True]  # RSET, MAIL, RCPT and DATA in one write
+    assert len(srv.raw_messages) == 2
+
+
+def test_kept_session_without_pipelining_waits_for_the_rset_reply():
+    with ScriptedServer(extensions=["8BITMIME"], hold_after_rset=0.3) as srv:
+        first, second, _ = pool_send_twice(srv)
+    assert (first.status, second.status) == ("success", "success")
+    assert srv.connections == 1
+    assert srv.rset_pipelined == [False]
+    assert len(srv.raw_messages) == 2
+
+
+def test_refused_rset_sends_on_a_new_connection_and_delivers_once():
+    with ScriptedServer(replies={"RSET": "421 4.3.0 closing"}) as srv:
+        first, second, _ = pool_send_twice(srv)
+    assert (first.status, second.status) == ("success", "success")
+    assert srv.connections == 2
+    assert len(srv.raw_messages) == 2  # the transaction behind the refused RSET never ended
 
 
 # -- STARTTLS ------------------------------------------------------------------

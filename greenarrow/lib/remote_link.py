@@ -23,6 +23,7 @@ attempt back (greenarrow.lib.throttle); nothing was attempted either. The worker
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 SUCCESS, FAILURE, DEFERRAL, MISSING = "success", "failure", "deferral", "missing"
@@ -34,3 +35,26 @@ def encode(obj: dict) -> bytes:
 
 def decode(line: bytes) -> dict:
     return json.loads(line)
+
+
+class LineBatch:
+    """Lines for one stream, written together when the event loop's current round ends.
+
+    Each write to a socket is a system call, and on loopback the receiver's
+    side of TCP runs in it too: jobs or results that become ready in the
+    same round go out in one write.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.lines: list[bytes] = []
+
+    def write(self, line: bytes) -> None:
+        if not self.lines:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        if lines and not self.writer.is_closing():
+            self.writer.write(b"".join(lines))

@@ -111,27 +111,27 @@ class RemoteWorker:
         await self.pool.close_all()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        results = remote_link.LineBatch(writer)
         try:
             while True:
                 line = await reader.readline()
                 if not line:
                     break
                 job = remote_link.decode(line)
-                task = asyncio.create_task(self._attempt(job, writer))
+                task = asyncio.create_task(self._attempt(job, results))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
         except (ConnectionError, ValueError) as e:
             log.warning("queue-send link closed: %s", e)
 
-    async def _attempt(self, job: dict, writer: asyncio.StreamWriter) -> None:
+    async def _attempt(self, job: dict, results: remote_link.LineBatch) -> None:
         try:
             result = await self.attempt(job)
         except Exception as e:  # never lose the answer: a crash here is a deferral
             log.exception("attempt %s crashed", job.get("id"))
             result = {"status": remote_link.DEFERRAL, "text": f"internal error in remote: {e}"}
         result["id"] = job["id"]
-        if not writer.is_closing():
-            writer.write(remote_link.encode(result))
+        results.write(remote_link.encode(result))
 
     async def attempt(self, job: dict) -> dict:
         """One delivery attempt for a job; returns the result fields.

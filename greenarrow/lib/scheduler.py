@@ -62,6 +62,7 @@ class WorkerLink:
     def __init__(self, number: int) -> None:
         self.number = number
         self.writer: asyncio.StreamWriter | None = None
+        self.jobs: remote_link.LineBatch | None = None
         self.inflight: set[str] = set()
 
     @property
@@ -274,7 +275,7 @@ class Scheduler:
             envelope["_log"] = fields
             self.inflight[name] = (link, envelope, self.clock())
             link.inflight.add(name)
-            link.writer.write(remote_link.encode(job))
+            link.jobs.write(remote_link.encode(job))
 
     # -- results ---------------------------------------------------------
 
@@ -461,6 +462,7 @@ class Scheduler:
                 continue
             delay = 0.05
             link.writer = writer
+            link.jobs = remote_link.LineBatch(writer)
             log.info("connected to remote %d", link.number)
             self.wake.set()
             try:
@@ -481,6 +483,12 @@ class Scheduler:
                 link.writer = None
                 writer.close()
             self.requeue_link(link)
+
+    def _wake_on(self, event: asyncio.Event) -> asyncio.Future:
+        """Wake the main loop when `event` is set (one wait, not one per round of the loop)."""
+        watch = asyncio.ensure_future(event.wait())
+        watch.add_done_callback(lambda _: self.wake.set())
+        return watch
 
     def open_trigger(self) -> int:
         fifo = str(self.root.trigger(self.queue))
@@ -509,10 +517,12 @@ class Scheduler:
         link_tasks = [asyncio.create_task(self.link_loop(link)) for link in self.links]
         last_scan = last_publish = time.monotonic()
         self.publish()
+        watches = [self._wake_on(stop), self._wake_on(reload)]
         while not stop.is_set():
             if reload.is_set():
                 reload.clear()
                 self.reload()
+                watches[1] = self._wake_on(reload)
             self.dispatch()
             if self.changed and time.monotonic() - last_publish >= STATUS_INTERVAL:
                 self.publish()
@@ -523,15 +533,16 @@ class Scheduler:
             if self.waiting:
                 timeout = min(timeout, self.waiting[0][0] - self.clock())
             self.wake.clear()
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, stop, reload)]
-            await asyncio.wait(
-                waiters, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
-            )
-            for w in waiters:
-                w.cancel()
+            try:
+                async with asyncio.timeout(max(0.0, timeout)):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
             if time.monotonic() - last_scan >= self.rescan_seconds:
                 self.rescan()
                 last_scan = time.monotonic()
+        for watch in watches:
+            watch.cancel()
         # Stop: take no new attempts; let those under way report, for a while.
         self.stopping = True
         loop.remove_reader(fifo)

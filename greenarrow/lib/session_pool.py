@@ -59,9 +59,9 @@ class SessionPool:
             if self.clock() - kept.idle_since > kept.idle_timeout or not kept.session.reusable:
                 await kept.session.quit()
                 continue
-            if not await kept.session.reset():
+            result = await kept.session.send(attempt, reset=True)
+            if result is None:  # the RSET was refused or the session had died
                 continue
-            result = await kept.session.send(attempt)
             kept.used += 1
             if kept.session.reusable and kept.used < kept.max_messages:
                 kept.idle_since = self.clock()

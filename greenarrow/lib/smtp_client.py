@@ -303,13 +303,22 @@ class Session:
         """Whether another transaction may follow (after RSET) on this connection."""
         return not (self.broken or self._closed)
 
-    async def send(self, attempt: Attempt) -> Result:
-        """One transaction: MAIL, RCPT, DATA, the body; the result of this attempt."""
+    async def send(self, attempt: Attempt, reset: bool = False) -> Result | None:
+        """One transaction: MAIL, RCPT, DATA, the body; the result of this attempt.
+
+        `reset` starts with RSET (a kept session's next message). With
+        PIPELINING the RSET goes in the same write as MAIL, RCPT and DATA
+        (RFC 2920 allows it), saving a round trip per message. None when the
+        RSET was refused or the session had died: nothing was delivered, and
+        the session is closed; the caller tries another.
+        """
         problem = _address_problem(attempt)
         if problem is not None:
             return self._result(FAILURE, problem)
         if self.broken or self._closed:
             raise RuntimeError("send on a broken or closed session")
+        if reset and "PIPELINING" not in self.extensions and not await self.reset():
+            return None
         self.mail_accepted = False
         t = self._t
         ext = self.extensions
@@ -326,8 +335,13 @@ class Session:
         ip = self.ip
         try:
             if "PIPELINING" in ext:
-                self._writer.write(mail + rcpt + b"DATA\r\n")
-                await self._drain(t.mail)
+                if reset:
+                    self._writer.write(b"RSET\r\n" + mail + rcpt + b"DATA\r\n")
+                    if not await self._pipelined_reset():
+                        return None
+                else:
+                    self._writer.write(mail + rcpt + b"DATA\r\n")
+                    await self._drain(t.mail)
                 code, lines = await self._read(t.mail)
                 mail_ok = 200 <= code < 300
                 self.mail_accepted = mail_ok
@@ -381,6 +395,20 @@ class Session:
         if 200 <= code < 300:
             return self._result(SUCCESS, f"{ip} accepted message.", code, lines)
         return self._result(_status(code), f"{ip} failed after I sent the message.", code, lines)
+
+    async def _pipelined_reset(self) -> bool:
+        """The answer to a pipelined RSET; on refusal or a dead peer the session is cut
+        before DATA is ended, so the transaction sent behind it cannot deliver."""
+        try:
+            await self._drain(self._t.mail)
+            code, _ = await self._read(self._t.mail)
+        except _Dead:
+            code = 0
+        if code != 250:
+            self.broken = True
+            self.close()
+            return False
+        return True
 
     async def reset(self) -> bool:
         """RSET before another transaction on a kept session; False when the session is unusable."""
