@@ -547,3 +547,36 @@ def test_broken_rules_keep_old_ones(root: Root, server: ServerThread, broken: st
         c.mail("s@example.com")
         assert c.rcpt("r@example.com")[0] == 553
     assert len(entries(root)) == 1
+
+
+def test_idle_session_is_closed_with_421_but_activity_keeps_it_open() -> None:
+    """The idle timeout counts from the last input, not from the connection."""
+    from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession
+
+    timeout = 0.6
+
+    async def scenario() -> tuple[list[bytes], float, float]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SmtpSession(SessionPolicy(), idle_timeout=timeout), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        replies = [await reader.readline()]
+        start = loop.time()
+        for _ in range(4):  # 4 x 0.3 s of activity: twice the timeout in all
+            await asyncio.sleep(timeout / 2)
+            writer.write(b"NOOP\r\n")
+            replies.append(await reader.readline())
+        active_until = loop.time()
+        replies.append(await asyncio.wait_for(reader.readline(), WAIT))
+        closed_at = loop.time()
+        writer.close()
+        server.close()
+        return replies, active_until - start, closed_at - active_until
+
+    replies, active, idle = asyncio.run(scenario())
+    assert replies[0].startswith(b"220")
+    assert all(r.startswith(b"250") for r in replies[1:5])
+    assert active > timeout  # still open after more than one timeout of activity
+    assert replies[5].startswith(b"421 4.4.2")
+    assert idle >= timeout * 0.9

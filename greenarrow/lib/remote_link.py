@@ -42,16 +42,22 @@ class LineBatch:
 
     Each write to a socket is a system call, and on loopback the receiver's
     side of TCP runs in it too: jobs or results that become ready in the
-    same round go out in one write.
+    same round (or, with `delay`, within that many seconds) go out in one
+    write, and wake the reader once.
     """
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, delay: float = 0.0) -> None:
         self.writer = writer
+        self.delay = delay
         self.lines: list[bytes] = []
 
     def write(self, line: bytes) -> None:
         if not self.lines:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            if self.delay:
+                loop.call_later(self.delay, self.flush)
+            else:
+                loop.call_soon(self.flush)
         self.lines.append(line)
 
     def flush(self) -> None:

@@ -28,6 +28,7 @@ from greenarrow.lib.throttle import Program, Throttles
 log = logging.getLogger("remote")
 
 CONNMAXOUT = "connmaxout"
+RESULT_DELAY = 0.005  # seconds a result may wait for others to share its write
 
 
 def _parse_server(text: str) -> tuple[str, int]:
@@ -111,7 +112,9 @@ class RemoteWorker:
         await self.pool.close_all()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        results = remote_link.LineBatch(writer)
+        # Results wait up to RESULT_DELAY to share a write: the message is
+        # delivered already, only queue-send's bookkeeping waits.
+        results = remote_link.LineBatch(writer, RESULT_DELAY)
         try:
             while True:
                 line = await reader.readline()

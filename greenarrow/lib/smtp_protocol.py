@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Callable
 
 MAX_COMMAND = 512
@@ -105,6 +106,7 @@ class SmtpSession(asyncio.Protocol):
         self.tls_pending = False
         self.state: dict = {}  # for the policy (its per-connection notes)
         self._timer: asyncio.TimerHandle | None = None
+        self._active = 0.0  # time.monotonic() of the last input
 
     # -- connection ---------------------------------------------------------
 
@@ -130,12 +132,19 @@ class SmtpSession(asyncio.Protocol):
             self.on_close(self)
 
     def _touch(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.idle_timeout, self._idle)
+        # One timer per connection, moved only when it fires: re-arming a timer
+        # for every command cost a twentieth of smtpd's time.
+        self._active = time.monotonic()
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.idle_timeout, self._idle)
 
     def _idle(self) -> None:
+        left = self._active + self.idle_timeout - time.monotonic()
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._idle)
+            return
+        self._timer = None
         self._write(f"421 4.4.2 {self.policy.hostname} timeout, closing")
         self._close()
 
