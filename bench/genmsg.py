@@ -113,6 +113,32 @@ def single(path: Path, size: int = 5120, seed: int = 1) -> Path:
     return path
 
 
+SIMPLEMH_CLASS = "bench"
+
+
+def simplemh(text: str, links: int = 10) -> str:
+    """The message as a SimpleMH sender injects it: a Mail Class header, links to track,
+    and no List-Unsubscribe of its own (the Mail Class adds it)."""
+    head, sep, body = text.partition("\n\n")
+    kept = [line for line in head.split("\n") if not line.startswith("List-Unsubscribe")]
+    items = "".join(
+        f'<li><a href="https://bench.test/article/{i}?from=weekly">Article {i}</a></li>\n'
+        for i in range(links)
+    )
+    body = body.replace("</h1>\n", f"</h1>\n<ul>\n{items}</ul>\n", 1)
+    return "\n".join([*kept, f"X-GreenArrow-MailClass: {SIMPLEMH_CLASS}"]) + sep + body
+
+
+def single_simplemh(path: Path, size: int = 5120, seed: int = 1) -> Path:
+    """`single`, as SimpleMH mail (see `simplemh`)."""
+    if not path.exists() or path.stat().st_size == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(simplemh(make_message(random.Random(seed), 0, size)))
+        tmp.replace(path)
+    return path
+
+
 def many(folder: Path, count: int, size: int = 5120, seed: int = 1) -> list[Path]:
     """Write (once, cached by a `.done` marker) `count` distinct messages for CLI injection."""
     done = folder / ".done"

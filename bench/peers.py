@@ -42,6 +42,35 @@ ip_address * {{
 """
 
 
+# The simplemh scenario's Mail Class (its name is in bench.genmsg.SIMPLEMH_CLASS):
+# click and open tracking, an encoded bounce address, List-Unsubscribe; and
+# a DKIM key for the sender's domain (RSA 2048, made once per work folder).
+SIMPLEMH_CONF = """
+mail_class bench {
+  track_clicks_and_opens yes
+  url_domain https://click.bench.test
+  bounce_address bounces@bench.test
+  list_unsubscribe yes
+}
+"""
+SENDER_DOMAIN = "bench.test"
+
+
+def dkim_key(path: Path, work: Path) -> None:
+    """Copy the bench's DKIM key to `path`, making it first if needed."""
+    made = work / "dkim-rsa2048.pem"
+    if not made.exists():
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        made.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(made, path)
+
+
 def run_cmd(
     argv: list[str], timeout: float = 120.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -66,8 +95,13 @@ class Peer:
     name = "mta"
     smtp_port = 0
 
-    def configure(self, sink_port: int, retry_scale: float | None = None) -> None:
-        """Make the MTA relay all mail to 127.0.0.1:sink_port (and retry quickly if asked)."""
+    def configure(self, sink_port: int, retry_scale: float | None = None,
+                  simplemh: bool = False) -> None:
+        """Make the MTA relay all mail to 127.0.0.1:sink_port (and retry quickly if asked).
+
+        `simplemh`: the engine also runs its SimpleMH Mail Class and DKIM
+        (SIMPLEMH_CONF); Postfix has neither and relays the same message as is.
+        """
         raise NotImplementedError
 
     def start(self) -> None:
@@ -136,7 +170,8 @@ class EnginePeer(Peer):
     def _program(self, name: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return run_cmd([sys.executable, "-m", f"greenarrow.bin.{name}", *args], timeout, self.env)
 
-    def configure(self, sink_port: int, retry_scale: float | None = None) -> None:
+    def configure(self, sink_port: int, retry_scale: float | None = None,
+                  simplemh: bool = False) -> None:
         from greenarrow.lib import control
         from greenarrow.lib.install_root import init_root
         from greenarrow.lib.paths import Root
@@ -157,7 +192,11 @@ class EnginePeer(Peer):
             control.write(root.control, "queue.retry.scale", retry_scale)
         if self.ramdisk_mb:
             control.write(root.control, "queue.ram.ramdisk.size", self.ramdisk_mb)
-        (root.control / "greenarrow.conf").write_text(ROUTE_ALL.format(port=sink_port))
+        conf = ROUTE_ALL.format(port=sink_port)
+        if simplemh:
+            conf += SIMPLEMH_CONF
+            dkim_key(root.control / "dkim" / SENDER_DOMAIN / "default.pem", self.work)
+        (root.control / "greenarrow.conf").write_text(conf)
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root_path))
 
     def start(self) -> None:
@@ -330,7 +369,8 @@ class PostfixPeer(Peer):
     def running(self) -> bool:
         return run_cmd(["postfix", "status"], 30).returncode == 0
 
-    def configure(self, sink_port: int, retry_scale: float | None = None) -> None:
+    def configure(self, sink_port: int, retry_scale: float | None = None,
+                  simplemh: bool = False) -> None:
         """The shared harness's main.cf settings; relayhost = the sink. Once per sink port."""
         if self.sink_port == sink_port:
             return

@@ -33,6 +33,13 @@ METRICS: dict[str, list[tuple[str, str, bool | None]]] = {
         ("cpu_ms_per_msg", "MTA CPU per message (ms, all its processes)", False),
         ("load1", "load average (1 min) at run start", None),
     ],
+    "simplemh": [
+        ("msgs_per_s", "msgs/s (first injection -> sink counted N)", True),
+        ("total_s", "time to full delivery (s)", False),
+        ("inject_s", "injector finished (s)", False),
+        ("cpu_ms_per_msg", "MTA CPU per message (ms, all its processes)", False),
+        ("load1", "load average (1 min) at run start", None),
+    ],
     "direct": [
         ("msgs_per_s", "msgs/s, injector -> sink, no MTA (ceiling)", True),
         ("total_s", "time (s)", False),
