@@ -16,14 +16,18 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from greenarrow.lib import control, queue_entry, remote_link
-from greenarrow.lib.dkim_signing import DkimSigner
 from greenarrow.lib.mx import MxError, MxHost, MxResolver
 from greenarrow.lib.paths import Root
 from greenarrow.lib.session_pool import SessionPool
 from greenarrow.lib.smtp_client import Attempt, Timeouts, deliver
 from greenarrow.lib.throttle import Program, Throttles
+
+if TYPE_CHECKING:
+    from greenarrow.lib.dkim_signing import DkimSigner
 
 log = logging.getLogger("remote")
 
@@ -49,7 +53,23 @@ class WorkerSettings:
         )
         servers = control.read(c, "dns.servers")
         self.nameservers = [_parse_server(s) for s in servers] if servers else None
-        self.dkim = DkimSigner.from_control(c)  # keys loaded here, so reload() reloads them
+        # Keys loaded here, so reload() reloads them. Without any key file the
+        # signer (dkimpy and OpenSSL's bindings: 7 MB per worker) is not loaded:
+        # a signer with no keys sends every message unchanged anyway.
+        self.dkim: DkimSigner | None = None
+        if _has_dkim_keys(c):
+            from greenarrow.lib.dkim_signing import DkimSigner
+
+            self.dkim = DkimSigner.from_control(c)
+
+
+def _has_dkim_keys(control_dir: Path) -> bool:
+    """Whether `control/dkim/<domain>/` holds any `.pem` file (dkim_signing's layout)."""
+    try:
+        return any(name.endswith(".pem") for folder in (control_dir / "dkim").iterdir()
+                   if folder.is_dir() for name in os.listdir(folder))
+    except OSError:
+        return False
 
 
 class RemoteWorker:
@@ -183,7 +203,8 @@ class RemoteWorker:
         port = settings.port
         if route and route[1]:
             port = int(route[1])
-        message = (await settings.dkim.sign_async(message, envelope.get("dkim", ""))).message
+        if settings.dkim is not None:
+            message = (await settings.dkim.sign_async(message, envelope.get("dkim", ""))).message
         attempt = Attempt(
             sender=envelope["sender"],
             recipient=recipient,
