@@ -16,6 +16,9 @@ CRLF = b"\r\n"
 
 def to_crlf(data: bytes) -> bytes:
     """Every line ending (LF, CRLF or lone CR) as CRLF."""
+    crlf = data.count(b"\r\n")
+    if crlf == data.count(b"\n") == data.count(b"\r") and data.endswith(b"\r\n"):
+        return data  # already so (what SMTP delivers): counting is cheaper than copying
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     data = data.replace(b"\n", b"\r\n")
@@ -107,8 +110,20 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
 def rfc5322_date(now: float | None = None) -> str:
     """An RFC 5322 date in local time with its numeric zone (no email package)."""
+    global _last_date
+    second = int(time.time() if now is None else now)
+    if _last_date[0] == second:  # smtpd stamps hundreds of messages a second
+        return _last_date[1]
+    _last_date = (second, _format_date(second))
+    return _last_date[1]
+
+
+def _format_date(now: int) -> str:
     t = time.localtime(now)
     offset = t.tm_gmtoff // 60
     sign = "+" if offset >= 0 else "-"

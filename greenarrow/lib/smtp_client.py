@@ -234,6 +234,10 @@ class Session:
         "_writer",
         "_t",
         "_closed",
+        "_deadline",
+        "_waiter",
+        "_watchdog",
+        "_timed_out",
     )
 
     def __init__(
@@ -254,6 +258,10 @@ class Session:
         self._writer = writer
         self._t = timeouts
         self._closed = False
+        self._deadline = 0.0  # of the read or drain under way (loop time)
+        self._waiter: asyncio.Task | None = None  # the task in that read or drain
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     @classmethod
     async def open(
@@ -472,6 +480,9 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.broken:
             self._writer.transport.abort()
         else:
@@ -579,31 +590,79 @@ class Session:
         self._writer.write(command)
         return await self._read(timeout)
 
+    # Timeouts of reads and drains: one timer per session, moved only when it
+    # fires early (as smtpd's idle timer). An `asyncio.timeout` per read cost
+    # a tenth of a worker's time: a timer scheduled and cancelled five times
+    # per message for timeouts that almost never expire.
+
+    def _arm(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        self._waiter = asyncio.current_task()
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > self._deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(self._deadline, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self._waiter is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._watchdog = loop.call_at(self._deadline, self._watch)
+            return
+        self._timed_out = True
+        self._waiter.cancel()
+
+    def _timed_out_now(self) -> bool:
+        """After a CancelledError: whether the watchdog caused it (then undo its cancel)."""
+        if not self._timed_out:
+            return False
+        self._timed_out = False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
     async def _drain(self, timeout: float) -> None:
+        self._arm(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
-        except (OSError, EOFError) as exc:  # TimeoutError is an OSError
+            await self._writer.drain()
+        except asyncio.CancelledError:
+            if self._timed_out_now():
+                raise _Dead from None
+            raise
+        except (OSError, EOFError) as exc:
             raise _Dead from exc
+        finally:
+            self._waiter = None
 
     async def _read(self, timeout: float) -> tuple[int, list[bytes]]:
         """One reply, multi-line included: (code, lines without CRLF)."""
         reader = self._reader
         lines: list[bytes] = []
+        self._arm(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    line = await reader.readline()
-                    if not line.endswith(b"\n"):
-                        raise _Dead  # EOF, maybe in the middle of a line
-                    line = line.rstrip(b"\r\n")
-                    lines.append(line)
-                    if len(line) < 4 or line[3] != 0x2D:  # not "xyz-": the last line
-                        break
-                    if len(lines) >= MAX_REPLY_LINES:
-                        raise _Dead
+            while True:
+                line = await reader.readline()
+                if not line.endswith(b"\n"):
+                    raise _Dead  # EOF, maybe in the middle of a line
+                line = line.rstrip(b"\r\n")
+                lines.append(line)
+                if len(line) < 4 or line[3] != 0x2D:  # not "xyz-": the last line
+                    break
+                if len(lines) >= MAX_REPLY_LINES:
+                    raise _Dead
+        except asyncio.CancelledError:
+            if self._timed_out_now():
+                raise _Dead from None
+            raise
         except (OSError, EOFError, ValueError) as exc:  # ValueError: line over the limit
             raise _Dead from exc
+        finally:
+            self._waiter = None
         code = lines[-1][:3]
         if len(code) != 3 or not code.isdigit():
             raise _Dead

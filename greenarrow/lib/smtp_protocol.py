@@ -371,7 +371,7 @@ class SmtpSession(asyncio.Protocol):
 
 
 def _longest_line(data: bytes) -> int:
-    return max(len(line) + 2 for line in data.split(b"\r\n"))
+    return max(map(len, data.split(b"\r\n"))) + 2
 
 
 def _unstuff(data: bytes) -> bytes:
