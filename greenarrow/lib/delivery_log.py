@@ -71,17 +71,6 @@ _NFIELDS = len(FIELDS)
 _NEUTRALISE = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
 
 
-def _column(name: str, value: Any) -> str:
-    """One column's text: numbers and booleans in the log's canonical form."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if name == "timestamp" and isinstance(value, int | float):
-        return f"{value:.3f}"
-    return str(value).translate(_NEUTRALISE)
-
-
 def format_line(record: Mapping[str, Any]) -> str:
     """The log line for one attempt, ending with a newline.
 
@@ -90,6 +79,21 @@ def format_line(record: Mapping[str, Any]) -> str:
     has no escaping. A numeric timestamp is written with milliseconds.
     """
     return "\t".join([_column(name, record.get(name)) for name in FIELDS]) + "\n"
+
+
+def _column(name: str, value: Any) -> str:
+    """One column's text: numbers and booleans in the log's canonical form."""
+    if type(value) is str:  # most columns: checked, not copied, when clean
+        if "\t" in value or "\n" in value or "\r" in value:
+            return value.translate(_NEUTRALISE)
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if name == "timestamp" and isinstance(value, int | float):
+        return f"{value:.3f}"
+    return str(value).translate(_NEUTRALISE)
 
 
 def parse_line(line: str) -> dict[str, str]:

@@ -61,13 +61,12 @@ def split_headers(msg: bytes) -> tuple[list[Header], int]:
             pos = eol + 2
             continue
         colon = msg.find(b":", pos, eol)
-        if (
-            colon <= pos
-            or b" " in msg[pos:colon].rstrip(b" \t")
-            or b"\t" in msg[pos:colon].rstrip(b" \t")
-        ):
+        if colon <= pos:
             return headers, pos  # not a header field: the body starts here
-        headers.append(Header(msg[pos:colon].rstrip(b" \t").lower(), pos, min(eol + 2, n), colon))
+        name = msg[pos:colon].rstrip(b" \t")
+        if b" " in name or b"\t" in name:
+            return headers, pos
+        headers.append(Header(name.lower(), pos, eol + 2 if eol < n else n, colon))
         pos = eol + 2
     return headers, n
 

@@ -123,16 +123,31 @@ def read_envelope(path: str | os.PathLike) -> dict:
     """The envelope line alone, without reading the message."""
     import json
 
-    with open(path, "rb") as f:
-        line = f.readline()
-    if not line.endswith(b"\n"):
-        raise ValueError(f"{path}: queue entry has no envelope line")
-    return json.loads(line)
+    # os.read rather than a file object: queue-send reads one per attempt.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.read(fd, 4096)
+        nl = head.find(b"\n")
+        while nl < 0:
+            more = os.read(fd, 65536)
+            if not more:
+                raise ValueError(f"{path}: queue entry has no envelope line")
+            head += more
+            nl = head.find(b"\n")
+    finally:
+        os.close(fd)
+    return json.loads(head[:nl])
 
 
 def read_entry(path: str | os.PathLike) -> tuple[dict, bytes]:
-    with open(path, "rb") as f:
-        return decode_entry(f.read())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
+        while chunks[-1]:  # the file grew, or a short read: read to the end
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return decode_entry(b"".join(chunks))
 
 
 def ensure_queue_dirs(queue_dir: str | os.PathLike) -> None:
