@@ -82,6 +82,7 @@ class RemoteWorker:
         self.resolver = MxResolver(self.settings.nameservers)
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.batches: set[remote_link.LineBatch] = set()  # the result lines of each link
         self.throttles = Throttles()
         self.pool = SessionPool()
         self.connections = 0  # attempts under way (for system_max_smtp_connections)
@@ -127,6 +128,8 @@ class RemoteWorker:
             self.server.close()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
+        for batch in self.batches:  # results still waiting for company: out now, or
+            batch.flush()           # queue-send would try those messages again
         if getattr(self, "housekeeping", None) is not None:
             self.housekeeping.cancel()
         await self.pool.close_all()
@@ -135,6 +138,7 @@ class RemoteWorker:
         # Results wait up to RESULT_DELAY to share a write: the message is
         # delivered already, only queue-send's bookkeeping waits.
         results = remote_link.LineBatch(writer, RESULT_DELAY)
+        self.batches.add(results)
         try:
             while True:
                 line = await reader.readline()
@@ -146,6 +150,8 @@ class RemoteWorker:
                 task.add_done_callback(self.tasks.discard)
         except (ConnectionError, ValueError) as e:
             log.warning("queue-send link closed: %s", e)
+        finally:
+            self.batches.discard(results)
 
     async def _attempt(self, job: dict, results: remote_link.LineBatch) -> None:
         try:
