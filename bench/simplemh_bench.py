@@ -12,9 +12,10 @@ URLs in the text part, with X-GreenArrow-MailClass/-InstanceID/
 -Click-Tracking-ID headers. "Full SimpleMH processing" is what injection
 does between reading the message and writing the queue entry:
 `injection.prepare()` (header scan, identifiers, Mail Class, every
-X-GreenArrow-* header) and `message_for(recipient)` (MIME walk, link
-rewriting, open pixel, re-encoding, X-Mailer-Info, List-Unsubscribe,
-bounce address), for one recipient.
+X-GreenArrow-* header; the MIME walk, decoding and link finding, once per
+message), `sender(recipient)` (the bounce address) and
+`message_for(recipient)` (signed links, open pixel, re-encoding,
+X-Mailer-Info, List-Unsubscribe), for one recipient.
 
 The comparisons produce the same message with Python's `email` package
 and the standard library only (`hmac` signatures through PyEncoder, `re`

@@ -23,6 +23,13 @@ Python-level API:
 - Signer.url(base, prefix, url, tag_bytes=10) -> bytes   base + data(...)
 - Signer.replacements(kinds, targets, prefixes, bases, pixel_open, pixel_close)
       the tracking URLs (or open pixel) of a part's slots, in one loop
+- Signer.link(base, kind, flags, fields, url=b"") -> bytes
+      base + DATA for the payload bytes((1, kind, flags)) + fields + url
+      (tracking DATA's layout: greenarrow.lib.tracking_url)
+- Signer.links(kinds, targets, fields, flags, bases, pixel_open, pixel_close)
+      Signer.replacements for one recipient's `fields`, without prefix
+      objects: the state after each kind's prefix is computed once per call
+- Signer.links_packed(...) -> (data, offsets)   links() in one buffer
 - b64url(data: bytes) -> bytes             base64url without padding
 - sha_extensions(enabled=None) -> bool     whether the x86 SHA extensions are in use
       (detected at import; tests turn them off to check the portable code)
@@ -91,6 +98,8 @@ cdef extern from *:
         STATE1 = _mm_blend_epi16(STATE1, TMP, 0xF0);
         ABEF_SAVE = STATE0;
         CDGH_SAVE = STATE1;
+        /* fully unrolled: g is then a constant and W[] lives in registers */
+        #pragma GCC unroll 16
         for (g = 0; g < 16; g++) {
             if (g < 4)
                 W[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 16 * g)), MASK);
@@ -136,13 +145,15 @@ cdef bint _use_shani = ga_cpu_has_shani()
 
 
 def sha_extensions(enabled=None):
-    """Whether the x86 SHA extensions are used (for tests: False forces the portable C code).
+    """Whether the x86 SHA extensions (and SSSE3 for base64url) are used (for tests: False
+    forces the portable C code).
 
     With an argument, turn them on (only if the CPU has them) or off; returns the setting.
     """
-    global _use_shani
+    global _use_shani, ga_use_ssse3
     if enabled is not None:
         _use_shani = bool(enabled) and bool(ga_cpu_has_shani())
+        ga_use_ssse3 = bool(enabled) and bool(ga_cpu_has_ssse3())
     return bool(_use_shani)
 
 
@@ -229,29 +240,109 @@ cdef void _final(Sha* s, unsigned char* out) noexcept nogil:
         out[4 * i + 3] = <unsigned char>s.h[i]
 
 
-cdef Py_ssize_t _b64url(const unsigned char* src, Py_ssize_t n, unsigned char* out) noexcept nogil:
-    cdef Py_ssize_t i = 0, w = 0
-    cdef uint32_t v
-    while i + 3 <= n:
-        v = (<uint32_t>src[i] << 16) | (<uint32_t>src[i + 1] << 8) | src[i + 2]
-        out[w] = B64URL[(v >> 18) & 63]
-        out[w + 1] = B64URL[(v >> 12) & 63]
-        out[w + 2] = B64URL[(v >> 6) & 63]
-        out[w + 3] = B64URL[v & 63]
-        w += 4
-        i += 3
-    if n - i == 1:
-        v = <uint32_t>src[i] << 16
-        out[w] = B64URL[(v >> 18) & 63]
-        out[w + 1] = B64URL[(v >> 12) & 63]
-        w += 2
-    elif n - i == 2:
-        v = (<uint32_t>src[i] << 16) | (<uint32_t>src[i + 1] << 8)
-        out[w] = B64URL[(v >> 18) & 63]
-        out[w + 1] = B64URL[(v >> 12) & 63]
-        out[w + 2] = B64URL[(v >> 6) & 63]
-        w += 3
-    return w
+cdef extern from *:
+    """
+    #include <string.h>
+    /* base64url in pairs: the two characters of each 12-bit value, in memory order */
+    static uint16_t ga_b64url_pairs[4096];
+
+    static void ga_b64url_init(const char *alphabet) {
+        int i;
+        for (i = 0; i < 4096; i++) {
+            unsigned char *p = (unsigned char *)&ga_b64url_pairs[i];
+            p[0] = (unsigned char)alphabet[i >> 6];
+            p[1] = (unsigned char)alphabet[i & 63];
+        }
+    }
+
+    /* base64url of src[0:n] without padding at out; the number of characters written */
+    static Py_ssize_t ga_b64url_scalar(const unsigned char *restrict src, Py_ssize_t n,
+                                       unsigned char *restrict out, const char *alphabet) {
+        Py_ssize_t i = 0, w = 0;
+        uint32_t v;
+        while (i + 3 <= n) {
+            v = ((uint32_t)src[i] << 16) | ((uint32_t)src[i + 1] << 8) | src[i + 2];
+            memcpy(out + w, &ga_b64url_pairs[v >> 12], 2);
+            memcpy(out + w + 2, &ga_b64url_pairs[v & 0xFFF], 2);
+            w += 4;
+            i += 3;
+        }
+        if (n - i == 1) {
+            v = (uint32_t)src[i] << 16;
+            out[w] = alphabet[(v >> 18) & 63];
+            out[w + 1] = alphabet[(v >> 12) & 63];
+            w += 2;
+        } else if (n - i == 2) {
+            v = ((uint32_t)src[i] << 16) | ((uint32_t)src[i + 1] << 8);
+            out[w] = alphabet[(v >> 18) & 63];
+            out[w + 1] = alphabet[(v >> 12) & 63];
+            out[w + 2] = alphabet[(v >> 6) & 63];
+            w += 3;
+        }
+        return w;
+    }
+
+    static int ga_use_ssse3 = 0;
+
+    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    /* 12 bytes to 16 characters at a time (W. Mula's method), for inputs of 16 bytes or more */
+    __attribute__((target("ssse3")))
+    static Py_ssize_t ga_b64url_ssse3(const unsigned char *src, Py_ssize_t n,
+                                      unsigned char *out, const char *alphabet) {
+        Py_ssize_t i = 0, w = 0;
+        const __m128i shuf = _mm_set_epi8(10, 11, 9, 10, 7, 8, 6, 7, 4, 5, 3, 4, 1, 2, 0, 1);
+        const __m128i m0 = _mm_set1_epi32(0x0fc0fc00), mul0 = _mm_set1_epi32(0x04000040);
+        const __m128i m1 = _mm_set1_epi32(0x003f03f0), mul1 = _mm_set1_epi32(0x01000010);
+        /* per range of 6-bit values, what turns it into its character: A-Z a-z 0-9 - _ */
+        const __m128i lut = _mm_setr_epi8(65, 71, -4, -4, -4, -4, -4, -4, -4, -4, -4, -4,
+                                          -17, 32, 0, 0);
+        const __m128i c51 = _mm_set1_epi8(51), c25 = _mm_set1_epi8(25);
+        while (i + 16 <= n) {
+            __m128i in = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + i)), shuf);
+            __m128i idx = _mm_or_si128(_mm_mulhi_epu16(_mm_and_si128(in, m0), mul0),
+                                       _mm_mullo_epi16(_mm_and_si128(in, m1), mul1));
+            __m128i r = _mm_sub_epi8(_mm_subs_epu8(idx, c51), _mm_cmpgt_epi8(idx, c25));
+            _mm_storeu_si128((__m128i *)(out + w), _mm_add_epi8(idx, _mm_shuffle_epi8(lut, r)));
+            i += 12;
+            w += 16;
+        }
+        return w + ga_b64url_scalar(src + i, n - i, out + w, alphabet);
+    }
+
+    static int ga_cpu_has_ssse3(void) {
+        unsigned int a, b, c, d;
+        if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+        return (c >> 9) & 1;
+    }
+    #else
+    static Py_ssize_t ga_b64url_ssse3(const unsigned char *src, Py_ssize_t n,
+                                      unsigned char *out, const char *alphabet) {
+        return ga_b64url_scalar(src, n, out, alphabet);
+    }
+    static int ga_cpu_has_ssse3(void) { return 0; }
+    #endif
+
+    static Py_ssize_t ga_b64url(const unsigned char *src, Py_ssize_t n, unsigned char *out,
+                                const char *alphabet) {
+        if (ga_use_ssse3 && n >= 16)
+            return ga_b64url_ssse3(src, n, out, alphabet);
+        return ga_b64url_scalar(src, n, out, alphabet);
+    }
+    """
+    int ga_use_ssse3
+    int ga_cpu_has_ssse3() noexcept nogil
+    void ga_b64url_init(const char* alphabet) noexcept nogil
+    Py_ssize_t ga_b64url(const unsigned char* src, Py_ssize_t n, unsigned char* out,
+                         const char* alphabet) noexcept nogil
+
+
+ga_b64url_init(B64URL)
+ga_use_ssse3 = ga_cpu_has_ssse3()
+
+
+cdef inline Py_ssize_t _b64url(const unsigned char* src, Py_ssize_t n, unsigned char* out) noexcept nogil:
+    """base64url of src[0:n] without padding at out (src and out do not overlap)."""
+    return ga_b64url(src, n, out, B64URL)
 
 
 def b64url(bytes data):
@@ -334,29 +425,176 @@ cdef class Signer:
     cdef bytes _data(self, bytes base, bytes prefix, bytes url, int tag_bytes):
         """base + base64url(prefix + url + tag), built in one allocation."""
         cdef Sha s = self.cached[self._slot(prefix)]
+        return self._sign(&s, NULL, 0, <const unsigned char*>PyBytes_AS_STRING(prefix),
+                          PyBytes_GET_SIZE(prefix), NULL, 0, url, base, None, tag_bytes)
+
+    cdef bytes _sign(self, Sha* s, const unsigned char* head, Py_ssize_t nh,
+                     const unsigned char* fields, Py_ssize_t nf, const unsigned char* pre,
+                     Py_ssize_t npre, bytes url, bytes base, bytes post, int tag_bytes):
+        """pre + base + base64url(head + fields + url + tag) + post, in one allocation.
+
+        `s` is the HMAC inner state after head + fields (it is updated with url).
+        """
+        cdef Py_ssize_t nb = PyBytes_GET_SIZE(base), nu = PyBytes_GET_SIZE(url), npost = 0
+        cdef const unsigned char* p = NULL
+        if post is not None:
+            p = <const unsigned char*>PyBytes_AS_STRING(post)
+            npost = PyBytes_GET_SIZE(post)
+        out = PyBytes_FromStringAndSize(
+            NULL, npre + nb + (((nh + nf + nu + tag_bytes) * 4 + 2) // 3) + npost)
+        self._sign_into(s, head, nh, fields, nf, pre, npre,
+                        <const unsigned char*>PyBytes_AS_STRING(url), nu,
+                        <const unsigned char*>PyBytes_AS_STRING(base), nb, p, npost, tag_bytes,
+                        <unsigned char*>PyBytes_AS_STRING_RW(out))
+        return out
+
+    cdef Py_ssize_t _sign_into(self, Sha* s, const unsigned char* head, Py_ssize_t nh,
+                               const unsigned char* fields, Py_ssize_t nf,
+                               const unsigned char* pre, Py_ssize_t npre,
+                               const unsigned char* url, Py_ssize_t nu,
+                               const unsigned char* base, Py_ssize_t nb,
+                               const unsigned char* post, Py_ssize_t npost, int tag_bytes,
+                               unsigned char* o) except -1:
+        """Write pre + base + base64url(head + fields + url + tag) + post at o; its length.
+
+        `s` is the HMAC inner state after head + fields (it is updated with url).
+        """
         cdef unsigned char tag[32]
         cdef unsigned char stack[2048]
         cdef unsigned char* b = stack
-        cdef Py_ssize_t nb = PyBytes_GET_SIZE(base), np = PyBytes_GET_SIZE(prefix)
-        cdef Py_ssize_t nu = PyBytes_GET_SIZE(url), total, enc
-        _update(&s, <const unsigned char*>PyBytes_AS_STRING(url), nu)
-        self._tag(&s, tag)
-        total = np + nu + tag_bytes
+        cdef Py_ssize_t total = nh + nf + nu + tag_bytes, enc = (total * 4 + 2) // 3
+        _update(s, url, nu)
+        self._tag(s, tag)
         if total > 2048:
             b = <unsigned char*>PyMem_Malloc(total)
             if b == NULL:
                 raise MemoryError()
-        memcpy(b, PyBytes_AS_STRING(prefix), np)
-        memcpy(b + np, PyBytes_AS_STRING(url), nu)
-        memcpy(b + np + nu, tag, tag_bytes)
-        enc = (total * 4 + 2) // 3
-        out = PyBytes_FromStringAndSize(NULL, nb + enc)
-        cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING_RW(out)
-        memcpy(o, PyBytes_AS_STRING(base), nb)
-        _b64url(b, total, o + nb)
+        if nh:
+            memcpy(b, head, nh)
+        memcpy(b + nh, fields, nf)
+        memcpy(b + nh + nf, url, nu)
+        memcpy(b + nh + nf + nu, tag, tag_bytes)
+        if npre:
+            memcpy(o, pre, npre)
+        memcpy(o + npre, base, nb)
+        _b64url(b, total, o + npre + nb)
+        if npost:
+            memcpy(o + npre + nb + enc, post, npost)
         if b != stack:
             PyMem_Free(b)
-        return out
+        return npre + nb + enc + npost
+
+    cdef void _prefix_state(self, Sha* s, unsigned char* head, int kind, int flags,
+                            bytes fields) noexcept:
+        """s = the inner state after bytes((1, kind, flags)) + fields; head = those 3 bytes."""
+        head[0] = 1
+        head[1] = <unsigned char>kind
+        head[2] = <unsigned char>flags
+        s[0] = self.inner
+        _update(s, head, 3)
+        _update(s, <const unsigned char*>PyBytes_AS_STRING(fields), PyBytes_GET_SIZE(fields))
+
+    def link(self, bytes base, int kind, int flags, bytes fields, bytes url=b""):
+        """base + DATA, DATA being base64url(payload + HMAC(payload)[:10]) for the payload
+        bytes((1, kind, flags)) + fields + url: a tracking URL (or, with base b"", the DATA
+        of X-Mailer-Info) as greenarrow.lib.tracking_url.encode() makes it."""
+        cdef Sha s
+        cdef unsigned char head[3]
+        if not 0 <= kind <= 255 or not 0 <= flags <= 255:
+            raise ValueError("kind and flags are bytes")
+        self._prefix_state(&s, head, kind, flags, fields)
+        return self._sign(&s, head, 3, <const unsigned char*>PyBytes_AS_STRING(fields),
+                          PyBytes_GET_SIZE(fields), NULL, 0, url, base, None, 10)
+
+    def links(self, bytes kinds, list targets, bytes fields, int flags, tuple bases,
+              bytes pixel_open, bytes pixel_close):
+        """The bytes that replace each slot of a part, for one recipient: replacements()
+        with the payload prefix of kind k being bytes((1, k, flags)) + fields.
+
+        kinds[i] (one byte per slot): b"c" -> bases[0] + DATA(c, targets[i]);
+        b"u" -> bases[1] + DATA(u, targets[i]); b"p" -> pixel_open + bases[2] +
+        DATA(o, b"") + pixel_close; b"s" -> targets[i] as it is; anything else
+        -> b"" (a slot removed). The state after each kind's prefix is computed
+        once per call.
+        """
+        data, offsets = self.links_packed(kinds, targets, fields, flags, bases,
+                                          pixel_open, pixel_close)
+        cdef const Py_ssize_t* off = <const Py_ssize_t*>PyBytes_AS_STRING(offsets)
+        return [data[off[i]:off[i + 1]] for i in range(PyBytes_GET_SIZE(kinds))]
+
+    def links_packed(self, bytes kinds, list targets, bytes fields, int flags, tuple bases,
+                     bytes pixel_open, bytes pixel_close):
+        """links() in one buffer: (data, offsets), slot i's replacement being
+        data[off[i]:off[i + 1]], `off` the n + 1 native Py_ssize_t packed in `offsets`.
+
+        One allocation for every slot of a part, for callers in C
+        (greenarrow.pyx.simplemh) that copy the replacements on at once.
+        """
+        cdef Py_ssize_t i, n = PyBytes_GET_SIZE(kinds), total = 0, w = 0, nt
+        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(kinds)
+        cdef const unsigned char* f = <const unsigned char*>PyBytes_AS_STRING(fields)
+        cdef Py_ssize_t nf = PyBytes_GET_SIZE(fields)
+        cdef Sha states[3]
+        cdef Sha s
+        cdef unsigned char heads[9]
+        cdef bint have[3]
+        cdef int which
+        cdef bytes target, base
+        cdef Py_ssize_t* off
+        cdef unsigned char* o
+        if len(targets) != n or len(bases) != 3:
+            raise ValueError("one target per kind, and three bases")
+        if not 0 <= flags <= 255:
+            raise ValueError("flags is a byte")
+        for i in range(3):
+            if type(bases[i]) is not bytes:
+                raise TypeError("bases are bytes")
+        for i in range(n):  # the sizes first: one allocation
+            target = <bytes?>targets[i]
+            nt = PyBytes_GET_SIZE(target)
+            if k[i] == 99 or k[i] == 117:  # c u
+                total += (PyBytes_GET_SIZE(<bytes>bases[0 if k[i] == 99 else 1])
+                          + ((3 + nf + nt + 10) * 4 + 2) // 3)
+            elif k[i] == 112:  # p
+                total += (PyBytes_GET_SIZE(pixel_open) + PyBytes_GET_SIZE(<bytes>bases[2])
+                          + ((3 + nf + 10) * 4 + 2) // 3 + PyBytes_GET_SIZE(pixel_close))
+            elif k[i] == 115:  # s
+                total += nt
+        data = PyBytes_FromStringAndSize(NULL, total)
+        offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * sizeof(Py_ssize_t))
+        o = <unsigned char*>PyBytes_AS_STRING_RW(data)
+        off = <Py_ssize_t*>PyBytes_AS_STRING_RW(offsets)
+        have[0] = have[1] = have[2] = False
+        for i in range(n):
+            off[i] = w
+            target = <bytes>targets[i]
+            if k[i] == 99 or k[i] == 117 or k[i] == 112:  # c u p
+                which = 0 if k[i] == 99 else (1 if k[i] == 117 else 2)
+                if not have[which]:
+                    self._prefix_state(&states[which], heads + 3 * which,
+                                       111 if which == 2 else k[i], flags, fields)
+                    have[which] = True
+                s = states[which]
+                base = <bytes>bases[which]
+                if which == 2:
+                    w += self._sign_into(
+                        &s, heads + 6, 3, f, nf,
+                        <const unsigned char*>PyBytes_AS_STRING(pixel_open),
+                        PyBytes_GET_SIZE(pixel_open), NULL, 0,
+                        <const unsigned char*>PyBytes_AS_STRING(base), PyBytes_GET_SIZE(base),
+                        <const unsigned char*>PyBytes_AS_STRING(pixel_close),
+                        PyBytes_GET_SIZE(pixel_close), 10, o + w)
+                else:
+                    w += self._sign_into(
+                        &s, heads + 3 * which, 3, f, nf, NULL, 0,
+                        <const unsigned char*>PyBytes_AS_STRING(target), PyBytes_GET_SIZE(target),
+                        <const unsigned char*>PyBytes_AS_STRING(base), PyBytes_GET_SIZE(base),
+                        NULL, 0, 10, o + w)
+            elif k[i] == 115:  # s
+                memcpy(o + w, PyBytes_AS_STRING(target), PyBytes_GET_SIZE(target))
+                w += PyBytes_GET_SIZE(target)
+        off[n] = w
+        return data, offsets
 
     def data(self, bytes prefix, bytes url, int tag_bytes=10):
         """base64url(prefix + url + HMAC(prefix + url)[:tag_bytes]), without padding."""

@@ -185,3 +185,11 @@ def test_decode_fuzz(text: str) -> None:
     assume("@" in text or True)
     with pytest.raises(ba.BounceAddressError):
         ba.decode(text, C, mailer_info=text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=40))
+def test_escape_remembered_is_escape(text: str) -> None:
+    """escape() remembers recent fields (a message's ListID and SendID, each recipient twice)."""
+    assert ba.escape(text) == ba._escape(text) == ba.escape(text)
+    assert len(ba._escaped) <= 4096

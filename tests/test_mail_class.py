@@ -120,6 +120,35 @@ def test_cache_written_reused_and_invalidated(root: Root, monkeypatch: pytest.Mo
     assert mail_class.load(str(root.path)).get("news").listid == "t200"
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-stat", "os-stat"])
+def test_edit_seen_with_either_stat(root: Root, monkeypatch: pytest.MonkeyPatch,
+                                    compiled: bool) -> None:
+    """Once SimpleMH has loaded its extension, load() stats greenarrow.conf through it; the
+    key is the same, and an edit is seen by the next call either way."""
+    from greenarrow.pyx import simplemh as fast
+
+    if compiled:
+        monkeypatch.setitem(sys.modules, "greenarrow.pyx.simplemh", fast)
+    else:
+        monkeypatch.delitem(sys.modules, "greenarrow.pyx.simplemh", raising=False)
+    write_conf(root, CLASSES)
+    first = mail_class.load(str(root.path))
+    assert mail_class.load(str(root.path)) is first  # unchanged: the memo
+    write_conf(root, CLASSES.replace("listid t100", "listid t2"))
+    assert mail_class.load(str(root.path)).get("news").listid == "t2"
+    conf_path = root.control / "greenarrow.conf"
+    st = os.stat(conf_path)
+    assert fast.file_key(os.fsencode(conf_path)) == mail_class._stat_key(st)
+    conf_path.unlink()
+    assert mail_class.load(str(root.path)) is mail_class.EMPTY
+
+
+@pytest.mark.parametrize("now", [0, 86399.9, 86400, -0.5, 1.7e9, 1.7e9 + 86400 * 3.3, 4e9])
+def test_utc_day_is_strftime(now: float) -> None:
+    for _ in range(2):  # computed, then remembered
+        assert mail_class._utc_day(now) == time.strftime("%Y%m%d", time.gmtime(now))
+
+
 def test_broken_file_keeps_the_last_good_cache(root: Root) -> None:
     write_conf(root, CLASSES)
     good = mail_class.load(str(root.path))

@@ -640,3 +640,28 @@ def test_header_bytes_outside_x_greenarrow_preserved(root: Root, block: list[byt
     assert {h.name for h in out_headers[len(kept):]} <= {
         b"message-id", b"date", b"x-mailer-info", b"list-unsubscribe", b"list-unsubscribe-post"}
     assert out[out_body:] == message[body_start:]
+
+
+def test_resolve_is_remembered_for_the_same_inputs(root: Root) -> None:
+    """A long-lived injector resolves a campaign's headers once: the same inputs give the same
+    Job; another header value, day, greenarrow.conf or control/ gives a new one."""
+    from greenarrow.lib import simplemh
+
+    r = str(root.path)
+    classes, settings = mail_class.load(r), simplemh.root_settings(r)
+    ids, sources = {"mailclass": "news"}, {"mailclass": "header X-GreenArrow-MailClass"}
+    values = {b"x-greenarrow-click-tracking-id": "7"}
+    job = simplemh.resolve(values, ids, sources, classes, settings, 1.7e9)
+    assert simplemh.resolve(dict(values), dict(ids), dict(sources), classes, settings,
+                            1.7e9 + 60) is job
+    other = simplemh.resolve({b"x-greenarrow-click-tracking-id": "8"}, ids, sources, classes,
+                             settings, 1.7e9)
+    assert other is not job and other.click_tracking_id == "8"
+    tomorrow = simplemh.resolve(values, ids, sources, classes, settings, 1.7e9 + 86400)
+    assert tomorrow is not job and tomorrow.sendid != job.sendid  # no InstanceID: the date
+    (root.control / "greenarrow.conf").write_text(CONF.replace("listid t100", "listid t9"))
+    again = simplemh.resolve(values, ids, sources, mail_class.load(r), settings, 1.7e9)
+    assert again is not job and again.listid == "t9"
+    with pytest.raises(InjectionError):  # errors are not remembered
+        simplemh.resolve({b"x-greenarrow-tracker-format": "d"}, ids, sources, classes,
+                         settings, 1.7e9)

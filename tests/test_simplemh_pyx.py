@@ -298,3 +298,144 @@ def test_qp_render_keeps_encoded_line_feeds() -> None:
     assert out.count(b"\r\n") == 2
     assert binascii.a2b_qp(out) == b"a\nb https://t.example/c?D\r\nnext\r\n"
     assert out.endswith(b"\r\nnext\r\n")
+
+
+# --------------------------------------------------------------------------- exact references
+
+
+def _delimiters_by_lines(msg: bytes, start: int, end: int, boundary: bytes) -> list:
+    """find_delimiters as a plain line-by-line scan (what the compiled search must agree with)."""
+    out: list = []
+    n = min(end, len(msg))
+    pos = start
+    while boundary and pos < n:
+        eol = msg.find(b"\r\n", pos, n)
+        stop = n if eol < 0 else eol
+        dash = b"--" + boundary
+        if pos + len(dash) <= n and msg[pos:pos + len(dash)] == dash:
+            q = pos + len(dash)
+            closing = msg[q:q + 2] == b"--" and q + 1 < n
+            rest = msg[q + (2 if closing else 0):stop]
+            if q + (2 if closing else 0) <= stop and rest.strip(b" \t") == b"":
+                out.append((pos, n if eol < 0 else eol + 2, closing))
+                if closing:
+                    return out
+        if eol < 0:
+            break
+        pos = eol + 2
+    return out
+
+
+_body_line = st.sampled_from([b"--b", b"--b--", b"--b  ", b"--bx", b"x--b", b"-", b"--", b"",
+                              b"text", b"\r", b"\n", b"--b\r", b"a\n--b", b"--b\t--"])
+
+
+@FUZZ
+@given(lines=st.lists(_body_line, max_size=20), seps=st.lists(st.sampled_from(
+    [b"\r\n", b"\n", b"\r", b"\r\r\n"]), min_size=20, max_size=20), cut=st.integers(0, 8),
+    trim=st.integers(0, 4))
+def test_find_delimiters_is_a_line_scan(lines: list[bytes], seps: list[bytes], cut: int,
+                                        trim: int) -> None:
+    body = b"".join(line + sep for line, sep in zip(lines, seps, strict=False))
+    start, end = min(cut, len(body)), max(0, len(body) - trim)
+    for boundary in (b"b", b"bx", b"-"):
+        assert (fast.find_delimiters(body, start, end, boundary)
+                == _delimiters_by_lines(body, start, end, boundary))
+
+
+def _qp_line_reference(line: bytes) -> bytes:
+    """One hard line in quoted-printable, byte by byte: the rules qp_encode_line follows."""
+    out, col = bytearray(), 0
+    for i, c in enumerate(line):
+        last = i == len(line) - 1
+        literal = (33 <= c <= 126 and c != 61) or (c in (32, 9) and not last)
+        piece = bytes([c]) if literal else b"=%02X" % c
+        if col + len(piece) > (76 if last else 75):
+            out += b"=\r\n"
+            col = 0
+        out += piece
+        col += len(piece)
+    return bytes(out)
+
+
+@FUZZ
+@given(line=st.lists(st.sampled_from([b"x" * 17, b"word ", b"=", b"\t", b" ", b"\xc3\xa9", b"u",
+                                      b"y" * 80]), max_size=30).map(b"".join))
+def test_qp_encode_line_is_byte_exact(line: bytes) -> None:
+    """The encoder copies runs of literal bytes at once (SSE2): the same bytes as one at a time."""
+    assert fast.qp_encode_line(line) == _qp_line_reference(line)
+    assert fast.qp_encode_line(line, True) == _qp_line_reference(line) + b"\r\n"
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_base64_lines(data: bytes) -> None:
+    encoded = binascii.b2a_base64(data, newline=False)
+    assert fast.base64_lines(data) == b"\r\n".join(encoded[i:i + 76]
+                                                   for i in range(0, len(encoded), 76))
+
+
+def test_file_key_is_the_stat_key(tmp_path) -> None:
+    import os
+
+    path = tmp_path / "greenarrow.conf"
+    path.write_bytes(b"x" * 10)
+    st_ = os.stat(path)
+    key = f"{st_.st_mtime_ns} {st_.st_size} {st_.st_ino}".encode()
+    assert fast.file_key(os.fsencode(path)) == key
+    missing = os.fsencode(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        fast.file_key(missing)
+    assert fast.files_key((os.fsencode(path), missing, os.fsencode(path))) == b";".join(
+        (key, b"-", key))
+
+
+# --------------------------------------------------------------------------- the body plan
+
+
+def _plan(msg: bytes, track: bool = True, base: bytes = b"https://t.example"):
+    fields, body_start = fast.split_headers(msg)
+    return fast.plan_body(msg, fields, body_start, track, True, base, b"<img src=\"", b"\">")
+
+
+def test_plan_body_finds_the_parts() -> None:
+    msg = (b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\npre\r\n--b\r\n"
+           b"Content-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+           b"<a href=3D\"http://x.example/\">x</a></body>\r\n--b\r\n"
+           b"Content-Type: text/plain\r\nContent-Disposition: attachment\r\n\r\nhttp://y/\r\n"
+           b"--b\r\n\r\nsee http://z.example/ and ##unsubscribetag##http://u.example/\r\n"
+           b"--b--\r\n")
+    plan = _plan(msg)
+    assert plan.top is None
+    html, text = plan.parts
+    assert (html.enc, html.text, html.kinds) == (fast.ENC_QP, False, b"cp")
+    assert html.targets == [b"http://x.example/", b""]
+    assert html.raw == b"<a href=3D\"http://x.example/\">x</a></body>"  # the CRLF is the delimiter's
+    assert (text.enc, text.text, text.kinds) == (fast.ENC_IDENTITY, True, b"cu")
+    assert [text.decoded[a:b] for a, b in text.slots] == [
+        b"http://z.example/", b"##unsubscribetag##http://u.example/"]
+    # without a URL domain nothing is signed: only the tag is stripped
+    plain = _plan(msg, track=False, base=b"")
+    (part,) = plain.parts
+    assert part.kinds == b"s"
+    out = plain.render(None, b"", 0, (b"", b"", b""), b"H: 1\r\n", b"", b"A: 2\r\n", b"\r\n")
+    assert out == b"H: 1\r\nA: 2\r\n\r\n" + msg[msg.index(b"\r\n\r\n") + 4:].replace(
+        b"##unsubscribetag##", b"")
+
+
+def test_plan_body_long_line_becomes_quoted_printable() -> None:
+    from greenarrow.pyx import tracksign
+
+    msg = b"Content-Type: text/plain\r\n\r\n" + b"x" * 990 + b" http://a.example/\r\n"
+    plan = _plan(msg)
+    assert plan.top is not None and plan.top.enc == fast.ENC_IDENTITY
+    signer = tracksign.Signer(b"k" * 32)
+    out = plan.render(signer, b"r\x00\x00\x00\x00\x00\x00", 0, (b"C/", b"U/", b"O/"), b"HEAD",
+                      b"HEADQP", b"", b"\r\n")
+    assert out.startswith(b"HEADQP\r\n")
+    assert binascii.a2b_qp(out[8:]).startswith(b"x" * 990 + b" C/")
+
+
+def test_body_plan_only_from_plan_body() -> None:
+    with pytest.raises(ValueError):
+        fast.BodyPlan().render(None, b"", 0, (b"", b"", b""), b"", b"", b"", b"")

@@ -213,3 +213,43 @@ def test_encoder_replacements(sha_mode) -> None:
     assert tu.decode(tu.data_from_url(reps[1].decode())[1], C).kind == "u"
     assert reps[2] == b'<img src="' + enc.url(tu.OPEN, b"", True) + b'">'
     assert reps[3:] == [b"T", b""]
+
+
+def test_signer_link_and_links_are_encode(sha_mode) -> None:
+    """Signer.link/links (one recipient's fields packed once) make exactly encode()'s DATA."""
+    signer = tu.signer(C)
+    assert signer is tu.signer(C)  # cached
+    fields = tu.pack_fields(("r@example.com", "t1", "s1", "news", "i1", "77"),
+                            ("recipient", "listid", "sendid", "mailclass", "instanceid",
+                             "click_tracking_id"))
+    ids = ("r@example.com", "t1", "s1", "news", "i1", "77")
+    for kind in (tu.MAILER_INFO, tu.LIST_UNSUBSCRIBE, tu.CLICK):
+        for flags in (0, 1, 3):
+            expected = tu.encode(C, kind, *ids, url=b"http://a/\xc3\xa9" * (kind == tu.CLICK),
+                                 stateless=bool(flags & 1), text=bool(flags & 2))
+            got = signer.link(b"B/", ord(kind), flags, fields,
+                              b"http://a/\xc3\xa9" * (kind == tu.CLICK))
+            assert got == b"B/" + expected.encode()
+    enc = tu.Encoder(C, BASE, "c", *ids, True)
+    kinds, targets = ["c", "u", "p", "s", "d", "c"], [b"http://a/", b"http://u/", b"", b"T", b"",
+                                                      b"https://x/" * 40]
+    bases = (enc._bases[tu.CLICK], enc._bases[tu.UNSUBSCRIBE], enc._bases[tu.OPEN])
+    for text in (False, True):
+        assert signer.links("".join(kinds).encode(), targets, fields, 1 | (2 if text else 0),
+                            bases, b'<img src="', b'">') == enc.replacements(
+            kinds, targets, text, b'<img src="', b'">')
+        data, offsets = signer.links_packed("".join(kinds).encode(), targets, fields, 1, bases,
+                                            b'<img src="', b'">')
+        off = memoryview(offsets).cast("n").tolist()
+        assert [data[a:b] for a, b in zip(off, off[1:], strict=False)] == signer.links(
+            "".join(kinds).encode(), targets, fields, 1, bases, b'<img src="', b'">')
+    with pytest.raises(ValueError):
+        signer.links(b"cc", [b"x"], fields, 0, bases, b"", b"")
+    with pytest.raises(ValueError):
+        signer.links_packed(b"cc", [b"x"], fields, 0, bases, b"", b"")
+
+
+def test_pack_fields_refuses_nul() -> None:
+    assert tu.pack_fields(("a", "é"), ("x", "y")) == b"a\0\xc3\xa9\0"
+    with pytest.raises(ValueError, match="y may not contain NUL"):
+        tu.pack_fields(("a", "b\0"), ("x", "y"))

@@ -71,8 +71,20 @@ def derive_key(constants: tuple[str, str]) -> bytes:
 _ESCAPES = {i: f"={i:02x}" for i in range(128) if chr(i) not in _LITERAL}
 
 
+_escaped: dict[str, str] = {}  # escape() of recent fields: a message's ListID, SendID, recipients
+
+
 def escape(text: str) -> str:
     """A field as it is written in the local part (see the module docstring)."""
+    out = _escaped.get(text)
+    if out is None:
+        if len(_escaped) >= 4096:
+            _escaped.clear()
+        out = _escaped[text] = _escape(text)
+    return out
+
+
+def _escape(text: str) -> str:
     if text.isascii():
         out = text.translate(_ESCAPES)
         while ".." in out:  # a second dot in a row is escaped: the local part stays a dot-atom
@@ -117,9 +129,27 @@ def unescape(field: str) -> str:
 _B32_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> 2 characters
 
 
+_signers: dict[bytes, object] = {}
+
+
+def _signer(key: bytes) -> object:
+    """The greenarrow.pyx.tracksign.Signer of a key (its HMAC states precomputed), cached."""
+    signer = _signers.get(key)
+    if signer is None:
+        from greenarrow.pyx.tracksign import Signer
+
+        signer = _signers[key] = Signer(key)
+    return signer
+
+
+def _digest(key: bytes, msg: bytes) -> bytes:
+    """HMAC-SHA256(key, msg)."""
+    return (_signers.get(key) or _signer(key)).digest(msg)
+
+
 def _tag(key: bytes, version: str, box: str, listid: str, sendid: str, recipient: str) -> str:
     msg = "\0".join((version, box.lower(), listid, sendid, recipient)).encode("utf-8")
-    n = int.from_bytes(hmac.digest(key, msg, "sha256")[:5], "big")
+    n = int.from_bytes(_digest(key, msg)[:5], "big")
     pairs = _B32_PAIRS
     return pairs[n >> 30] + pairs[(n >> 20) & 1023] + pairs[(n >> 10) & 1023] + pairs[n & 1023]
 
@@ -149,19 +179,38 @@ def mailbox_problem(mailbox: str) -> str | None:
     return None
 
 
+_sends: dict[tuple, tuple] = {}  # what encode() computes once per mailbox, ListID and SendID
+
+
+def _send(mailbox: str, listid: str, sendid: str, constants: tuple[str, str]) -> tuple:
+    box, _, domain = mailbox.rpartition("@")
+    lid = escape(listid)
+    setup = (_signer(derive_key(constants)), box, domain, f"{box}-{lid}-{escape(sendid)}-",
+             f"{box}-{lid}-", f"\0{box.lower()}\0{listid}\0{sendid}\0".encode())
+    if len(_sends) >= 1024:
+        _sends.clear()
+    _sends[mailbox, listid, sendid, constants] = setup
+    return setup
+
+
 def encode(mailbox: str, listid: str, sendid: str, recipient: str,
            constants: tuple[str, str], unsubscribe: bool = False) -> str:
     """The encoded address for one recipient: the full form, or the short one past 64 octets."""
-    box, _, domain = mailbox.rpartition("@")
-    key = derive_key(constants)
-    lid = escape(listid)
-    head = f"{box}-{lid}-{escape(sendid)}-{escape(recipient)}-"
-    if len(head) + 1 + TAG_CHARS <= MAX_LOCAL:
-        version = UNSUBSCRIBE if unsubscribe else BOUNCE
-        return f"{head}{version}{_tag(key, version, box, listid, sendid, recipient)}@{domain}"
-    version = UNSUBSCRIBE_SHORT if unsubscribe else BOUNCE_SHORT
-    tag = _tag(key, version, box, listid, sendid, recipient)
-    local = f"{box}-{lid}-{version}{tag}"
+    setup = _sends.get((mailbox, listid, sendid, constants))
+    signer, box, domain, head, short_head, tag_fields = setup or _send(mailbox, listid, sendid,
+                                                                       constants)
+    head = f"{head}{escape(recipient)}-"
+    # the tag: as _tag(), with the fields after the version packed once per send
+    full = len(head) + 1 + TAG_CHARS <= MAX_LOCAL
+    version = (UNSUBSCRIBE if unsubscribe else BOUNCE) if full else (
+        UNSUBSCRIBE_SHORT if unsubscribe else BOUNCE_SHORT)
+    n = int.from_bytes(signer.digest(version.encode("ascii") + tag_fields
+                                     + recipient.encode("utf-8"))[:5], "big")
+    pairs = _B32_PAIRS
+    tag = pairs[n >> 30] + pairs[(n >> 20) & 1023] + pairs[(n >> 10) & 1023] + pairs[n & 1023]
+    if full:
+        return f"{head}{version}{tag}@{domain}"
+    local = f"{short_head}{version}{tag}"
     if len(local) > MAX_LOCAL:
         local = f"{box}--{version}{tag}"
     return f"{local}@{domain}"

@@ -151,8 +151,9 @@ def prepare(
     if msglib.find(headers, b"date") is None:
         added.append(f"Date: {msglib.rfc5322_date(now)}\r\n".encode("ascii"))
     if classes.classes and (ids.get("mailclass") or classes.default):
-        from greenarrow.lib import simplemh  # only SimpleMH mail pays for it
-
+        simplemh = sys.modules.get("greenarrow.lib.simplemh")
+        if simplemh is None:
+            from greenarrow.lib import simplemh  # only SimpleMH mail pays for it
         renderer = simplemh.prepare(message, headers, body_start, ids, sources, drop, added,
                                     trace, classes, root or "", now)
         simplemh_ids = renderer.ids()

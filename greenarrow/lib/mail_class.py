@@ -40,6 +40,7 @@ This module imports nothing heavy: the parser is imported only to compile.
 from __future__ import annotations
 
 import os
+import sys
 
 GROUPINGS = (
     "per_instanceid_legacy",
@@ -156,6 +157,21 @@ def instanceid_problem(value: str, grouping: str) -> str | None:
     return None
 
 
+_day_memo: tuple[float, str] = (float("nan"), "")  # the last day: (now // 86400, "YYYYMMDD")
+
+
+def _utc_day(now: float) -> str:
+    """time.strftime("%Y%m%d", time.gmtime(now)), remembered for the day."""
+    global _day_memo
+    days = now // 86400
+    memo = _day_memo
+    if memo[0] != days:
+        import time
+
+        memo = _day_memo = (days, time.strftime("%Y%m%d", time.gmtime(now)))
+    return memo[1]
+
+
 def build_sendid(mailclass: str, instanceid: str, grouping: str, now: float) -> str:
     """The SendID of a SimpleMH message (seed 002, "Statistic Report Grouping").
 
@@ -174,9 +190,7 @@ def build_sendid(mailclass: str, instanceid: str, grouping: str, now: float) -> 
     InstanceID would break that, it is replaced by `h` and 16 hex digits of
     its (lower-cased) SHA-256.
     """
-    import time
-
-    day = time.strftime("%Y%m%d", time.gmtime(now))
+    day = _utc_day(now)
     mc = mailclass.lower()
     inst = instanceid.lower()
     if grouping == "per_instanceid_legacy":
@@ -357,7 +371,7 @@ def loads_cache(text: str) -> MailClasses:
 
 # In-process memo for long-lived injectors (smtpd): (root, stat key) -> classes.
 _memo: dict[str, tuple[bytes, MailClasses]] = {}
-_paths: dict[str, tuple[str, str]] = {}
+_paths: dict[str, tuple[str, str, bytes]] = {}
 
 
 def _stat_key(st: os.stat_result) -> bytes:
@@ -372,16 +386,16 @@ def load(root: str) -> MailClasses:
     """
     paths = _paths.get(root)
     if paths is None:
-        paths = _paths[root] = (os.path.join(root, "control", "greenarrow.conf"),
-                                os.path.join(root, "var", CACHE_NAME))
-    conf_path, cache_path = paths
+        conf = os.path.join(root, "control", "greenarrow.conf")
+        paths = _paths[root] = (conf, os.path.join(root, "var", CACHE_NAME), os.fsencode(conf))
+    conf_path, cache_path, conf_bytes = paths
+    fast = sys.modules.get("greenarrow.pyx.simplemh")  # loaded once SimpleMH has run
     try:
-        st = os.stat(conf_path)
+        key = fast.file_key(conf_bytes) if fast is not None else _stat_key(os.stat(conf_path))
     except FileNotFoundError:
         return EMPTY
     except OSError as e:
         raise MailClassConfigError(f"{conf_path}: cannot read: {e.strerror}") from None
-    key = _stat_key(st)
     memo = _memo.get(root)
     if memo is not None and memo[0] == key:
         return memo[1]

@@ -43,7 +43,6 @@ UTF-7, ISO-2022-*, HZ) are left alone.
 
 from __future__ import annotations
 
-import binascii
 import os
 
 from greenarrow.lib import bounce_address, control, mail_class, secret_constants, tracking_url
@@ -67,23 +66,13 @@ HEADERS = {
         "X-Virtual-MTA",
     )
 }
-_KEYS = {display: name for name, display in HEADERS.items()}
 STORAGE_VALUES = ("system_default", "local", "stateless", "external")
 UNSUBSCRIBE_TAG = b"##unsubscribetag##"
 PIXEL = b'<img src="%s" width="1" height="1" border="0" alt="" />'
 _PIXEL_OPEN, _PIXEL_CLOSE = PIXEL.split(b"%s")
-MAX_LINE = 998
+MAX_LINE = fast.MAX_LINE
 _FLAGS = {"yes": True, "1": True, "no": False, "0": False}
-_SKIP_CHARSETS = (b"utf-16", b"utf-32", b"utf16", b"utf32", b"ucs-", b"ucs2", b"ucs4",
-                  b"utf-7", b"utf7", b"iso-2022", b"iso2022", b"csiso2022", b"hz")
-_IDENTITY = frozenset((b"", b"7bit", b"8bit", b"binary"))
-_MAX_DEPTH = 30
-_QP_HEADER = b"Content-Transfer-Encoding: quoted-printable\r\n"
-
-# Slot kinds (greenarrow.pyx.simplemh.html_link_slots): "c" tracked click, "u"
-# tracked unsubscribe link, "s" unsubscribe tag stripped (no URL domain), "p"
-# open pixel, "d" a second <opentag/> removed.
-_STRIP = "s"
+_QP_HEADER = fast.QP_HEADER
 
 
 def _bad(header: str, value: str, rule: str) -> InjectionError:
@@ -117,8 +106,8 @@ class RootSettings:
         self.stateless = stateless
 
 
-_settings_memo: dict[str, tuple[list, RootSettings]] = {}
-_settings_paths: dict[str, tuple[str, ...]] = {}
+_settings_memo: dict[str, tuple[bytes, RootSettings]] = {}
+_settings_paths: dict[str, tuple[bytes, ...]] = {}
 _SETTINGS_FILES = (secret_constants.FILE, "opt.simplemh.tracker_format",
                    "opt.simplemh_stateless_event_handling")
 
@@ -131,15 +120,9 @@ def root_settings(root: str) -> RootSettings:
     """
     paths = _settings_paths.get(root)
     if paths is None:
-        paths = _settings_paths[root] = tuple(os.path.join(root, "control", n)
+        paths = _settings_paths[root] = tuple(os.fsencode(os.path.join(root, "control", n))
                                               for n in _SETTINGS_FILES)
-    key = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            key.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            key.append(None)
+    key = fast.files_key(paths)  # mtime, size and inode of each file, in one C call
     memo = _settings_memo.get(root)
     if memo is not None and memo[0] == key:
         return memo[1]
@@ -167,7 +150,8 @@ class Job:
     __slots__ = ("mailclass", "listid", "sendid", "mtaid", "instanceid", "click_tracking_id",
                  "obscured", "bounce_mailbox", "handle_bounce", "track", "track_text",
                  "url_base", "tracker_format", "stateless", "list_unsubscribe", "lu_http_url",
-                 "lu_post", "constants", "pcompat_dkim_disable", "seed_do", "seed_progress")
+                 "lu_post", "constants", "pcompat_dkim_disable", "seed_do", "seed_progress",
+                 "links")
 
     def ids(self) -> dict[str, str]:
         """The envelope's identifier fields."""
@@ -191,14 +175,40 @@ def header_values(message: bytes, headers: list) -> dict[bytes, str]:
     return values
 
 
+# Jobs resolved lately, for the classes and settings they were resolved with: the messages
+# of a campaign carry the same X-GreenArrow-* headers, so a long-lived injector resolves
+# them once. {(day, values, ids, sources): Job}
+_jobs: tuple[object, object, dict[tuple, Job]] = (None, None, {})
+_MAX_JOBS = 512
+
+
 def resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, str],
             classes: mail_class.MailClasses, settings: RootSettings, now: float) -> Job:
     """Apply the Mail Class and the headers (see the module docstring for the precedence).
 
     `ids` and `sources` are injection.prepare's: the identifiers already
     validated from X-GreenArrow-* headers and GREENARROW_* variables, and
-    where each came from.
+    where each came from. The result depends only on these, the classes,
+    the settings and the UTC day of `now`, so it is remembered: the Job
+    returned may be shared with other messages, and is not to be changed.
     """
+    global _jobs
+    memo = _jobs
+    if memo[0] is not classes or memo[1] is not settings:  # greenarrow.conf or control/ changed
+        memo = _jobs = (classes, settings, {})
+    key = (now // 86400, tuple(values.items()), tuple(ids.items()), tuple(sources.items()))
+    jobs = memo[2]
+    job = jobs.get(key)
+    if job is None:
+        job = _resolve(values, ids, sources, classes, settings, now)
+        if len(jobs) >= _MAX_JOBS:
+            jobs.clear()
+        jobs[key] = job
+    return job
+
+
+def _resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, str],
+             classes: mail_class.MailClasses, settings: RootSettings, now: float) -> Job:
     name = ids.get("mailclass") or classes.default
     source = sources.get("mailclass", "general default_mail_class in greenarrow.conf")
     mc = classes.get(name)
@@ -207,6 +217,7 @@ def resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, st
         raise InjectionError(True, f"unknown Mail Class {name!r} (from {source}); "
                                    f"greenarrow.conf defines: {known}")
     job = Job()
+    job.links = None
     job.mailclass = mc.name
     job.constants = settings.constants
     grouping = mc.statistic_report_grouping
@@ -225,65 +236,65 @@ def resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, st
     job.mtaid = ids.get("mtaid") or mc.virtual_mta
     job.sendid = mail_class.build_sendid(mc.name, instance, grouping, now)
 
-    def get(header: str) -> str:
-        return values.get(_KEYS[header], "")
-
+    # most messages give few of these headers: one dict lookup each, then the checks
+    get = values.get
     h = "X-GreenArrow-Click-Tracking-ID"
-    job.click_tracking_id = get(h)
+    job.click_tracking_id = get(b"x-greenarrow-click-tracking-id", "")
     if job.click_tracking_id and not _printable(job.click_tracking_id, " ", 300):
         raise _bad(h, job.click_tracking_id, "1 to 300 ASCII characters from 32 to 126")
     h = "X-GreenArrow-Obscured-Email"
-    job.obscured = get(h)
+    job.obscured = get(b"x-greenarrow-obscured-email", "")
     if job.obscured and not _printable(job.obscured, "!", 254):
         raise _bad(h, job.obscured, "1 to 254 printable ASCII characters without spaces")
 
     h = "X-GreenArrow-BounceMailboxOverride"
-    job.bounce_mailbox = get(h)
+    job.bounce_mailbox = get(b"x-greenarrow-bouncemailboxoverride", "")
     if job.bounce_mailbox:
         problem = bounce_address.mailbox_problem(job.bounce_mailbox)
         if problem:
             raise _bad(h, job.bounce_mailbox, f"a bounce mailbox {problem}")
     else:
         job.bounce_mailbox = mc.bounce_address
-    h = "X-GreenArrow-HandleBounceAndFbl"
-    job.handle_bounce = _flag(get(h), h) if get(h) else mc.handle_bounce_and_fbl
+    value = get(b"x-greenarrow-handlebounceandfbl")
+    job.handle_bounce = (_flag(value, "X-GreenArrow-HandleBounceAndFbl") if value
+                         else mc.handle_bounce_and_fbl)
 
-    h = "X-GreenArrow-Click-Tracking-Do"
-    track_header = get(h)
-    job.track = _flag(track_header, h) if track_header else mc.track_clicks_and_opens
+    track_header = get(b"x-greenarrow-click-tracking-do", "")
+    job.track = (_flag(track_header, "X-GreenArrow-Click-Tracking-Do") if track_header
+                 else mc.track_clicks_and_opens)
     job.track_text = mc.track_text_links
-    h = "X-GreenArrow-URL-Domain"
-    url = get(h)
+    url = get(b"x-greenarrow-url-domain", "")
     job.url_base = mc.url_domain
     if url.lower().startswith(("http://", "https://")):
         base = mail_class.normalize_url_domain(url)
         if base is None:
-            raise _bad(h, url, "expected http(s)://host[:port][/path]")
+            raise _bad("X-GreenArrow-URL-Domain", url, "expected http(s)://host[:port][/path]")
         job.url_base = base
     if job.track and not job.url_base:
         raise InjectionError(True, f"click and open tracking (X-GreenArrow-Click-Tracking-Do: "
                                    f"{track_header}) needs a URL domain: set "
                                    f"X-GreenArrow-URL-Domain or the class's url_domain")
 
-    h = "X-GreenArrow-Tracker-Format"
-    fmt = get(h).lower()
+    value = get(b"x-greenarrow-tracker-format", "")
+    fmt = value.lower()
     if fmt and fmt not in tracking_url.FORMATS:
-        raise _bad(h, get(h), "expected a, b or c")
+        raise _bad("X-GreenArrow-Tracker-Format", value, "expected a, b or c")
     job.tracker_format = fmt or settings.tracker_format
 
-    h = "X-GreenArrow-EventTrackingMetadataStorage"
-    storage = get(h)
+    storage = get(b"x-greenarrow-eventtrackingmetadatastorage", "")
     if storage and storage not in STORAGE_VALUES:
-        raise _bad(h, storage, f"expected one of {', '.join(STORAGE_VALUES)}")
+        raise _bad("X-GreenArrow-EventTrackingMetadataStorage", storage,
+                   f"expected one of {', '.join(STORAGE_VALUES)}")
     if not storage or storage == "system_default":
         storage = ("stateless" if settings.stateless
                    else classes.default_event_tracking_metadata_storage)
     job.stateless = storage == "stateless"
 
-    h = "X-GreenArrow-Disable-Auto-List-Unsubscribe-Header"
-    job.list_unsubscribe = not _flag(get(h), h) if get(h) else mc.list_unsubscribe
+    value = get(b"x-greenarrow-disable-auto-list-unsubscribe-header")
+    job.list_unsubscribe = (not _flag(value, "X-GreenArrow-Disable-Auto-List-Unsubscribe-Header")
+                            if value else mc.list_unsubscribe)
     h = "X-GreenArrow-List-Unsubscribe-HTTP-URL"
-    job.lu_http_url = get(h)
+    job.lu_http_url = get(b"x-greenarrow-list-unsubscribe-http-url", "")
     if job.lu_http_url and not (
         job.lu_http_url.lower().startswith(("http://", "https://"))
         and _printable(job.lu_http_url, "!", 900)
@@ -291,204 +302,68 @@ def resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, st
     ):
         raise _bad(h, job.lu_http_url, "expected an http(s) URL of printable ASCII, "
                                        "without spaces, quotes, <, > or commas")
-    h = "X-GreenArrow-List-Unsubscribe-HTTP-URL-Post"
-    job.lu_post = get(h) if job.lu_http_url else ""
+    job.lu_post = get(b"x-greenarrow-list-unsubscribe-http-url-post", "") if job.lu_http_url else ""
     if job.lu_post and not _printable(job.lu_post, " ", 200):
-        raise _bad(h, job.lu_post, "1 to 200 printable ASCII characters")
+        raise _bad("X-GreenArrow-List-Unsubscribe-HTTP-URL-Post", job.lu_post,
+                   "1 to 200 printable ASCII characters")
 
     # validated, with no effect in this engine yet (docs/simplemh.md)
-    h = "X-GreenArrow-SeedDo"
-    job.seed_do = _flag(get(h), h) if get(h) else None
-    h = "X-GreenArrow-SeedProgress"
-    progress = get(h)
+    value = get(b"x-greenarrow-seeddo")
+    job.seed_do = _flag(value, "X-GreenArrow-SeedDo") if value else None
+    progress = get(b"x-greenarrow-seedprogress")
     job.seed_progress = None
     if progress:
         digits = progress.replace(".", "", 1)
         if not digits.isdigit() or not digits.isascii() or not 0 <= float(progress) <= 100:
-            raise _bad(h, progress, "a decimal number between 0 and 100")
+            raise _bad("X-GreenArrow-SeedProgress", progress, "a decimal number between 0 and 100")
         job.seed_progress = float(progress)
-    h = "X-GreenArrow-Pcompat-DKIM-Disable"
-    job.pcompat_dkim_disable = _flag(get(h), h) if get(h) else False
+    value = get(b"x-greenarrow-pcompat-dkim-disable")
+    job.pcompat_dkim_disable = _flag(value, "X-GreenArrow-Pcompat-DKIM-Disable") if value else False
     return job
-
-
-# --------------------------------------------------------------------------- the body plan
-
-
-class _Part:
-    """A text part to rewrite: its encoded body, decoded text and the slots in it."""
-
-    __slots__ = ("hdr", "hdr_qp", "enc", "text", "raw", "decoded", "lines", "spans", "kinds",
-                 "targets", "suffix")
-
-
-def _first(msg: bytes, hdrs: list, name: bytes) -> bytes | None:
-    for h in hdrs:
-        if h[0] == name:
-            return fast.header_value(msg, h[3], h[2])
-    return None
-
-
-def _with_qp_header(msg: bytes, start: int, hdrs: list, body_start: int) -> bytes:
-    """The header region msg[start:body_start] saying Content-Transfer-Encoding: quoted-printable."""
-    if not hdrs:
-        sep = msg[start:body_start]
-        return _QP_HEADER + (sep if sep else b"\r\n")
-    out = []
-    pos = start
-    for h in hdrs:
-        if h[0] == b"content-transfer-encoding":
-            out.append(msg[pos:h[1]])
-            pos = h[2]
-    end = hdrs[-1][2]
-    out.append(msg[pos:end])
-    if not msg[end - 2:end] == b"\r\n":
-        out.append(b"\r\n")
-    out.append(_QP_HEADER)
-    out.append(msg[end:body_start])
-    return b"".join(out)
-
-
-class _Planner:
-    """Walks the MIME tree once and finds what each recipient's copy will rewrite."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        base = job.url_base.encode("ascii") if job.url_base else b""
-        self.base = base
-        self.own = (base + b"/click", base + b"/open", base + b"/unsub") if base else ()
-        self.segments: list[bytes | _Part] = []
-        self.top: _Part | None = None
-
-    def walk(self, msg: bytes, hdrs: list, start: int, body_start: int, end: int,
-             default_type: bytes, depth: int, top: bool) -> None:
-        """Append the segments of the entity msg[start:end] (headers from `start`)."""
-        value = _first(msg, hdrs, b"content-type")
-        if value is None:
-            mtype, params = default_type, {}
-        else:
-            mtype, params = fast.content_type(value)
-            if mtype.count(b"/") != 1:
-                mtype = b"text/plain"
-        segs = self.segments
-        if mtype.startswith(b"multipart/"):
-            boundary = params.get(b"boundary")
-            delims = (fast.find_delimiters(msg, body_start, end, boundary)
-                      if boundary and depth < _MAX_DEPTH else [])
-            if not delims:
-                segs.append(msg[start:end])
-                return
-            sub_default = b"message/rfc822" if mtype == b"multipart/digest" else b"text/plain"
-            segs.append(msg[start:delims[0][1]])
-            for i, (_, after, closing) in enumerate(delims):
-                if closing:
-                    segs.append(msg[after:end])
-                    return
-                if i + 1 < len(delims):
-                    nxt = delims[i + 1][0]
-                    part_end = nxt - 2 if nxt - 2 >= after and msg[nxt - 2:nxt] == b"\r\n" else nxt
-                    next_after = delims[i + 1][1]
-                else:
-                    part_end = nxt = next_after = end
-                phdrs, pbody = fast.split_headers(msg, after, part_end)
-                self.walk(msg, phdrs, after, min(pbody, part_end), part_end, sub_default,
-                          depth + 1, False)
-                segs.append(msg[part_end:next_after])
-            return
-        disposition = _first(msg, hdrs, b"content-disposition")
-        attachment = disposition is not None and fast.content_type(disposition)[0] == b"attachment"
-        part = None
-        if mtype in (b"text/html", b"text/plain") and not attachment:
-            cte = _first(msg, hdrs, b"content-transfer-encoding")
-            part = self.plan(msg, hdrs, start, body_start, end, mtype == b"text/html",
-                             (cte or b"").strip().lower(), params.get(b"charset", b"").lower(),
-                             top)
-        if part is None:
-            segs.append(msg[start:end])
-            return
-        if top:
-            self.top = part
-        segs.append(part)
-
-    def plan(self, msg: bytes, hdrs: list, start: int, body_start: int, end: int, html: bool,
-             cte: bytes, charset: bytes, top: bool) -> _Part | None:
-        if charset.startswith(_SKIP_CHARSETS):
-            return None
-        raw = msg[body_start:end]
-        lines = None
-        suffix = b""
-        if cte in _IDENTITY:
-            enc, decoded = "id", raw
-        elif cte == b"quoted-printable":
-            enc = "qp"
-            decoded, lines = fast.qp_decode(raw)
-        elif cte == b"base64":
-            enc = "b64"
-            stripped = raw.rstrip(b"\r\n \t")
-            suffix = raw[len(stripped):]
-            try:
-                decoded = binascii.a2b_base64(stripped)
-            except binascii.Error:
-                return None
-        else:
-            return None
-        job = self.job
-        if not job.track and UNSUBSCRIBE_TAG not in decoded.lower():
-            return None
-        if html:
-            spans, kinds, targets = fast.html_link_slots(decoded, job.track, bool(self.base),
-                                                         self.own)
-        else:
-            spans, kinds, targets = fast.text_link_slots(decoded, job.track and job.track_text,
-                                                         bool(self.base), self.own)
-        if not spans:
-            return None
-        part = _Part()
-        part.hdr = msg[start:body_start]
-        part.hdr_qp = b""  # the top part's header is the message's: see prepare()
-        if enc != "qp" and not top:  # may need to become quoted-printable
-            part.hdr_qp = _with_qp_header(msg, start, hdrs, body_start)
-        part.enc = enc
-        part.text = not html
-        part.raw = raw
-        part.decoded = decoded
-        part.lines = lines
-        part.spans = spans
-        part.kinds = kinds
-        part.targets = targets
-        part.suffix = suffix
-        return part
-
-
-def _b64_lines(data: bytes) -> bytes:
-    encoded = binascii.b2a_base64(data, newline=False)
-    return b"\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
-
-
-def _render_part(part: _Part, encoder: tracking_url.Encoder | None) -> tuple[bytes, bool]:
-    """(the part's header region and body for one recipient, whether it became QP)."""
-    if encoder is None:  # only stripped ##unsubscribetag## prefixes
-        reps = [t if k == _STRIP else b"" for k, t in zip(part.kinds, part.targets, strict=True)]
-    else:
-        reps = encoder.replacements(part.kinds, part.targets, part.text, _PIXEL_OPEN,
-                                    _PIXEL_CLOSE)
-    if part.enc == "qp":
-        return part.hdr + fast.qp_render(part.raw, part.decoded, part.lines, part.spans, reps), False
-    out = fast.splice(part.decoded, part.spans, reps)
-    if part.enc == "b64":
-        return part.hdr + _b64_lines(out) + part.suffix, False
-    if fast.max_line_length(out) > MAX_LINE:
-        return part.hdr_qp + fast.qp_encode(out), True
-    return part.hdr + out, False
 
 
 # --------------------------------------------------------------------------- the renderer
 
 
+class _Links:
+    """The tracking DATA and URLs of one recipient's copy: what tracking_url.Encoder makes,
+    signed by a greenarrow.pyx.tracksign.Signer with the recipient's fields packed once."""
+
+    __slots__ = ("signer", "fields", "flags", "bases")
+
+    def data(self, kind: str, url: bytes = b"", text: bool = False) -> bytes:
+        """DATA (base64url bytes) for one target."""
+        return self.signer.link(b"", ord(kind), self.flags | (tracking_url.FLAG_TEXT if text else 0),
+                                self.fields, url)
+
+    def url(self, kind: str, url: bytes = b"", text: bool = False) -> bytes:
+        """The tracking URL for `url` (empty for the open pixel and List-Unsubscribe)."""
+        return self.signer.link(self.bases[kind], ord(kind),
+                                self.flags | (tracking_url.FLAG_TEXT if text else 0),
+                                self.fields, url)
+
+
+def _link_setup(job: Job) -> tuple:
+    """What the tracking data of every copy of the job's messages shares: (the signer, the
+    fields after the recipient, the URL bases by kind, the bases for Signer.links)."""
+    sep = tracking_url.SEPARATORS[job.tracker_format]
+    bases = {kind: f"{job.url_base}/{path}{sep}".encode("ascii")
+             for kind, path in tracking_url.PATHS.items()}
+    job.links = (
+        tracking_url.signer(job.constants),
+        tracking_url.pack_fields(
+            (job.listid, job.sendid, job.mailclass, job.instanceid, job.click_tracking_id),
+            ("listid", "sendid", "mailclass", "instanceid", "click_tracking_id")),
+        bases,
+        (bases[tracking_url.CLICK], bases[tracking_url.UNSUBSCRIBE], bases[tracking_url.OPEN]),
+    )
+    return job.links
+
+
 class Renderer:
     """Makes each recipient's copy of a SimpleMH message, and its envelope sender."""
 
-    __slots__ = ("job", "head", "head_qp", "sep", "segments", "top", "add_mailer_info",
+    __slots__ = ("job", "head", "head_qp", "sep", "plan", "add_mailer_info",
                  "add_list_unsubscribe")
 
     def ids(self) -> dict[str, str]:
@@ -503,48 +378,36 @@ class Renderer:
                                          job.obscured or recipient, job.constants)
         return sender
 
-    def encoder(self, recipient: str) -> tracking_url.Encoder | None:
-        job = self.job
-        if not job.url_base:
-            return None
-        return tracking_url.Encoder(job.constants, job.url_base, job.tracker_format,
-                                    job.obscured or recipient, job.listid, job.sendid,
-                                    job.mailclass, job.instanceid, job.click_tracking_id,
-                                    job.stateless)
+    def _links(self, who: str) -> _Links:
+        """The tracking data maker for the copy that goes to `who` (the recipient or the
+        X-GreenArrow-Obscured-Email value)."""
+        links = _Links()
+        links.signer, common, links.bases, _ = self.job.links or _link_setup(self.job)
+        links.fields = tracking_url.pack_fields((who,), ("recipient",)) + common
+        links.flags = tracking_url.FLAG_STATELESS if self.job.stateless else 0
+        return links
 
     def render(self, recipient: str) -> bytes:
         """The message as it goes to `recipient`."""
         job = self.job
-        encoder = self.encoder(recipient)
-        body = []
-        switched = False
-        for seg in self.segments:
-            if type(seg) is bytes:
-                body.append(seg)
-            else:
-                data, qp = _render_part(seg, encoder)
-                switched = switched or (qp and seg is self.top)
-                body.append(data)
-        added = []
         who = job.obscured or recipient
+        links = self._links(who)
+        added = b""
         if self.add_mailer_info:
-            info = self.data(tracking_url.MAILER_INFO, who, encoder)
-            added.append(b"X-Mailer-Info: " + _fold(info) + b"\r\n")
+            added = (b"X-Mailer-Info: " + _fold(links.data(tracking_url.MAILER_INFO))
+                     + b"\r\n")
         if self.add_list_unsubscribe:
-            added.append(self.list_unsubscribe(who, encoder))
-        head = self.head_qp if switched else self.head
-        return b"".join((head, *added, self.sep, *body))
+            added += self.list_unsubscribe(who, links if job.url_base else None)
+        return self.plan.render(links.signer if job.url_base else None, links.fields,
+                                links.flags, job.links[3], self.head, self.head_qp, added,
+                                self.sep)
 
-    def data(self, kind: str, who: str, encoder: tracking_url.Encoder | None) -> bytes:
+    def data(self, kind: str, who: str, encoder: _Links | tracking_url.Encoder | None) -> bytes:
         """DATA with no target URL (X-Mailer-Info, List-Unsubscribe) for one recipient."""
-        if encoder is not None:
-            return encoder.data(kind)
-        job = self.job
-        return tracking_url.encode(job.constants, kind, who, job.listid, job.sendid,
-                                   job.mailclass, job.instanceid, job.click_tracking_id,
-                                   stateless=job.stateless).encode("ascii")
+        return (encoder or self._links(who)).data(kind)
 
-    def list_unsubscribe(self, who: str, encoder: tracking_url.Encoder | None) -> bytes:
+    def list_unsubscribe(self, who: str,
+                         encoder: _Links | tracking_url.Encoder | None) -> bytes:
         """List-Unsubscribe (RFC 2369) and List-Unsubscribe-Post (RFC 8058) for one recipient.
 
         mailto: the unsubscribe form of the bounce address (short form, with
@@ -559,23 +422,27 @@ class Renderer:
         if job.bounce_mailbox:
             address = bounce_address.encode(job.bounce_mailbox, job.listid, job.sendid, who,
                                             job.constants, unsubscribe=True)
-            mailto = f"mailto:{address}"
+            mailto = b"mailto:" + address.encode("ascii")
             if not bounce_address.is_full(address):
-                data = self.data(tracking_url.LIST_UNSUBSCRIBE, who, encoder).decode("ascii")
-                mailto += f"?subject=unsubscribe-{data}"
-            uris.append(mailto.encode("ascii"))
+                mailto += (b"?subject=unsubscribe-"
+                           + self.data(tracking_url.LIST_UNSUBSCRIBE, who, encoder))
+            if len(mailto) + 3 <= MAX_LINE:
+                uris.append(mailto)
         post = b""
         if job.lu_http_url:
-            uris.append(job.lu_http_url.encode("ascii"))
+            uri = job.lu_http_url.encode("ascii")
             post = job.lu_post.encode("ascii")
         elif encoder is not None:
-            uris.append(encoder.url(tracking_url.LIST_UNSUBSCRIBE))
+            uri = encoder.url(tracking_url.LIST_UNSUBSCRIBE)
             post = b"List-Unsubscribe=One-Click"
-        uris = [u for u in uris if len(u) + 3 <= MAX_LINE]
+        else:
+            uri = b""
+        if uri and len(uri) + 3 <= MAX_LINE:
+            uris.append(uri)
         if not uris:
             return b""
-        out = b"List-Unsubscribe: " + b",\r\n ".join(b"<" + u + b">" for u in uris) + b"\r\n"
-        if post and any(u.lower().startswith(b"https://") for u in uris[-1:]):
+        out = b"List-Unsubscribe: <" + b">,\r\n <".join(uris) + b">\r\n"
+        if post and uris[-1][:8].lower() == b"https://":
             out += b"List-Unsubscribe-Post: " + post + b"\r\n"
         return out
 
@@ -585,9 +452,8 @@ def _fold(value: bytes, width: int = 76) -> bytes:
     first = width - len("X-Mailer-Info: ")
     if len(value) <= first:
         return value
-    parts = [value[:first]]
-    parts.extend(value[i:i + width - 1] for i in range(first, len(value), width - 1))
-    return b"\r\n ".join(parts)
+    return b"\r\n ".join([value[:first]] + [value[i:i + width - 1]
+                                              for i in range(first, len(value), width - 1)])
 
 
 def prepare(message: bytes, headers: list[msglib.Header], body_start: int, ids: dict[str, str],
@@ -604,29 +470,30 @@ def prepare(message: bytes, headers: list[msglib.Header], body_start: int, ids: 
     job = resolve(values, ids, sources, classes, settings, now)
     renderer = Renderer()
     renderer.job = job
-    names = {h.name for h in headers}
+    fields = [(h.name, h.start, h.end, h.colon) for h in headers]
+    names = {f[0] for f in fields}
     renderer.add_mailer_info = job.handle_bounce
     renderer.add_list_unsubscribe = (job.list_unsubscribe and b"list-unsubscribe" not in names
                                      and bool(job.bounce_mailbox or job.url_base
                                               or job.lu_http_url))
-    drop = set(drop)
-    for i, h in enumerate(headers):
-        if (h.name == b"x-mailer-info" and renderer.add_mailer_info) or (
-                h.name == b"return-path" and job.handle_bounce and job.bounce_mailbox):
-            drop.add(i)
-        elif renderer.add_list_unsubscribe and h.name == b"list-unsubscribe-post":
-            drop.add(i)  # it would not go with the List-Unsubscribe we add
+    if (b"x-mailer-info" in names or b"return-path" in names
+            or b"list-unsubscribe-post" in names):  # headers SimpleMH may own
+        drop = set(drop)
+        for i, h in enumerate(headers):
+            if (h.name == b"x-mailer-info" and renderer.add_mailer_info) or (
+                    h.name == b"return-path" and job.handle_bounce and job.bounce_mailbox):
+                drop.add(i)
+            elif renderer.add_list_unsubscribe and h.name == b"list-unsubscribe-post":
+                drop.add(i)  # it would not go with the List-Unsubscribe we add
     header_end = headers[-1].end if headers else 0
     common = b"".join(added)
     renderer.head = _kept(message, headers, drop, header_end, trace) + common
     renderer.sep = message[header_end:body_start]
-    planner = _Planner(job)
-    tuples = [(h.name, h.start, h.end, h.colon) for h in headers]
-    planner.walk(message, tuples, body_start, body_start, len(message), b"text/plain", 0, True)
-    renderer.segments = planner.segments
-    renderer.top = planner.top
+    renderer.plan = plan = fast.plan_body(
+        message, fields, body_start, job.track, job.track_text, job.url_base.encode("ascii"),
+        _PIXEL_OPEN, _PIXEL_CLOSE)
     renderer.head_qp = renderer.head
-    if planner.top is not None and planner.top.enc != "qp":
+    if plan.top is not None and plan.top.enc != fast.ENC_QP:
         cte = {i for i, h in enumerate(headers) if h.name == b"content-transfer-encoding"}
         renderer.head_qp = (_kept(message, headers, drop | cte, header_end, trace) + common
                             + _QP_HEADER)

@@ -112,6 +112,18 @@ class TrackingData:
                 f"sendid={self.sendid!r}, url={self.url!r})")
 
 
+def pack_fields(values: tuple[str, ...], names: tuple[str, ...]) -> bytes:
+    """The fields as DATA carries them: each UTF-8 encoded and followed by NUL.
+
+    ValueError naming the field when one holds a NUL.
+    """
+    joined = "\0".join(values)
+    if joined.count("\0") != len(values) - 1:
+        for value, name in zip(values, names, strict=True):
+            _field(value, name)
+    return joined.encode("utf-8") + b"\0"
+
+
 def _payload(kind: str, flags: int, fields: tuple[str, ...], url: bytes) -> bytes:
     parts = [_field(v, n) for v, n in zip(fields, ("recipient", "listid", "sendid", "mailclass",
                                                     "instanceid", "click_tracking_id"),
@@ -218,6 +230,18 @@ def data_from_url(url: str) -> tuple[str, str]:
 
 
 _signers: dict[bytes, object] = {}
+SEPARATORS = {"a": "/", "b": "?", "c": "?qs="}  # between BASE/path and DATA, per format
+
+
+def signer(constants: tuple[str, str]) -> object:
+    """The greenarrow.pyx.tracksign.Signer for DATA made with these constants (cached)."""
+    key = derive_key(constants)
+    found = _signers.get(key)
+    if found is None:
+        from greenarrow.pyx.tracksign import Signer
+
+        found = _signers[key] = Signer(key)
+    return found
 
 
 class Encoder:
@@ -235,18 +259,12 @@ class Encoder:
     def __init__(self, constants: tuple[str, str], base: str, fmt: str, recipient: str,
                  listid: str, sendid: str, mailclass: str, instanceid: str,
                  click_tracking_id: str, stateless: bool) -> None:
-        key = derive_key(constants)
-        signer = _signers.get(key)
-        if signer is None:
-            from greenarrow.pyx.tracksign import Signer
-
-            signer = _signers[key] = Signer(key)
-        self._signer = signer
+        self._signer = signer(constants)
         self._fields = _payload(CLICK, 0, (recipient, listid, sendid, mailclass, instanceid,
                                            click_tracking_id), b"")[3:]
         self._state = FLAG_STATELESS if stateless else 0
         self._prefixes: dict[tuple[str, bool], bytes] = {}
-        sep = {"a": "/", "b": "?", "c": "?qs="}[fmt]
+        sep = SEPARATORS[fmt]
         self._bases = {kind: f"{base}/{path}{sep}".encode("ascii") for kind, path in PATHS.items()}
         self._bases[MAILER_INFO] = b""
 
