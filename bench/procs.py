@@ -54,18 +54,27 @@ def wait_port(port: int, up: bool = True, timeout: float = 20.0) -> bool:
     return False
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None when gone.
+
+    The command name may hold spaces and parentheses: the split is after the last ')'.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
 def pid_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (exited, not yet reaped).
 
     A zombie counts as gone: an orphan's exit is reaped by PID 1, which on
     some machines (this sandbox's init) takes seconds.
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
 
 
 def descendants(root_pid: int) -> list[int]:
@@ -74,13 +83,9 @@ def descendants(root_pid: int) -> list[int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        fields = stat_fields(entry.name)
+        if fields is None:
             continue
-        # The command name may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
         children.setdefault(int(fields[1]), []).append(int(entry.name))
     out: list[int] = []
     todo = [root_pid]
@@ -141,13 +146,9 @@ def tree_cpu_seconds(root_pid: int | None) -> float:
         return 0.0
     total = 0
     for pid in descendants(root_pid):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        total += sum(int(x) for x in fields[11:15])
+        fields = stat_fields(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])
     return total / CLK_TCK
 
 

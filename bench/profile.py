@@ -13,26 +13,21 @@ is never paused; stacks are aggregated into "self" (the frame running) and
 from __future__ import annotations
 
 import collections
-import os
 import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from bench.procs import CLK_TCK, stat_fields
+
 IDLE_FRAMES = ("EpollSelector.select", "select (selectors.py")
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    fields = stat_fields(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def process_name(pid: int) -> str:

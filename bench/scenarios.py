@@ -156,7 +156,10 @@ class Bench:
     def sink(self) -> Sink:
         return counting_sink(self.sink_port, self.opts.work, self.opts.tools)
 
-    def _record(self, run: Run) -> Run:
+    def _record(self, run: Run, problems: list[str]) -> Run:
+        """A finished run: ok when nothing went wrong, else the problems as its note."""
+        run.ok = not problems
+        run.note = "; ".join(problems)
         self.runs.append(run)
         status = "ok" if run.ok else f"FAILED: {run.note}"
         shown = ", ".join(f"{k}={v:.4g}" for k, v in run.metrics.items())
@@ -260,9 +263,7 @@ class Bench:
             if peer is not None:
                 self._stop_quietly(peer, problems)
             sink.stop()
-        run.ok = not problems
-        run.note = "; ".join(problems)
-        return self._record(run)
+        return self._record(run, problems)
 
     def _stop_quietly(self, peer: Peer, problems: list[str]) -> None:
         try:
@@ -316,9 +317,7 @@ class Bench:
         finally:
             self._stop_quietly(peer, problems)
             sink.stop()
-        run.ok = not problems
-        run.note = "; ".join(problems)
-        return self._record(run)
+        return self._record(run, problems)
 
     # -- backlog -----------------------------------------------------------------
 
@@ -378,9 +377,7 @@ class Bench:
         finally:
             self._stop_quietly(peer, problems)
             sink.stop()
-        run.ok = not problems
-        run.note = "; ".join(problems)
-        return self._record(run)
+        return self._record(run, problems)
 
     # -- latency -----------------------------------------------------------------
 
@@ -431,9 +428,7 @@ class Bench:
         finally:
             self._stop_quietly(peer, problems)
             sink.stop()
-        run.ok = not problems
-        run.note = "; ".join(problems)
-        return self._record(run)
+        return self._record(run, problems)
 
     # -- the loops -----------------------------------------------------------------
 

@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.generator import BytesGenerator
 from io import BytesIO
@@ -161,84 +162,11 @@ class PyEncoder:
         return self.bases[kind] + self.data(kind, url, text)
 
 
-def email_simplemh(raw: bytes, root: str, classes: mail_class.MailClasses, now: float,
-                   recipient: str) -> bytes:
-    """The same SimpleMH result as injection.prepare + message_for, with the email package."""
-    msg = message_from_bytes(raw, policy=policy.compat32)
-    values = {k.lower().encode(): v.strip() for k, v in msg.items()
-              if k.lower().startswith("x-greenarrow-") or k.lower() in ("x-job", "x-virtual-mta")}
-    ids = {"mailclass": values[b"x-greenarrow-mailclass"]}
-    job = simplemh.resolve(values, ids, {"mailclass": "header"}, classes,
-                           simplemh.root_settings(root), now)
-    for name in {k for k in msg.keys() if k.lower().startswith("x-greenarrow-")}:
-        del msg[name]
-    if "Message-ID" not in msg:
-        msg["Message-ID"] = "<uid@bench.test>"
-    if "Date" not in msg:
-        msg["Date"] = msglib.rfc5322_date(now)
-    enc = PyEncoder(job.constants, job.url_base, job.tracker_format, recipient, job.listid,
-                    job.sendid, job.mailclass, job.instanceid, job.click_tracking_id,
-                    job.stateless)
-    renderer = simplemh.Renderer()
-    renderer.job = job
-    msg["X-Mailer-Info"] = enc.data(tu.MAILER_INFO).decode()
-    lu = renderer.list_unsubscribe(recipient, enc).decode()
-    for line in lu.replace("\r\n ", " ").strip().split("\r\n"):
-        name, _, value = line.partition(": ")
-        msg[name] = value
-    own = (job.url_base + "/click", job.url_base + "/open", job.url_base + "/unsub")
-
-    def track(url: str, text: bool) -> str | None:
-        if url.lower().startswith("##unsubscribetag##"):
-            return enc.url(tu.UNSUBSCRIBE, url[18:].encode("utf-8"), text).decode()
-        if url.lower().startswith(("http://", "https://")) and not url.startswith(own):
-            return enc.url(tu.CLICK, url.encode("utf-8"), text).decode()
-        return None
-
-    def href(m: re.Match) -> str:
-        value = m.group(2)
-        quote = value[0] if value[0] in "\"'" else ""
-        inner = value[1:-1] if quote else value
-        new = track(inner.strip().replace("&amp;", "&"), False)
-        return m.group(0) if new is None else f"{m.group(1)}{quote}{new}{quote}"
-
-    for part in msg.walk():
-        if part.is_multipart() or part.get_content_type() not in ("text/html", "text/plain"):
-            continue
-        if (part.get("Content-Disposition") or "").lower().startswith("attachment"):
-            continue
-        charset = part.get_content_charset() or "us-ascii"
-        text = (part.get_payload(decode=True) or b"").decode(charset, "surrogateescape")
-        if part.get_content_type() == "text/html":
-            text = HREF.sub(href, text)
-            pixel = simplemh.PIXEL.decode() % enc.url(tu.OPEN).decode()
-            closes = list(BODY_CLOSE.finditer(text))
-            at = closes[-1].start() if closes else len(text.rstrip("\r\n"))
-            text = text[:at] + pixel + text[at:]
-        else:
-            text = TEXT_URL.sub(lambda m: track(m.group(0), True) or m.group(0), text)
-        data = text.encode(charset, "surrogateescape")
-        cte = (part.get("Content-Transfer-Encoding") or "7bit").lower()
-        if cte == "quoted-printable":
-            data = quopri.encodestring(data)
-        elif cte == "base64":
-            import base64
-
-            data = base64.encodebytes(data)
-        part.set_payload(data.decode("ascii", "surrogateescape"))
-    out = BytesIO()
-    BytesGenerator(out, policy=GENERATOR_POLICY).flatten(msg)
-    return out.getvalue()
-
-
-MODERN_POLICY = policy.default.clone(linesep="\r\n", max_line_length=998)  # no RFC 2047 folding
-
-
-def email_simplemh_modern(raw: bytes, root: str, classes: mail_class.MailClasses, now: float,
-                          recipient: str) -> bytes:
-    """The same result with the email package's documented API (policy.default,
-    EmailMessage.get_content/set_content): slower than compat32, and what its docs teach."""
-    msg = message_from_bytes(raw, policy=MODERN_POLICY)
+def _email_headers(msg, root: str, classes: mail_class.MailClasses, now: float,
+                   recipient: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """The header work both email-package paths share (identifiers, Mail Class, the
+    X-GreenArrow-* headers out, Message-ID, Date, X-Mailer-Info, List-Unsubscribe);
+    returns the rewriters of an HTML text and of a plain text."""
     values = {k.lower().encode(): str(v).strip() for k, v in msg.items()
               if k.lower().startswith("x-greenarrow-") or k.lower() in ("x-job", "x-virtual-mta")}
     ids = {"mailclass": values[b"x-greenarrow-mailclass"]}
@@ -276,20 +204,62 @@ def email_simplemh_modern(raw: bytes, root: str, classes: mail_class.MailClasses
         new = track(inner.strip().replace("&amp;", "&"), False)
         return m.group(0) if new is None else f"{m.group(1)}{quote}{new}{quote}"
 
+    def html(text: str) -> str:
+        text = HREF.sub(href, text)
+        pixel = simplemh.PIXEL.decode() % enc.url(tu.OPEN).decode()
+        closes = list(BODY_CLOSE.finditer(text))
+        at = closes[-1].start() if closes else len(text.rstrip("\r\n"))
+        return text[:at] + pixel + text[at:]
+
+    def plain(text: str) -> str:
+        return TEXT_URL.sub(lambda m: track(m.group(0), True) or m.group(0), text)
+
+    return html, plain
+
+
+def email_simplemh(raw: bytes, root: str, classes: mail_class.MailClasses, now: float,
+                   recipient: str) -> bytes:
+    """The same SimpleMH result as injection.prepare + message_for, with the email package."""
+    msg = message_from_bytes(raw, policy=policy.compat32)
+    html, plain = _email_headers(msg, root, classes, now, recipient)
+    for part in msg.walk():
+        if part.is_multipart() or part.get_content_type() not in ("text/html", "text/plain"):
+            continue
+        if (part.get("Content-Disposition") or "").lower().startswith("attachment"):
+            continue
+        charset = part.get_content_charset() or "us-ascii"
+        text = (part.get_payload(decode=True) or b"").decode(charset, "surrogateescape")
+        text = html(text) if part.get_content_type() == "text/html" else plain(text)
+        data = text.encode(charset, "surrogateescape")
+        cte = (part.get("Content-Transfer-Encoding") or "7bit").lower()
+        if cte == "quoted-printable":
+            data = quopri.encodestring(data)
+        elif cte == "base64":
+            import base64
+
+            data = base64.encodebytes(data)
+        part.set_payload(data.decode("ascii", "surrogateescape"))
+    out = BytesIO()
+    BytesGenerator(out, policy=GENERATOR_POLICY).flatten(msg)
+    return out.getvalue()
+
+
+MODERN_POLICY = policy.default.clone(linesep="\r\n", max_line_length=998)  # no RFC 2047 folding
+
+
+def email_simplemh_modern(raw: bytes, root: str, classes: mail_class.MailClasses, now: float,
+                          recipient: str) -> bytes:
+    """The same result with the email package's documented API (policy.default,
+    EmailMessage.get_content/set_content): slower than compat32, and what its docs teach."""
+    msg = message_from_bytes(raw, policy=MODERN_POLICY)
+    html, plain = _email_headers(msg, root, classes, now, recipient)
     for part in msg.walk():
         if part.is_multipart() or part.get_content_type() not in ("text/html", "text/plain"):
             continue
         if part.get_content_disposition() == "attachment":
             continue
         text = part.get_content()
-        if part.get_content_type() == "text/html":
-            text = HREF.sub(href, text)
-            pixel = simplemh.PIXEL.decode() % enc.url(tu.OPEN).decode()
-            closes = list(BODY_CLOSE.finditer(text))
-            at = closes[-1].start() if closes else len(text.rstrip("\r\n"))
-            text = text[:at] + pixel + text[at:]
-        else:
-            text = TEXT_URL.sub(lambda m: track(m.group(0), True) or m.group(0), text)
+        text = html(text) if part.get_content_type() == "text/html" else plain(text)
         part.set_content(text, subtype=part.get_content_subtype(),
                          charset=part.get_content_charset() or "us-ascii",
                          cte=part.get("Content-Transfer-Encoding", "7bit").lower())

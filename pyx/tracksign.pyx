@@ -43,19 +43,6 @@ from libc.string cimport memcpy, memset
 cdef extern from "Python.h":
     char* PyBytes_AS_STRING_RW "PyBytes_AS_STRING"(object)
 
-cdef uint32_t K[64]
-_K = (
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-)
-for _i in range(64):
-    K[_i] = _K[_i]
 
 cdef const char* B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
@@ -70,10 +57,8 @@ ctypedef struct Sha:
 cdef extern from *:
     """
     #include <stdint.h>
-    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    #include <cpuid.h>
-    #include <immintrin.h>
 
+    /* SHA-256's round constants, for both the portable rounds and SHA-NI. */
     static const uint32_t GA_K256[64] = {
         0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
         0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
@@ -83,6 +68,10 @@ cdef extern from *:
         0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
         0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
         0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+    #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    #include <cpuid.h>
+    #include <immintrin.h>
 
     /* One 64-byte block with the x86 SHA extensions (the Intel SHA-NI round pattern). */
     __attribute__((target("sha,sse4.1,ssse3")))
@@ -137,6 +126,7 @@ cdef extern from *:
     static int ga_cpu_has_shani(void) { return 0; }
     #endif
     """
+    const uint32_t GA_K256[64]
     void ga_sha256_shani(uint32_t* state, const unsigned char* data) noexcept nogil
     int ga_cpu_has_shani() noexcept nogil
 
@@ -182,7 +172,7 @@ cdef void _compress_portable(uint32_t* h, const unsigned char* p) noexcept nogil
     a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4]; f = h[5]; g = h[6]; hh = h[7]
     for i in range(64):
         s1 = _rotr(e, 6) ^ _rotr(e, 11) ^ _rotr(e, 25)
-        t1 = hh + s1 + ((e & f) ^ ((~e) & g)) + K[i] + w[i]
+        t1 = hh + s1 + ((e & f) ^ ((~e) & g)) + GA_K256[i] + w[i]
         s0 = _rotr(a, 2) ^ _rotr(a, 13) ^ _rotr(a, 22)
         t2 = s0 + ((a & b) ^ (a & c) ^ (b & c))
         hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2

@@ -20,8 +20,10 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
+import test_smtpd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_smtpd import port_of
 
 from greenarrow.bin.inject import EXIT_PERMANENT, EXIT_TEMPORARY, inject, run
 from greenarrow.lib import bounce_address as ba
@@ -31,6 +33,8 @@ from greenarrow.lib import tracking_url as tu
 from greenarrow.lib.injection import InjectionError
 from greenarrow.lib.install_root import init_root
 from greenarrow.lib.paths import Root
+
+start_server = test_smtpd.start_server  # the SMTP-service fixture, with this module's root
 
 ME = "smh.test"
 RCPT = "rcpt@dest.example"
@@ -277,7 +281,7 @@ def test_mtaid_from_smtp_service_rule(root: Root, start_server) -> None:
                           'GREENARROW_MAILCLASS="news"\n:deny\n')
     assert server
     body = (b"From: s@o.example\r\nTo: r@d.example\r\nSubject: x\r\n\r\nhi\r\n")
-    with smtplib.SMTP("127.0.0.1", _port(root), timeout=15) as smtp:
+    with smtplib.SMTP("127.0.0.1", port_of(root), timeout=15) as smtp:
         smtp.sendmail("s@o.example", [RCPT], body)
         smtp.sendmail("s@o.example", [RCPT], b"X-GreenArrow-MtaID: hdrmta\r\n" + body)
     first, second = sorted(entries(root), key=lambda e: e[0]["msguid"])
@@ -288,34 +292,12 @@ def test_mtaid_from_smtp_service_rule(root: Root, start_server) -> None:
 def test_invalid_header_over_smtp_is_554(root: Root, start_server) -> None:
     start_server('127.0.0.1:allow,RELAYCLIENT=""\n:deny\n')
     body = b"From: s@o.example\r\nX-GreenArrow-MailClass: news\r\nX-GreenArrow-Click-Tracking-Do: maybe\r\n\r\nhi\r\n"
-    with smtplib.SMTP("127.0.0.1", _port(root), timeout=15) as smtp:
+    with smtplib.SMTP("127.0.0.1", port_of(root), timeout=15) as smtp:
         with pytest.raises(smtplib.SMTPDataError) as e:
             smtp.sendmail("s@o.example", [RCPT], body)
     assert e.value.smtp_code == 554
     assert b"X-GreenArrow-Click-Tracking-Do 'maybe'" in e.value.smtp_error
     assert entries(root) == []
-
-
-def _port(root: Root) -> int:
-    return control.read(root.control, "smtp.listen")[0][1]
-
-
-@pytest.fixture
-def start_server(root: Root):
-    from test_smtpd import ServerThread, free_port
-
-    started = []
-
-    def start(rules: str):
-        (root.control / "smtp.tcp").write_text(rules)
-        control.write(root.control, "smtp.listen", [f"127.0.0.1:{free_port()}"])
-        server = ServerThread(root).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 # --------------------------------------------------------------------------- bounce address

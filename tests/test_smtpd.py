@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_inject import entries, queued
 
 from greenarrow.lib import control, queue_entry
 from greenarrow.lib import message as msglib
@@ -149,16 +150,6 @@ def client(root: Root, source: str = "127.0.0.1") -> smtplib.SMTP:
     return smtplib.SMTP("127.0.0.1", port_of(root), timeout=WAIT, source_address=(source, 0))
 
 
-def entries(root: Root) -> list[Path]:
-    return sorted((root.queue("ram") / "entries").iterdir())
-
-
-def queued(root: Root) -> list[tuple[str, dict, bytes]]:
-    out = []
-    for path in entries(root):
-        env, msg = queue_entry.read_entry(path)
-        out.append((path.name, env, msg))
-    return out
 
 
 def nothing_queued(root: Root) -> bool:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hmac
 
-from greenarrow.lib import tracking_url
+from greenarrow.lib import secret_constants, tracking_url
 
 MAX_LOCAL = 64
 MAX_MAILBOX_LOCAL = 40  # leaves room for the short form: 40 + 1 + 0 + 1 + 9 <= 64
@@ -51,7 +51,6 @@ _HEX = frozenset("0123456789abcdef")
 _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                    "!#$%&'*+/=?^_`{|}~-")
 _LABEL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
-_key_cache: dict[tuple[str, str], bytes] = {}
 
 
 class BounceAddressError(ValueError):
@@ -59,13 +58,8 @@ class BounceAddressError(ValueError):
 
 
 def derive_key(constants: tuple[str, str]) -> bytes:
-    """The HMAC key for bounce-address tags (cached), separate from the tracking-data key."""
-    key = _key_cache.get(constants)
-    if key is None:
-        master = bytes.fromhex(constants[0]) + bytes.fromhex(constants[1])
-        key = hmac.digest(master, b"greenarrow simplemh bounce address v1", "sha256")
-        _key_cache[constants] = key
-    return key
+    """The HMAC key for bounce-address tags, separate from the tracking-data key."""
+    return secret_constants.derive_key(constants, b"greenarrow simplemh bounce address v1")
 
 
 _ESCAPES = {i: f"={i:02x}" for i in range(128) if chr(i) not in _LITERAL}

@@ -218,14 +218,7 @@ class Queues:
         return sum(len(v) for v in by_queue.values())
 
     def delete(self, selected: list[tuple[Entry, str]]) -> int:
-        done = 0
-        for _, path in selected:
-            try:
-                os.unlink(path)
-                done += 1
-            except FileNotFoundError:
-                pass
-        return done
+        return sum(_unlink(path) for _, path in selected)
 
     def bounce(self, selected: list[tuple[Entry, str]], me: str, max_bytes: int,
                doublebounceto: str) -> int:
@@ -241,12 +234,17 @@ class Queues:
                                                    max_bytes, doublebounceto)
             if bounce is not None:
                 queue_moves.commit_bounces(root, [bounce], 0)
-            try:
-                os.unlink(path)
-                done += 1
-            except FileNotFoundError:
-                pass
+            done += _unlink(path)
         return done
+
+
+def _unlink(path: str) -> bool:
+    """Remove an entry; False when it was already gone (delivered meanwhile)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _rename(src: str, dst: str) -> bool:

@@ -57,6 +57,24 @@ def write(control_dir: Path, constant1: str, constant2: str) -> None:
     os.replace(tmp, p)
 
 
+_derived: dict[tuple[tuple[str, str], bytes], bytes] = {}
+
+
+def derive_key(constants: tuple[str, str], purpose: bytes) -> bytes:
+    """An HMAC key for one purpose, derived from the two constants (cached).
+
+    Each purpose (tracking data, bounce-address tags) has a key of its own,
+    so that a tag made for one can never be replayed as the other.
+    """
+    key = _derived.get((constants, purpose))
+    if key is None:
+        import hmac
+
+        master = bytes.fromhex(constants[0]) + bytes.fromhex(constants[1])
+        key = _derived[(constants, purpose)] = hmac.digest(master, purpose, "sha256")
+    return key
+
+
 def random_pair() -> tuple[str, str]:
     import secrets
 

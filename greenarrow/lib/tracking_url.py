@@ -38,6 +38,8 @@ from __future__ import annotations
 import binascii
 import hmac
 
+from greenarrow.lib import secret_constants
+
 VERSION = 1
 TAG_BYTES = 10
 FORMATS = ("a", "b", "c")
@@ -54,7 +56,6 @@ _FIELDS = 7  # recipient, listid, sendid, mailclass, instanceid, click_tracking_
 _B64_TO_URL = bytes.maketrans(b"+/", b"-_")
 _URL_TO_B64 = bytes.maketrans(b"-_", b"+/")
 _DATA_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-_key_cache: dict[tuple[str, str], bytes] = {}
 
 
 class TrackingDataError(ValueError):
@@ -62,17 +63,8 @@ class TrackingDataError(ValueError):
 
 
 def derive_key(constants: tuple[str, str]) -> bytes:
-    """The HMAC key for DATA, derived from the secret constants (cached).
-
-    A key of its own (not the constants themselves) so that a tag made for
-    a tracking link can never be replayed as a bounce-address tag.
-    """
-    key = _key_cache.get(constants)
-    if key is None:
-        master = bytes.fromhex(constants[0]) + bytes.fromhex(constants[1])
-        key = hmac.digest(master, b"greenarrow simplemh tracking data v1", "sha256")
-        _key_cache[constants] = key
-    return key
+    """The HMAC key for DATA, derived from the secret constants (secret_constants.derive_key)."""
+    return secret_constants.derive_key(constants, b"greenarrow simplemh tracking data v1")
 
 
 def b64url(data: bytes) -> bytes:
