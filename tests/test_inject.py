@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from email.utils import parsedate_to_datetime
@@ -52,12 +53,19 @@ def entries(root: Root) -> list[Path]:
     return sorted((root.queue("ram") / "entries").iterdir())
 
 
+# Command-line injection puts the submitter's trace field first (Postfix's form).
+TRACE = re.compile(rb"Received: by [^ ]+ \(GreenArrow, from userid (\d+)\);\r\n\t[^\r\n]+\r\n")
+
+
 def queued(root: Root) -> list[tuple[str, dict, bytes]]:
-    """(file name, envelope, message) of every entry of the ram-queue, by recipient index."""
+    """(file name, envelope, message) of every entry of the ram-queue, by recipient index;
+    the message without the Received field naming this process's uid, checked here."""
     out = []
     for path in entries(root):
         env, msg = queue_entry.read_entry(path)
-        out.append((path.name, env, msg))
+        trace = TRACE.match(msg)
+        assert trace and int(trace.group(1)) == os.getuid(), msg[:200]
+        out.append((path.name, env, msg[trace.end():]))
     out.sort(key=lambda t: queue_entry.split_name(t[0])[0])
     return out
 

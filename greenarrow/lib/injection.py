@@ -70,6 +70,13 @@ def check_sender(sender: str) -> str:
     return "" if sender == "" else check_address(sender, "sender")
 
 
+def check_size(size: int, databytes: int) -> None:
+    """A permanent InjectionError for a message of `size` bytes over `databytes` (0: no limit)."""
+    if databytes and size > databytes:
+        raise InjectionError(
+            True, f"message is {size} bytes, over the limit of {databytes} (control/databytes)")
+
+
 def recipient_domain(recipient: str) -> str:
     return recipient.rpartition("@")[2].lower()
 
@@ -244,11 +251,7 @@ def accept(
     """
     if not recipients:
         raise InjectionError(True, "no recipients")
-    if databytes and len(message) > databytes:
-        raise InjectionError(
-            True,
-            f"message is {len(message)} bytes, over the limit of {databytes} (control/databytes)",
-        )
+    check_size(len(message), databytes)
     if limit and queue_entry.read_count(count_file) + len(recipients) > limit:
         raise InjectionError(False, f"queue is full ({limit} messages, "
                                     "control/queue.ram.limit.messages); try again later")
