@@ -400,3 +400,69 @@ def test_a_stalled_or_trickling_client_is_cut(shared_root, trickle):
         daemon.stop()
     assert answer.startswith(b"111\n") and b"timed out" in answer
     assert queued(shared_root) == []
+
+
+def test_message_bytes_being_read_stay_within_the_budget(shared_root):
+    """While one client's message holds the whole budget, another's waits to be read."""
+    daemon = InProcessDaemon(shared_root, budget=100, timeout=120)
+    try:
+        holder = socket.socket(socket.AF_UNIX)
+        holder.connect(daemon.path)
+        whole = request([b"-f", b"s@o.test", b"r@dest.test"], [], b"Subject: a\n\n" + b"a" * 88)
+        holder.sendall(whole[:-50])
+        other = socket.socket(socket.AF_UNIX)
+        other.settimeout(1)
+        other.connect(daemon.path)
+        other.sendall(request([b"-f", b"s@o.test", b"r@dest.test"], [], b"Subject: b\n\nb\n"))
+        other.shutdown(socket.SHUT_WR)
+        with pytest.raises(TimeoutError):
+            other.recv(100)
+        holder.sendall(whole[-50:])
+        holder.shutdown(socket.SHUT_WR)
+        holder.settimeout(30)
+        other.settimeout(30)
+        assert holder.recv(100) == b"0\n"
+        assert other.recv(100) == b"0\n"
+        holder.close()
+        other.close()
+    finally:
+        daemon.stop()
+    assert len(queued(shared_root)) == 2
+
+
+def compiled(root: Root) -> None:
+    if (root.bin / "sendmail").read_bytes()[:4] != b"\x7fELF":
+        pytest.skip("no C compiler: bin/sendmail is the Python program")
+
+
+def test_the_client_reads_an_answer_given_before_it_finished_sending(shared_root):
+    """A message far over databytes is refused from its length while the client is still
+    sending: the client stops (no SIGPIPE) and prints the daemon's answer."""
+    compiled(shared_root)
+    control.write(shared_root.control, "databytes", 1000)
+    daemon = Injectd(shared_root)
+    try:
+        result = subprocess.run([str(shared_root.bin / "sendmail"), "r@dest.test"],
+                                input=b"Subject: big\n\n" + b"x" * (8 * 1024 * 1024),
+                                capture_output=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    finally:
+        daemon.stop()
+    assert result.returncode == 100, result
+    assert b"over the limit of 1000 (control/databytes)" in result.stderr
+    assert queued(shared_root) == []
+
+
+def test_a_socket_nobody_listens_on_sends_the_message_to_the_python_program(shared_root):
+    """The client reads the message before it connects; when the connection is refused
+    (a socket left by a stopped daemon), the Python program gets the message in full."""
+    compiled(shared_root)
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(shared_root.var / inject_daemon.SOCKET))
+    body = b"".join(b"line %d\n" % i for i in range(20000))
+    result = subprocess.run([str(shared_root.bin / "sendmail"), "-i", "-f", "s@o.test", "r@dest.test"],
+                            input=b"Subject: x\n\n" + body, capture_output=True,
+                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    message, = queued(shared_root)
+    assert message.endswith(body.replace(b"\n", b"\r\n"))
+    assert int(RECEIVED.match(message).group(1)) == os.getuid()
