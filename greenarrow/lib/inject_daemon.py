@@ -46,6 +46,7 @@ MAX_CLIENTS = 16  # requests served at once; the others wait to be accepted
 BUDGET = 64 * 1024 * 1024  # message bytes being read at once, over all clients
 TIMEOUT = 60.0  # seconds for a request's head, and again for its message
 BACKLOG = 128
+STOP_GRACE = 5.0  # seconds a stopping daemon gives the requests under way (the supervisor waits 30)
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -269,7 +270,7 @@ class InjectDaemon:
                       f"{self.max_message} (set control/databytes)")
 
     async def close(self) -> None:
-        """Stop taking clients; those being served get `timeout` seconds to finish."""
+        """Stop taking clients; those being served get STOP_GRACE seconds, then are cut (111)."""
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.gather(self._accepting, return_exceptions=True)
@@ -280,7 +281,7 @@ class InjectDaemon:
         except FileNotFoundError:
             pass
         if self._clients:
-            _, late = await asyncio.wait(set(self._clients), timeout=self.timeout)
+            _, late = await asyncio.wait(set(self._clients), timeout=min(self.timeout, STOP_GRACE))
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
