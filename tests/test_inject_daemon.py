@@ -80,10 +80,10 @@ def parse_request(data: bytes) -> tuple[inject_daemon.Request, bytes]:
 
 def test_client_sends_arguments_environment_and_message_and_exits_with_the_answer(root):
     daemon = FakeDaemon(root, b"100\nsendmail: fatal: refused by the test\n")
+    identity = {name: f"{name.lower()}-value" for name in command_line.IDENTITY_VARIABLES}
     result = run_client(root, "sendmail", "-f", "s@origin.test", "r@dest.test",
-                        env={"GREENARROW_SENDID": "s1", "SECRET": "not passed", "USER": "alice",
-                             "HVMAIL_ROOT": "/elsewhere", "QMAILUSER": "q", "QMAILHOST": "h.test",
-                             "LOGNAME": "l", "GREENARROWX": "not passed"})
+                        env={"GREENARROW_SENDID": "s1", "SECRET": "not passed", **identity,
+                             "HVMAIL_ROOT": "/elsewhere", "GREENARROWX": "not passed"})
     daemon.close()
     assert result.returncode == 100
     assert result.stderr == b"sendmail: fatal: refused by the test\n"
@@ -97,8 +97,8 @@ def test_client_sends_arguments_environment_and_message_and_exits_with_the_answe
     assert items[2:5] == [b"-f", b"s@origin.test", b"r@dest.test"]
     env = items[6:6 + int(items[5])]
     # exactly the variables command-line injection reads: the C list is command_line's
-    assert sorted(env) == [b"GREENARROW_SENDID=s1", b"LOGNAME=l", b"QMAILHOST=h.test",
-                           b"QMAILUSER=q", b"USER=alice"]
+    assert sorted(env) == sorted([b"GREENARROW_SENDID=s1",
+                                  *(f"{k}={v}".encode() for k, v in identity.items())])
     assert all(command_line.client_variable(e.decode().partition("=")[0]) for e in env)
     assert not command_line.client_variable("HVMAIL_ROOT")
     assert not command_line.client_variable("GREENARROWX")
