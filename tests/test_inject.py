@@ -227,13 +227,19 @@ def test_cut_at_dot(data: bytes, expected: bytes) -> None:
 
 
 def test_F_adds_from_when_missing(root: Root, environ: dict[str, str]) -> None:
-    """-F NAME adds `From: "NAME" <sender>` when the message has no From."""
-    inject(["-F", 'Ann "Q" Smith', "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
+    """-F NAME adds `From: "NAME" <sender>` when the message has no From; quotes and
+    backslashes in the name are kept, escaped (RFC 5322 quoted-string)."""
+    inject(["-F", 'Ann "Q" Sm\\ith', "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
     _, msg = only_entry(root)
     headers, _ = msglib.split_headers(msg)
     h = msglib.find(headers, b"from")
     assert h is not None
-    assert msglib.header_value(msg, h) == '"Ann Q Smith" <ann@example.com>'
+    assert msglib.header_value(msg, h) == '"Ann \\"Q\\" Sm\\\\ith" <ann@example.com>'
+    from email.parser import BytesParser
+    from email.policy import default
+
+    parsed = BytesParser(policy=default).parsebytes(msg)
+    assert parsed["From"].addresses[0].display_name == 'Ann "Q" Sm\\ith'
 
 
 def test_F_keeps_existing_from(root: Root, environ: dict[str, str]) -> None:

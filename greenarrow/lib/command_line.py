@@ -141,15 +141,37 @@ def default_sender(me: str, environ: dict[str, str] | None = None) -> str:
     return f"{user}@{host}"
 
 
+def check_fullname(fullname: str) -> str:
+    """The -F full name, or a permanent InjectionError when it cannot go into a header."""
+    problem = msglib.header_value_problem(fullname)
+    if problem:
+        raise injection.InjectionError(True, f"option -F: the full name {fullname!r} {problem}")
+    return fullname
+
+
 def add_from(message: bytes, sender: str, fullname: str) -> bytes:
-    """Add a From header when the message has none (qmail-inject does the same)."""
+    """Add a From header when the message has none (qmail-inject does the same).
+
+    The name is a quoted string (RFC 5322 3.2.4): its quotes and backslashes
+    are kept, escaped with a backslash.
+    """
     headers, _ = msglib.split_headers(message)
     if msglib.find(headers, b"from") is not None or not sender:
         return message
-    name = fullname.replace('"', "").replace("\\", "")
+    name = check_fullname(fullname).replace("\\", "\\\\").replace('"', '\\"')
     value = f'"{name}" <{sender}>' if name else sender
-    line = f"From: {value}\r\n".encode()
+    line = msglib.header_field("From", value, charset="utf-8")
     return msglib.rebuild(message, headers, set(), append=line)
+
+
+def sender_source(opts: Options, environ: dict[str, str]) -> str:
+    """Where the envelope sender came from, for error messages: the option or the variables."""
+    if opts.sender is not None:
+        return "option -f"
+    user = next((v for v in ("QMAILUSER", "LOGNAME", "USER") if environ.get(v)), "")
+    host = "QMAILHOST" if environ.get("QMAILHOST") else ""
+    names = " and ".join(f"${v}" for v in (user, host) if v)
+    return f"default sender (no -f) from {names or 'control/me'}"
 
 
 def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject: bool = False) -> str:
@@ -170,8 +192,12 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
         found, message = header_recipients(message)
         recipients.extend(found)
     sender = default_sender(me, environ) if opts.sender is None else opts.sender
-    sender = injection.check_sender(sender)
+    try:
+        sender = injection.check_sender(sender)
+    except injection.InjectionError as e:
+        raise injection.InjectionError(True, f"{sender_source(opts, environ)}: {e.text}") from None
     recipients = [injection.check_address(r, "recipient") for r in recipients]
+    check_fullname(opts.fullname)
     message = add_from(message, sender, opts.fullname)
     env = {k: v for k, v in environ.items() if k.startswith("GREENARROW_")}
     return injection.accept(

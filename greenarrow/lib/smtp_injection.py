@@ -127,14 +127,14 @@ class InjectionPolicy(SessionPolicy):
         settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
-        trace = b""
-        if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
-            trace = (
-                f"Received: from {session.helo or 'unknown'} ([{session.peer_ip}])\r\n"
-                f"\tby {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
-                f" {msglib.rfc5322_date()}\r\n"
-            ).encode("ascii", "replace")
         try:
+            trace = b""
+            if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
+                peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
+                trace = msglib.header_field(
+                    "Received", f"from {session.helo or 'unknown'} ({peer})",
+                    f"by {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
+                    f" {msglib.rfc5322_date()}")
             msguid = injection.accept(
                 settings.queue_dir,
                 self.trigger,
@@ -152,6 +152,9 @@ class InjectionPolicy(SessionPolicy):
         except injection.InjectionError as e:
             code = "554 5.6.0" if e.permanent else "451 4.3.0"
             return f"{code} {e.text}"
+        except msglib.HeaderValueError as e:  # the HELO check keeps CR and NUL out; `me` too
+            log.error("%s", e)
+            return f"554 5.6.0 {e}"
         except OSError as e:
             log.error("queue write failed: %s", e)
             return "451 4.3.0 temporary failure writing to the queue"

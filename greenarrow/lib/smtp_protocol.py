@@ -27,6 +27,10 @@ from collections.abc import Callable
 MAX_COMMAND = 512
 MAX_LINE = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
 MAX_RECIPIENTS = 1000
+# The HELO argument goes into the Received header: a CR (a bare LF already ends the
+# command line) or a NUL there would let a client smuggle header lines, or a whole
+# message at a receiver that takes a bare CR for a line end.
+HELO_CONTROL = "501 5.5.4 the HELO/EHLO host name may not contain control characters"
 
 
 class Transaction:
@@ -241,12 +245,16 @@ class SmtpSession(asyncio.Protocol):
     def smtp_HELO(self, arg: str) -> str:
         if not arg:
             return "501 5.5.4 HELO needs a host name"
+        if not arg.isprintable() and _has_control(arg):
+            return HELO_CONTROL
         self.helo, self.esmtp, self.transaction = arg, False, None
         return f"250 {self.policy.hostname}"
 
     def smtp_EHLO(self, arg: str) -> str:
         if not arg:
             return "501 5.5.4 EHLO needs a host name"
+        if not arg.isprintable() and _has_control(arg):
+            return HELO_CONTROL
         self.helo, self.esmtp, self.transaction = arg, True, None
         lines = [self.policy.hostname, "PIPELINING", "8BITMIME"]
         lines.append(f"SIZE {self.policy.databytes}" if self.policy.databytes else "SIZE")
@@ -368,6 +376,11 @@ class SmtpSession(asyncio.Protocol):
         # pipelined after STARTTLS (`leftover`), which it must not do.
         del leftover
         self.helo, self.esmtp, self.transaction = None, False, None
+
+
+def _has_control(text: str) -> bool:
+    """Whether `text` holds an ASCII control character (C0 or DEL)."""
+    return any(c < " " or c == "\x7f" for c in text)
 
 
 def _longest_line(data: bytes) -> int:
