@@ -37,6 +37,16 @@ PATTERNS = {
 }
 
 BODY = b"Subject: hello\n\nbody\n"
+# SimpleMH writes X-Mailer-Info, List-Unsubscribe and the tracking links from the
+# identifiers and X-GreenArrow-* values (docs/simplemh.md).
+CLASS = """
+mail_class news {
+    listid t100
+    track_clicks_and_opens yes
+    url_domain https://links.example.com
+    bounce_address bounce@bounces.example.com
+}
+"""
 
 
 class LaxReceiver:
@@ -145,7 +155,7 @@ def lax() -> LaxReceiver:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory, lax: LaxReceiver) -> Engine:
     tmp_path: Path = tmp_path_factory.mktemp("smuggling")
-    eng = Engine(tmp_path, conf=route_conf({"dest.test": lax.port}))
+    eng = Engine(tmp_path, conf=route_conf({"dest.test": lax.port}) + CLASS)
     (eng.root.control / "smtp.tcp").write_text('127.0.0.1:allow,RELAYCLIENT=""\n:deny\n')
     eng.start()
     yield eng
@@ -194,6 +204,9 @@ def test_sendmail_values(engine: Engine, lax: LaxReceiver) -> None:
             ([], {"QMAILHOST": f"h{pattern}.example"}, "QMAILHOST"),
             (["-f", "s@example.com"], {"GREENARROW_SENDID": f"s{pattern}"}, "GREENARROW_SENDID"),
             (["-f", "s@example.com"], {"GREENARROW_MTAID": f"m{pattern}"}, "GREENARROW_MTAID"),
+            (["-f", "s@example.com"], {"GREENARROW_LISTID": f"l{pattern}"}, "GREENARROW_LISTID"),
+            (["-f", "s@example.com"], {"GREENARROW_MAILCLASS": f"news{pattern}"},
+             "GREENARROW_MAILCLASS"),
         ]
         for args, env, what in cases:
             result = engine.sendmail(*args, "r@dest.test", message=BODY, env=env)
@@ -208,6 +221,33 @@ def test_sendmail_values(engine: Engine, lax: LaxReceiver) -> None:
         assert result.returncode == 0, result.stderr
         accepted += 1
     settle(engine, lax, accepted)
+
+
+def test_simplemh_values(engine: Engine, lax: LaxReceiver) -> None:
+    """SimpleMH mail (X-Mailer-Info, List-Unsubscribe, links written by the engine): an
+    X-GreenArrow-* value holding NUL is refused naming its header; the bare line ends a
+    header value may hold become line ends of the message; each copy arrives as one."""
+    before = accepted = len(lax.messages)
+    for header in ("X-GreenArrow-InstanceID", "X-GreenArrow-Click-Tracking-ID",
+                   "X-GreenArrow-Obscured-Email", "X-GreenArrow-URL-Domain",
+                   "X-GreenArrow-List-Unsubscribe-HTTP-URL", "X-GreenArrow-SendID"):
+        value = f"https://a{PATTERNS['nul']}.example" if "URL" in header else PATTERNS["nul"]
+        raw = f"{header}: {value}\nSubject: s\n\nbody\n".encode()
+        result = engine.sendmail("-f", "s@example.com", "r@dest.test", message=raw,
+                                 env={"GREENARROW_MAILCLASS": "news"})
+        assert result.returncode == command_line.EXIT_PERMANENT, (header, result.stderr)
+        assert header.encode() in result.stderr, (header, result.stderr)
+    for name, pattern in PATTERNS.items():
+        if "\x00" in pattern:
+            continue
+        raw = (f"X-GreenArrow-InstanceID: i{pattern}\nX-GreenArrow-Click-Tracking-ID: c{pattern}"
+               f"\nSubject: s{pattern}\n\n<a href=\"https://shop.example/{name}\">x</a>\n").encode()
+        result = engine.sendmail("-i", "-f", "s@example.com", "r@dest.test", message=raw,
+                                 env={"GREENARROW_MAILCLASS": "news"})
+        assert result.returncode == 0, (name, result.stderr)
+        accepted += 1
+    settle(engine, lax, accepted)
+    assert all(b"X-Mailer-Info: " in m for m in lax.messages[before:])
 
 
 def smtp_exchange(port: int, lines: list[bytes]) -> list[bytes]:
