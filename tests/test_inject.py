@@ -242,6 +242,24 @@ def test_F_adds_from_when_missing(root: Root, environ: dict[str, str]) -> None:
     assert parsed["From"].addresses[0].display_name == 'Ann "Q" Sm\\ith'
 
 
+@pytest.mark.parametrize("name", ["José Ñandú", "名前" * 30, 'Zoë "Q" \\ x'])
+def test_F_non_ascii_name_is_encoded(root: Root, environ: dict[str, str], name: str) -> None:
+    """A non-ASCII -F name goes out as RFC 2047 encoded words: a 7-bit header that reads
+    back as the name (RFC 2047 6.2: the space between two encoded words is not shown)."""
+    from email.header import decode_header, make_header
+
+    inject(["-F", name, "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
+    _, msg = only_entry(root)
+    headers, _ = msglib.split_headers(msg)
+    h = msglib.find(headers, b"from")
+    assert h is not None and msg[h.start:h.end].isascii()
+    value = msglib.header_value(msg, h)
+    words, _, address = value.rpartition(" ")
+    assert address == "<ann@example.com>"
+    assert all(len(w) <= 75 and w.startswith("=?utf-8?b?") for w in words.split())
+    assert str(make_header(decode_header(words))) == name
+
+
 def test_F_keeps_existing_from(root: Root, environ: dict[str, str]) -> None:
     """An existing From is never replaced, -F or not: the message is queued unchanged."""
     message = b"From: Real <real@example.com>\n" + NOFROM

@@ -153,15 +153,37 @@ def add_from(message: bytes, sender: str, fullname: str) -> bytes:
     """Add a From header when the message has none (qmail-inject does the same).
 
     The name is a quoted string (RFC 5322 3.2.4): its quotes and backslashes
-    are kept, escaped with a backslash.
+    are kept, escaped with a backslash. A name that is not ASCII is written
+    as RFC 2047 encoded words instead, so the header stays 7-bit.
     """
     headers, _ = msglib.split_headers(message)
     if msglib.find(headers, b"from") is not None or not sender:
         return message
-    name = check_fullname(fullname).replace("\\", "\\\\").replace('"', '\\"')
-    value = f'"{name}" <{sender}>' if name else sender
-    line = msglib.header_field("From", value, charset="utf-8")
+    name = display_name(check_fullname(fullname))
+    value = f"{name} <{sender}>" if name else sender
+    line = msglib.header_field("From", value)
     return msglib.rebuild(message, headers, set(), append=line)
+
+
+def display_name(name: str) -> str:
+    """A full name as the display name of an address: a quoted string, or encoded words."""
+    if not name:
+        return ""
+    if name.isascii():
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    from binascii import b2a_base64  # only a non-ASCII name pays for it
+
+    # RFC 2047: base64 words of at most 75 characters (45 octets of UTF-8 each, whole
+    # characters), not inside quotes; a space between two words is not displayed.
+    words, chunk = [], b""
+    for c in name:
+        octets = c.encode("utf-8", "replace")
+        if len(chunk) + len(octets) > 45:
+            words.append(chunk)
+            chunk = b""
+        chunk += octets
+    words.append(chunk)
+    return " ".join(f"=?utf-8?b?{b2a_base64(w, newline=False).decode()}?=" for w in words)
 
 
 def sender_source(opts: Options, environ: dict[str, str]) -> str:
