@@ -827,3 +827,15 @@ def test_envelope_line_refuses_other_types(value: object) -> None:
     """Envelope values are strings and integers only; anything else (bool too) is a TypeError."""
     with pytest.raises(TypeError):
         queue_entry.envelope_line({"sender": value})
+
+
+def test_header_field_refuses_line_breaks_and_nul() -> None:
+    """message.header_field, which makes every header the engine writes: CR, LF or NUL in
+    any part is HeaderValueError naming the header; parts after the first are folded."""
+    assert msglib.header_field("Received", "from a ([1.2.3.4])", "by b; date") == (
+        b"Received: from a ([1.2.3.4])\r\n\tby b; date\r\n")
+    for bad in ("a\rb", "a\nb", "a\r\nb", "a\0b", "\n.\nMAIL FROM:<x@y>"):
+        with pytest.raises(msglib.HeaderValueError, match="Received"):
+            msglib.header_field("Received", "from ok", bad)
+        with pytest.raises(msglib.HeaderValueError, match="From"):
+            msglib.header_field("From", bad)

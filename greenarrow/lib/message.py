@@ -88,20 +88,20 @@ def header_value_problem(value: str) -> str | None:
     return None
 
 
-def header_field(name: str, *parts: str, charset: str = "ascii") -> bytes:
+def header_field(name: str, *parts: str) -> bytes:
     """One header field the engine writes: `Name: part1 CRLF TAB part2 ... CRLF`.
 
     Every header the engine adds (Received, From, Message-ID, Date) is made
     here, so none of them can carry a value with CR, LF or NUL:
     HeaderValueError names the header. Parts after the first are folded onto
-    continuation lines. ASCII by default (other characters become `?`);
-    `charset="utf-8"` for a display name given as text.
+    continuation lines. ASCII (a character outside it becomes `?`; callers
+    encode text first, as RFC 2047 words for a display name).
     """
     for part in parts:
         if "\r" in part or "\n" in part or "\0" in part:
             raise HeaderValueError(f"{name} header: {part!r} {header_value_problem(part)}")
     value = "\r\n\t".join(parts)
-    return f"{name}: {value}\r\n".encode(charset, "replace")
+    return f"{name}: {value}\r\n".encode("ascii", "replace")
 
 
 def header_value(msg: bytes, header: Header) -> str:
