@@ -237,13 +237,37 @@ def test_cut_at_dot(data: bytes, expected: bytes) -> None:
 
 
 def test_F_adds_from_when_missing(root: Root, environ: dict[str, str]) -> None:
-    """-F NAME adds `From: "NAME" <sender>` when the message has no From."""
-    inject(["-F", 'Ann "Q" Smith', "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
+    """-F NAME adds `From: "NAME" <sender>` when the message has no From; quotes and
+    backslashes in the name are kept, escaped (RFC 5322 quoted-string)."""
+    inject(["-F", 'Ann "Q" Sm\\ith', "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
     _, msg = only_entry(root)
     headers, _ = msglib.split_headers(msg)
     h = msglib.find(headers, b"from")
     assert h is not None
-    assert msglib.header_value(msg, h) == '"Ann Q Smith" <ann@example.com>'
+    assert msglib.header_value(msg, h) == '"Ann \\"Q\\" Sm\\\\ith" <ann@example.com>'
+    from email.parser import BytesParser
+    from email.policy import default
+
+    parsed = BytesParser(policy=default).parsebytes(msg)
+    assert parsed["From"].addresses[0].display_name == 'Ann "Q" Sm\\ith'
+
+
+@pytest.mark.parametrize("name", ["José Ñandú", "名前" * 30, 'Zoë "Q" \\ x'])
+def test_F_non_ascii_name_is_encoded(root: Root, environ: dict[str, str], name: str) -> None:
+    """A non-ASCII -F name goes out as RFC 2047 encoded words: a 7-bit header that reads
+    back as the name (RFC 2047 6.2: the space between two encoded words is not shown)."""
+    from email.header import decode_header, make_header
+
+    inject(["-F", name, "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
+    _, msg = only_entry(root)
+    headers, _ = msglib.split_headers(msg)
+    h = msglib.find(headers, b"from")
+    assert h is not None and msg[h.start:h.end].isascii()
+    value = msglib.header_value(msg, h)
+    words, _, address = value.rpartition(" ")
+    assert address == "<ann@example.com>"
+    assert all(len(w) <= 75 and w.startswith("=?utf-8?b?") for w in words.split())
+    assert str(make_header(decode_header(words))) == name
 
 
 def test_F_keeps_existing_from(root: Root, environ: dict[str, str]) -> None:
@@ -825,3 +849,15 @@ def test_envelope_line_refuses_other_types(value: object) -> None:
     """Envelope values are strings and integers only; anything else (bool too) is a TypeError."""
     with pytest.raises(TypeError):
         queue_entry.envelope_line({"sender": value})
+
+
+def test_header_field_refuses_line_breaks_and_nul() -> None:
+    """message.header_field, which makes every header the engine writes: CR, LF or NUL in
+    any part is HeaderValueError naming the header; parts after the first are folded."""
+    assert msglib.header_field("Received", "from a ([1.2.3.4])", "by b; date") == (
+        b"Received: from a ([1.2.3.4])\r\n\tby b; date\r\n")
+    for bad in ("a\rb", "a\nb", "a\r\nb", "a\0b", "\n.\nMAIL FROM:<x@y>"):
+        with pytest.raises(msglib.HeaderValueError, match="Received"):
+            msglib.header_field("Received", "from ok", bad)
+        with pytest.raises(msglib.HeaderValueError, match="From"):
+            msglib.header_field("From", bad)

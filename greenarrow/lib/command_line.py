@@ -161,15 +161,59 @@ def default_sender(me: str, environ: dict[str, str] | None = None) -> str:
     return f"{user}@{host}"
 
 
+def check_fullname(fullname: str) -> str:
+    """The -F full name, or a permanent InjectionError when it cannot go into a header."""
+    problem = msglib.header_value_problem(fullname)
+    if problem:
+        raise injection.InjectionError(True, f"option -F: the full name {fullname!r} {problem}")
+    return fullname
+
+
 def add_from(message: bytes, sender: str, fullname: str) -> bytes:
-    """Add a From header when the message has none (qmail-inject does the same)."""
+    """Add a From header when the message has none (qmail-inject does the same).
+
+    The name is a quoted string (RFC 5322 3.2.4): its quotes and backslashes
+    are kept, escaped with a backslash. A name that is not ASCII is written
+    as RFC 2047 encoded words instead, so the header stays 7-bit.
+    """
     headers, _ = msglib.split_headers(message)
     if msglib.find(headers, b"from") is not None or not sender:
         return message
-    name = fullname.replace('"', "").replace("\\", "")
-    value = f'"{name}" <{sender}>' if name else sender
-    line = f"From: {value}\r\n".encode()
+    name = display_name(check_fullname(fullname))
+    value = f"{name} <{sender}>" if name else sender
+    line = msglib.header_field("From", value)
     return msglib.rebuild(message, headers, set(), append=line)
+
+
+def display_name(name: str) -> str:
+    """A full name as the display name of an address: a quoted string, or encoded words."""
+    if not name:
+        return ""
+    if name.isascii():
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    from binascii import b2a_base64  # only a non-ASCII name pays for it
+
+    # RFC 2047: base64 words of at most 75 characters (45 octets of UTF-8 each, whole
+    # characters), not inside quotes; a space between two words is not displayed.
+    words, chunk = [], b""
+    for c in name:
+        octets = c.encode("utf-8", "replace")
+        if len(chunk) + len(octets) > 45:
+            words.append(chunk)
+            chunk = b""
+        chunk += octets
+    words.append(chunk)
+    return " ".join(f"=?utf-8?b?{b2a_base64(w, newline=False).decode()}?=" for w in words)
+
+
+def sender_source(opts: Options, environ: dict[str, str]) -> str:
+    """Where the envelope sender came from, for error messages: the option or the variables."""
+    if opts.sender is not None:
+        return "option -f"
+    user = next((v for v in ("QMAILUSER", "LOGNAME", "USER") if environ.get(v)), "")
+    host = "QMAILHOST" if environ.get("QMAILHOST") else ""
+    names = " and ".join(f"${v}" for v in (user, host) if v)
+    return f"default sender (no -f) from {names or 'control/me'}"
 
 
 def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject: bool = False,
@@ -196,8 +240,12 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
         found, message = header_recipients(message)
         recipients.extend(found)
     sender = default_sender(me, environ) if opts.sender is None else opts.sender
-    sender = injection.check_sender(sender)
+    try:
+        sender = injection.check_sender(sender)
+    except injection.InjectionError as e:
+        raise injection.InjectionError(True, f"{sender_source(opts, environ)}: {e.text}") from None
     recipients = [injection.check_address(r, "recipient") for r in recipients]
+    check_fullname(opts.fullname)
     message = add_from(message, sender, opts.fullname)
     env = {k: v for k, v in environ.items() if k.startswith(CLIENT_VARIABLE_PREFIX)}
     return injection.accept(

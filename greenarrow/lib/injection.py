@@ -153,10 +153,13 @@ def prepare(
                 ids["mtaid"] = validate_identifier(
                     "mtaid", msglib.header_value(message, h), "header X-Virtual-MTA")
     added = []
-    if msglib.find(headers, b"message-id") is None:
-        added.append(f"Message-ID: <{msguid}@{me}>\r\n".encode("ascii", "replace"))
-    if msglib.find(headers, b"date") is None:
-        added.append(f"Date: {msglib.rfc5322_date(now)}\r\n".encode("ascii"))
+    try:
+        if msglib.find(headers, b"message-id") is None:
+            added.append(msglib.header_field("Message-ID", f"<{msguid}@{me}>"))
+        if msglib.find(headers, b"date") is None:
+            added.append(msglib.header_field("Date", msglib.rfc5322_date(now)))
+    except msglib.HeaderValueError as e:  # `me` comes from control/me
+        raise InjectionError(False, f"{e} (control/me)") from None
     if classes.classes and (ids.get("mailclass") or classes.default):
         simplemh = sys.modules.get("greenarrow.lib.simplemh")
         if simplemh is None:
