@@ -269,3 +269,54 @@ def test_check_envelope_defaults_and_ignores_unknown_keys():
     assert checked == {**{k: d for k, (_, d) in queue_entry.ENVELOPE_FIELDS.items()},
                        "sender": "", "recipient": "u@d.test"}
     assert queue_entry.check_envelope(envelope(3)) == {**checked, **envelope(3)}
+
+
+# -- the queue tools -----------------------------------------------------------
+
+
+def test_queue_tools_count_and_list_bad_entries_and_skip_bad_ones_in_entries(tmp_path):
+    """`status` counts bad/; `list --bad` says what is wrong with each file; a bad entry
+    still in entries/ (queue-send has not reached it) is skipped by status, list, filters
+    and explain instead of crashing them."""
+    from click.testing import CliRunner
+
+    from greenarrow.bin.queue import queue_command
+    from greenarrow.lib.explain import explain
+
+    engine = Engine(tmp_path, conf=route_conf({"dest.test": 9}))
+    root = engine.root
+    queue = root.queue("disk")
+    queue_entry.commit(queue, [envelope(1)], MESSAGE, durable=True)
+    write_bad(str(queue / "entries"), {"list": BAD["list"], "mtaid": BAD["integer-mtaid"]})
+    write_bad(str(queue / "bad"), {"null": BAD["null"], "empty": BAD["empty"]})
+    os.symlink("/etc/passwd", queue / "bad" / "link-0.0.0")
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(queue_command, list(args), env={"HVMAIL_ROOT": str(root.path)})
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result.output
+
+    status = json.loads(run("status", "--json"))
+    assert status["disk"]["bad"] == 3 and status["ram"]["bad"] == 0
+    assert status["disk"]["top_domains"] == [["dest.test", 1]]
+    assert "0 held, 3 bad" in run("status", "-q", "disk")
+    rows = [json.loads(row) for row in run("list", "--json").splitlines()]
+    assert [r["recipient"] for r in rows] == ["u1@dest.test"]
+    assert [r["recipient"] for r in
+            map(json.loads, run("list", "--json", "--domain", "dest.test").splitlines())] \
+        == ["u1@dest.test"]
+    bad_rows = [json.loads(row) for row in run("list", "--bad", "--json").splitlines()]
+    assert {r["entry"]: r["problem"] for r in bad_rows} == {
+        "bad0-null.0.0": "envelope is a JSON null, not an object",
+        "bad1-empty.0.0": "queue entry is empty",
+        "link-0.0.0": "queue entry is a symbolic link",
+    }
+    assert all(r["queue"] == "disk" for r in bad_rows)
+    assert "envelope is a JSON null" in run("list", "--bad", "-q", "disk")
+    assert run("list", "--bad", "-q", "ram") == ""
+    refused = CliRunner().invoke(queue_command, ["list", "--bad", "--domain", "x"],
+                                 env={"HVMAIL_ROOT": str(root.path)})
+    assert refused.exit_code == 2 and "--bad takes no filter" in refused.output
+    assert "disk-queue: 1 queued" in "\n".join(explain(root, "dest.test"))
+    assert run("delete", "--all") == "delete: 3 entries\n"  # entries/ only; bad/ untouched
+    assert len(os.listdir(queue / "bad")) == 3

@@ -386,24 +386,31 @@ class Scheduler:
         """
         root = str(self.root.path)
 
-        def work() -> None:
-            bounces = []
+        def work() -> list[tuple[str, str]]:
+            bounces, bad = [], []
             for envelope, name, reason in failed:
                 path = os.path.join(self.entries_dir, name)
-                bounce = queue_moves.make_bounce_entry(self.me, envelope, path, reason,
-                                                       self.bouncemaxbytes, self.doublebounceto)
+                try:
+                    bounce = queue_moves.make_bounce_entry(self.me, envelope, path, reason,
+                                                           self.bouncemaxbytes, self.doublebounceto)
+                except queue_entry.BadEntry as e:  # the file changed since it was read
+                    bad.append((name, str(e)))
+                    continue
                 if bounce is not None:
                     bounces.append(bounce)
             if bounces:
                 queue_moves.commit_bounces(root, bounces, self.bounce_limit)
+            return bad
 
         try:
-            await asyncio.to_thread(work)
+            bad = await asyncio.to_thread(work)
         except queue_entry.QueueWriteError as e:
             log.error("cannot queue bounces now (%s); the failed entries stay queued", e)
             for _, name, _ in failed:
                 self.known.discard(name)
             return False
+        for name, problem in bad:
+            self.set_aside(name, problem)
         return True
 
     async def _move(self, moves: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
