@@ -52,12 +52,14 @@ ENVELOPE_KEYS = (
     "source_ip",
 )
 
-# The envelope as readers see it: key -> (type, default); None: required.
-# Unknown keys are ignored (a newer writer may add some); values of the
-# wrong type make the entry bad.
+REQUIRED = "required"
+# The envelope as readers see it: key -> (type, default). A key with default
+# None is added only when written (bounce_level, dkim: readers of those take
+# absent as 0 and ""). Unknown keys are ignored (a newer writer may add
+# some); values of the wrong type make the entry bad.
 ENVELOPE_FIELDS: dict[str, tuple[type, object]] = {
-    "sender": (str, None),
-    "recipient": (str, None),
+    "sender": (str, REQUIRED),
+    "recipient": (str, REQUIRED),
     "msguid": (str, ""),
     "sendid": (str, ""),
     "listid": (str, ""),
@@ -67,8 +69,8 @@ ENVELOPE_FIELDS: dict[str, tuple[type, object]] = {
     "click_tracking_id": (str, ""),
     "injected_time": (int, 0),  # 0: unknown (readers count from now)
     "source_ip": (str, ""),
-    "bounce_level": (int, 0),
-    "dkim": (str, ""),
+    "bounce_level": (int, None),
+    "dkim": (str, None),
 }
 ADDRESS_KEYS = ("sender", "recipient")
 MAX_ENVELOPE_LINE = 65536  # bytes, newline excluded
@@ -146,18 +148,23 @@ def encode_entry(envelope: dict, message: bytes) -> bytes:
 
 
 def check_envelope(value: object) -> dict:
-    """The envelope with every known key, checked and defaulted; BadEntry if it is not one.
+    """The envelope with its known keys checked and defaulted; BadEntry if it is not one.
 
-    Returns a new dict of the keys of ENVELOPE_FIELDS only. Addresses may not
+    Returns a new dict of the keys of ENVELOPE_FIELDS only (those with default
+    None only when present). Addresses may not
     hold control characters (an address with CR LF would smuggle SMTP commands).
     """
     if not isinstance(value, dict):
         raise BadEntry(f"envelope is a JSON {_json_kind(value)}, not an object")
     envelope = {}
     for key, (kind, default) in ENVELOPE_FIELDS.items():
-        item = value.get(key, default)
-        if key not in value and default is None:
-            raise BadEntry(f"envelope has no {key!r}")
+        if key not in value:
+            if default is REQUIRED:
+                raise BadEntry(f"envelope has no {key!r}")
+            if default is not None:
+                envelope[key] = default
+            continue
+        item = value[key]
         if isinstance(item, bool) or not isinstance(item, kind):
             raise BadEntry(f"envelope {key!r} is a JSON {_json_kind(item)}, "
                            f"not {'a string' if kind is str else 'an integer'}")
