@@ -288,6 +288,7 @@ def test_queue_tools_count_and_list_bad_entries_and_skip_bad_ones_in_entries(tmp
 
     engine = Engine(tmp_path, conf=route_conf({"dest.test": 9}))
     root = engine.root
+    assert all((root.queue(q) / "bad").is_dir() for q in ("ram", "bounce", "disk"))  # by init
     queue = root.queue("disk")
     queue_entry.commit(queue, [envelope(1)], MESSAGE, durable=True)
     write_bad(str(queue / "entries"), {"list": BAD["list"], "mtaid": BAD["integer-mtaid"]})
