@@ -181,7 +181,7 @@ def check_envelope(value: object) -> dict:
                 except UnicodeEncodeError:  # a lone surrogate such as "\\udc80"
                     raise BadEntry(f"envelope {key!r} is not valid Unicode") from None
         elif not 0 <= item <= MAX_INTEGER:
-            raise BadEntry(f"envelope {key!r} is out of range: {item}")
+            raise BadEntry(f"envelope {key!r} is out of range (0 to 2**53)")
         envelope[key] = item
     if not envelope["recipient"]:
         raise BadEntry("envelope 'recipient' is empty")
