@@ -52,6 +52,7 @@ class RecipientReport:
     action: str = ""
     text: str = ""
     reply_code: str = ""
+    command: str = ""  # the SMTP command the failure answered: RCPT, DATA, MAIL or ""
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _split_multipart(body: str, boundary: str) -> list[str]:
 
 # -- addresses -------------------------------------------------------------
 
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDRESS = re.compile(r"(?:\"[^\"\n<>@]{1,64}\"|[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+)@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
 
 
@@ -297,9 +298,23 @@ def parse_headers_all(text: str) -> tuple[list[tuple[str, str]], int]:
     return out, len(text)
 
 
+_COMMAND = re.compile(r"(?:after|in reply to|while (?:sending|talking)|>>>|did not like our)\s*"
+                      r"(?:the\s+)?(?:end of\s+)?(RCPT|DATA|MAIL|message)\b", re.IGNORECASE)
+
+
+def smtp_command(text: str) -> str:
+    """The last SMTP command a failure text says it answered (RCPT, DATA, MAIL)."""
+    found = ""
+    for m in _COMMAND.finditer(text):
+        found = m.group(1).upper()
+    return "DATA" if found == "MESSAGE" else found
+
+
 def _fill_codes(report: RecipientReport) -> None:
-    """Status and reply code from the diagnostic text where the fields lack them."""
+    """Status, reply code and SMTP command from the diagnostic text where the fields lack them."""
     text = report.text
+    if not report.command:
+        report.command = smtp_command(text)
     m = _STATUS.search(text)
     if m and (not report.status or report.status.endswith(".0.0") or report.status == "5.0.0"):
         if m.group(1) == (report.status[:1] or m.group(1)):
@@ -327,7 +342,8 @@ _ORIGINAL_MARKERS = re.compile(
     r"Message headers follow|"
     r"Your message reads|"
     r"Original message header|"
-    r"Undelivered Message Headers"
+    r"Undelivered Message Headers|"
+    r"Message text follows"
     r")", re.IGNORECASE | re.MULTILINE)
 
 _BOUNCE_SENDER = re.compile(
@@ -343,13 +359,18 @@ _BOUNCE_SUBJECT = re.compile(
     r"delivery (?:incomplete|unsuccessful)|send(?:ing)? failed|fehlgeschlagen|"
     r"unzustellbar|no se puede entregar|non remis|undelivered",
     re.IGNORECASE)
+_STRONG_BODY = re.compile(
+    r"could not be delivered to|delivery to the following recipients? failed|"
+    r"undeliverable to|permanent (?:error|failure)|this is the qmail-send program|"
+    r"message (?:was|could) not be delivered", re.IGNORECASE)
 _BOUNCE_BODY = re.compile(
     r"could not be delivered|permanent(?:ly)? (?:error|fatal|failure)|delivery (?:has )?failed|"
     r"undeliver|not be delivered|following (?:address|recipient)|"
     r"delivery to the following|unable to deliver|returned to sender|"
     r"user unknown|does not exist|no such user|mailbox (?:is )?(?:full|unavailable)|"
     r"this is the qmail-send program|mail delivery software|rejected|"
-    r"delivery attempts? (?:will continue|failed)|could not deliver|was not delivered",
+    r"delivery attempts? (?:will continue|failed)|could not deliver|was not delivered|"
+    r"failed addresses|no valid recipients",
     re.IGNORECASE)
 
 
@@ -402,7 +423,8 @@ def parse_text_bounce(text: str, exclude: set[str], failed: list[str]) -> list[R
     reports = []
     for address in order[:MAX_RECIPIENTS]:
         start = found[address][0] if address in found else None
-        context = _context(lines, start) if start is not None else _best_error_lines(lines)
+        others = frozenset(a for a in order if a != address)
+        context = _context(lines, start, others) if start is not None else _best_error_lines(lines)
         report = RecipientReport(recipient=address, action="failed", text=context)
         _fill_codes(report)
         reports.append(report)
@@ -415,22 +437,27 @@ _ERRORISH = re.compile(r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|not exi
                        r"could not|unable|error|fail", re.IGNORECASE)
 
 
-def _context(lines: list[str], start: int) -> str:
-    """The address line and the lines after it that carry the error."""
-    out = []
-    first = lines[start].strip()
-    out.append(first)
+def _context(lines: list[str], start: int, others: frozenset[str] = frozenset()) -> str:
+    """The address line and the lines after it that carry the error.
+
+    Stops at two blank lines in a row, at a line naming another recipient,
+    or after a few lines.
+    """
+    out = [lines[start].strip()]
     blank = 0
-    for line in lines[start + 1:start + 12]:
+    for line in lines[start + 1:start + 16]:
         s = line.strip()
         if not s:
             blank += 1
-            if blank > 1 or len(out) > 1:
+            if blank > 1 and len(out) > 1:
                 break
             continue
-        if "@" in s and _ADDRESS.search(s) and not _ERRORISH.search(s):
-            break  # the next recipient
+        blank = 0
+        if others and "@" in s and any(a in others for a in addresses(s)):
+            break  # the next recipient's block
         out.append(s)
+        if len(out) >= 8:
+            break
     text = " ".join(out)
     if not _ERRORISH.search(text):
         before = " ".join(x.strip() for x in lines[max(0, start - 3):start] if x.strip())
@@ -494,7 +521,8 @@ def parse(message: bytes) -> ParsedMessage:
     failed = addresses(" ".join(headers.get("x-failed-recipients", [])))
     is_dsn_type = any(p.params.lower() == "delivery-status" for p in parts)
     bounce_like = bool(failed) or is_dsn_type or bool(_BOUNCE_SENDER.search(sender)) or bool(
-        _BOUNCE_SUBJECT.search(subject))
+        _BOUNCE_SUBJECT.search(subject)) or bool(
+        parsed.original_headers and _STRONG_BODY.search(parsed.human_text[:8000]))
     auto = _is_auto_reply(headers, subject)
     if not bounce_like or (auto and not failed and not _BOUNCE_SENDER.search(sender)):
         if auto:
@@ -567,17 +595,45 @@ def _merge_human_text(reports: list[RecipientReport], human: str) -> list[Recipi
     lines = None
     for r in reports:
         if r.text:
+            _fill_codes(r)
+            continue
+        if lines is None:
+            lines = human.split("\n")[:3000]
+        others = frozenset(x.recipient for x in reports if x is not r)
+        for i, line in enumerate(lines):
+            if r.recipient in line.lower():
+                r.text = _context(lines, i, others)
+                break
+        else:
+            r.text = _best_error_lines(lines)
+        _fill_codes(r)
+    for r in reports:
+        if r.command or not human:
             continue
         if lines is None:
             lines = human.split("\n")[:3000]
         for i, line in enumerate(lines):
             if r.recipient in line.lower():
-                r.text = _context(lines, i)
+                r.command = smtp_command(_context(lines, i))
                 break
-        else:
-            r.text = _best_error_lines(lines)
-        _fill_codes(r)
+        if not r.command:
+            r.command = transcript_command(human)
     return reports
+
+
+def transcript_command(human: str) -> str:
+    """The command a session transcript shows answered by the first 4xx/5xx reply.
+
+    Sendmail-style transcripts: `>>> DATA` then `<<< 550 ...`.
+    """
+    last = ""
+    for line in human.split("\n", 400)[:400]:
+        s = line.lstrip()
+        if s.startswith(">>> "):
+            last = s[4:].split(":", 1)[0].split(" ", 1)[0].upper()
+        elif s.startswith(("<<< 5", "<<< 4")) and last:
+            return "DATA" if last in ("DATA", ".") else last[:4]
+    return ""
 
 
 def _original_headers(parts: list[Part], text: str) -> dict[str, list[str]]:

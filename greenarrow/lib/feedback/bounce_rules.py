@@ -49,6 +49,7 @@ class Rule:
     pattern: str
     source: str  # "file:line", for operators asking why
     regex: re.Pattern[str]
+    explicit_type: bool = False  # CODE/TYPE written out: no stage-based softening
 
     def matches(self, value: str) -> re.Match[str] | None:
         if self.where in ("status", "reply"):
@@ -88,7 +89,7 @@ def parse_rules(text: str, source: str) -> list[Rule]:
                 regex = re.compile(pattern, re.IGNORECASE)
         except re.error as e:
             raise RuleError(f"{where_at}: bad regular expression {pattern!r}: {e}") from None
-        rules.append(Rule(code, bounce_type, where, pattern, where_at, regex))
+        rules.append(Rule(code, bounce_type, where, pattern, where_at, regex, bool(type_text)))
     return rules
 
 

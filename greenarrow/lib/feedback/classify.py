@@ -130,12 +130,33 @@ def classify_report(report: RecipientReport, rules: list[Rule], subject: str = "
         result.bounce_type = rule.type
         result.rule = rule.source
         result.match_text = _line_around(value, m.start(), m.end())
-        return result
+        return _not_hard_unless_permanent(result, report, rule.explicit_type)
     status_class = (report.status or report.reply_code)[:1]
     code = {"5": bounce_codes.GENERIC, "4": bounce_codes.GENERIC_SOFT}.get(
         status_class, bounce_codes.UNDETERMINED)
     result.bounce_code = code
     result.bounce_type = bounce_codes.code_type(code)
+    return result
+
+
+def _not_hard_unless_permanent(result: BounceResult, report: RecipientReport,
+                               explicit: bool) -> BounceResult:
+    """A hard result needs a permanent failure at the recipient stage.
+
+    A 4xx says "try again", and a rejection after DATA came after the server
+    accepted the recipient at RCPT TO (often a content filter saying
+    "unknown"), unless the status code itself is an address status (5.1.x:
+    pipelined sessions answer RCPT after DATA was sent) or the rule says `/h`
+    itself (a provider known to refuse unknown users at DATA).
+    """
+    if result.bounce_type != bounce_codes.HARD:
+        return result
+    permanent_class = (result.status or result.reply_code)[:1] != "4"
+    address_status = result.status.startswith("5.1.")
+    if permanent_class and (report.command != "DATA" or explicit or address_status):
+        return result
+    result.bounce_code = bounce_codes.GENERIC_SOFT
+    result.bounce_type = bounce_codes.code_type(bounce_codes.GENERIC_SOFT)
     return result
 
 
