@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from greenarrow.lib import tracking_url
 from greenarrow.lib.feedback.bounce_parse import ParsedMessage, first_address
 
-REDACTED = ("redacted", "xxxxx", "anonymized")
-
 
 @dataclass
 class Complaint:
@@ -56,8 +54,8 @@ def report_recipient(parsed: ParsedMessage) -> str:
                   _first(fields, "removal-recipient"),
                   parsed.original("to")):
         address = first_address(value)
-        if address and not any(word in address for word in REDACTED):
-            return address
+        if address:
+            return address  # as the report gives it, even if the FBL redacted it
     return ""
 
 

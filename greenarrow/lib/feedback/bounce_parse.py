@@ -331,20 +331,27 @@ def _fill_codes(report: RecipientReport) -> None:
 
 # Lines that start the quoted original message in the text of a bounce.
 _ORIGINAL_MARKERS = re.compile(
-    r"^[ \t>]*(?:-+ ?)?(?:"
-    r"(?:This is a copy|A copy) of the (?:original )?message|"
-    r"Below this line is a copy of the message|"
-    r"Original message(?: follows| headers follow)?|"
-    r"The (?:original|text of your) message|"
-    r"Unsent message below|"
-    r"Returned (?:message|mail)|"
-    r"The headers of (?:the|your) (?:original )?message|"
-    r"Message headers follow|"
-    r"Your message reads|"
-    r"Original message header|"
-    r"Undelivered Message Headers|"
-    r"Message text follows"
-    r")", re.IGNORECASE | re.MULTILINE)
+    r"^[ \t>|]*(?:-+ ?)?(?:"
+    r"(?:this is a copy|a copy) of the (?:original )?message|"
+    r"below this line is a copy of the message|"
+    r"original message(?: follows| headers follow)?|"
+    r"the (?:original|text of your) message|"
+    r"unsent message below|"
+    r"returned (?:message|mail)|"
+    r"the headers of (?:the|your) (?:original )?message|"
+    r"message headers follow|"
+    r"your message reads|"
+    r"original message header|"
+    r"undelivered message headers|"
+    r"message text follows"
+    r")", re.MULTILINE)
+MARKER_WINDOW = 64 * 1024
+
+
+def original_marker(body: str) -> int:
+    """Where the copy of the original message starts in a bounce's text (-1: nowhere)."""
+    m = _ORIGINAL_MARKERS.search(body[:MARKER_WINDOW].lower())
+    return m.start() if m else -1
 
 _BOUNCE_SENDER = re.compile(
     r"mailer-daemon|postmaster|mail delivery (?:subsystem|system)|mail.?delivery|"
@@ -362,7 +369,7 @@ _BOUNCE_SUBJECT = re.compile(
 _STRONG_BODY = re.compile(
     r"could not be delivered to|delivery to the following recipients? failed|"
     r"undeliverable to|permanent (?:error|failure)|this is the qmail-send program|"
-    r"message (?:was|could) not be delivered", re.IGNORECASE)
+    r"message (?:was|could) not be delivered", 0)
 _BOUNCE_BODY = re.compile(
     r"could not be delivered|permanent(?:ly)? (?:error|fatal|failure)|delivery (?:has )?failed|"
     r"undeliver|not be delivered|following (?:address|recipient)|"
@@ -371,7 +378,7 @@ _BOUNCE_BODY = re.compile(
     r"this is the qmail-send program|mail delivery software|rejected|"
     r"delivery attempts? (?:will continue|failed)|could not deliver|was not delivered|"
     r"failed addresses|no valid recipients",
-    re.IGNORECASE)
+    0)
 
 
 def _human_text(parts: list[Part]) -> str:
@@ -383,9 +390,9 @@ def _human_text(parts: list[Part]) -> str:
             body = part.body
             if part.ctype == "text/html":
                 body = _strip_html(body)
-            m = _ORIGINAL_MARKERS.search(body)
-            if m and m.start() > 0:
-                body = body[:m.start()]
+            at = original_marker(body)
+            if at > 0:
+                body = body[:at]
             return body[:64 * 1024]
     return ""
 
@@ -434,7 +441,7 @@ def parse_text_bounce(text: str, exclude: set[str], failed: list[str]) -> list[R
 _ERRORISH = re.compile(r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|not exist|no such|"
                        r"full|quota|reject|denied|refused|invalid|disabled|unavailable|"
                        r"blocked|spam|timed? ?out|expired|too (?:large|big)|not found|"
-                       r"could not|unable|error|fail", re.IGNORECASE)
+                       r"could not|unable|error|fail", 0)
 
 
 def _context(lines: list[str], start: int, others: frozenset[str] = frozenset()) -> str:
@@ -459,14 +466,14 @@ def _context(lines: list[str], start: int, others: frozenset[str] = frozenset())
         if len(out) >= 8:
             break
     text = " ".join(out)
-    if not _ERRORISH.search(text):
+    if not _ERRORISH.search(text.lower()):
         before = " ".join(x.strip() for x in lines[max(0, start - 3):start] if x.strip())
         text = (before + " " + text).strip()
     return text[:1000]
 
 
 def _best_error_lines(lines: list[str]) -> str:
-    picked = [s.strip() for s in lines if s.strip() and _ERRORISH.search(s)]
+    picked = [s.strip() for s in lines if s.strip() and _ERRORISH.search(s.lower())]
     return " ".join(picked[:4])[:1000]
 
 
@@ -481,7 +488,7 @@ _CHALLENGE = re.compile(
     r"boxbe|sender not pre-?approved|please verify (?:your|that)|verify your (?:email|address|identity)|"
     r"challenge|spam ?arrest|mailblocks|bluebottle|confirm (?:that )?you are (?:a )?(?:human|real)|"
     r"added to (?:my|the) (?:approved|safe) (?:senders|list)|sender verification|awaiting your confirmation",
-    re.IGNORECASE)
+    0)
 
 
 def parse(message: bytes) -> ParsedMessage:
@@ -504,6 +511,10 @@ def parse(message: bytes) -> ParsedMessage:
         parsed.kind = "arf"
         return parsed
 
+    if _CHALLENGE.search(parsed.header("from").lower()) or _challenge_headers(headers):
+        parsed.kind = "challenge"  # challenge-response systems dress up as DSNs too
+        return parsed
+
     dsn_reports: list[RecipientReport] = []
     for part in parts:
         if part.ctype in ("message/delivery-status", "message/global-delivery-status") or (
@@ -518,24 +529,25 @@ def parse(message: bytes) -> ParsedMessage:
 
     subject = parsed.header("subject")
     sender = parsed.header("from")
+    human_lower = parsed.human_text[:16000].lower()
     failed = addresses(" ".join(headers.get("x-failed-recipients", [])))
     is_dsn_type = any(p.params.lower() == "delivery-status" for p in parts)
     bounce_like = bool(failed) or is_dsn_type or bool(_BOUNCE_SENDER.search(sender)) or bool(
         _BOUNCE_SUBJECT.search(subject)) or bool(
-        parsed.original_headers and _STRONG_BODY.search(parsed.human_text[:8000]))
+        parsed.original_headers and _STRONG_BODY.search(human_lower[:8000]))
     auto = _is_auto_reply(headers, subject)
     if not bounce_like or (auto and not failed and not _BOUNCE_SENDER.search(sender)):
         if auto:
             parsed.kind = "autoreply"
-        elif _CHALLENGE.search(subject) or _CHALLENGE.search(sender) or _CHALLENGE.search(
-                parsed.human_text[:4000]):
+        elif _CHALLENGE.search(subject.lower()) or _CHALLENGE.search(sender.lower()) or _CHALLENGE.search(
+                human_lower[:4000]):
             parsed.kind = "challenge" if bounce_like or _challenge_headers(headers) else "none"
         return parsed
-    if _CHALLENGE.search(sender) or (_CHALLENGE.search(parsed.human_text[:4000])
-                                     and not _BOUNCE_BODY.search(parsed.human_text[:8000])):
+    if _CHALLENGE.search(sender.lower()) or (_CHALLENGE.search(human_lower[:4000])
+                                     and not _BOUNCE_BODY.search(human_lower[:8000])):
         parsed.kind = "challenge"
         return parsed
-    if not failed and not _BOUNCE_BODY.search(parsed.human_text[:16000]) and not _BOUNCE_SUBJECT.search(
+    if not failed and not _BOUNCE_BODY.search(human_lower[:16000]) and not _BOUNCE_SUBJECT.search(
             subject):
         return parsed
     exclude = set(addresses(" ".join(headers.get("to", []) + headers.get("from", [])
@@ -647,10 +659,10 @@ def _original_headers(parts: list[Part], text: str) -> dict[str, list[str]]:
     for part in parts:
         if not part.ctype.startswith("text/"):
             continue
-        m = _ORIGINAL_MARKERS.search(part.body)
-        if m is None:
+        at = original_marker(part.body)
+        if at < 0:
             continue
-        nl = part.body.find("\n", m.end())
+        nl = part.body.find("\n", at + 1)
         if nl < 0:
             continue
         rest = part.body[nl + 1:nl + 1 + 64 * 1024].lstrip("\n")

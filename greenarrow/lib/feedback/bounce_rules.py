@@ -13,7 +13,8 @@ fields separated by white space, the pattern is the rest of the line:
 - CODE: a number in the bounce code table (bounce_codes); TYPE (h, s or o)
   overrides the code's default type.
 - WHERE: `text` (PATTERN is a regular expression, case-insensitive, searched
-  in the diagnostic text), `status` (PATTERN is an enhanced status code; a
+  in the diagnostic text; write `\\S`, not `[^\\s]`-style tricks that rely on
+  case: letters are matched lower-cased), `status` (PATTERN is an enhanced status code; a
   part may be `*`, e.g. `5.7.*`), `reply` (SMTP reply code, `*` allowed,
   e.g. `55*`), `subject` (regular expression searched in the bounce's
   Subject, used when neither status nor text matched anything).
@@ -57,6 +58,25 @@ class Rule:
         return self.regex.search(value)
 
 
+def lower_pattern(pattern: str) -> str:
+    """The pattern with its literal letters lower-cased (escapes such as \\S kept).
+
+    Text rules run on lower-cased text without re.IGNORECASE: the same
+    matches, but Python's re can then skip ahead on the first characters of
+    an alternation, which makes the rules several times faster.
+    """
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        out.append(pattern[i].lower())
+        i += 1
+    return "".join(out)
+
+
 def _glob_regex(pattern: str) -> str:
     return ".*".join(re.escape(piece) for piece in pattern.split("*"))
 
@@ -85,6 +105,8 @@ def parse_rules(text: str, source: str) -> list[Rule]:
         try:
             if where in ("status", "reply"):
                 regex = re.compile(_glob_regex(pattern))
+            elif where == "text":
+                regex = re.compile(lower_pattern(pattern))
             else:
                 regex = re.compile(pattern, re.IGNORECASE)
         except re.error as e:

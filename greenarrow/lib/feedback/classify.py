@@ -117,7 +117,7 @@ def classify_report(report: RecipientReport, rules: list[Rule], subject: str = "
         result.bounce_code = bounce_codes.TRANSIENT
         result.bounce_type = bounce_codes.code_type(bounce_codes.TRANSIENT)
         return result
-    values = {"text": report.text, "status": report.status, "reply": report.reply_code,
+    values = {"text": report.text.lower(), "status": report.status, "reply": report.reply_code,
               "subject": subject}
     for rule in rules:
         value = values[rule.where]
