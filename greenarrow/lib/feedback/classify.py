@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from greenarrow.lib.feedback import arf, bounce_codes
-from greenarrow.lib.feedback.bounce_parse import ParsedMessage, RecipientReport, first_address, parse
+from greenarrow.lib.feedback.bounce_parse import (
+    RecipientReport,
+    first_address,
+    parse,
+)
 from greenarrow.lib.feedback.bounce_rules import Rule, load_rules
 
 BOUNCE = "bounce"
