@@ -95,9 +95,19 @@ def test_unknown_bounce_is_never_hard() -> None:
     assert r.bounce_type != "h"
 
 
-def test_temporary_user_unknown_is_not_hard() -> None:
-    [r] = classify(dsn(status="4.1.1", diag="450 4.1.1 <a@b.example>: User unknown"))
+def test_temporary_user_unknown_is_not_hard_unless_the_dsn_gave_up_on_4_1_1() -> None:
+    [r] = classify(dsn(status="4.0.0", diag="450 <a@b.example>: User unknown"))
     assert r.bounce_type == "s"
+    [r] = classify(dsn(status="4.1.1", diag="450 4.1.1 <a@b.example>: User unknown"))
+    assert (r.bounce_code, r.bounce_type) == (10, "h")
+
+
+def test_user_unknown_after_data_is_not_hard_unless_the_status_says_so() -> None:
+    diag = "554 <a@b.example>: User unknown (in reply to end of DATA command)"
+    [r] = classify(dsn(status="5.0.0", diag=diag))
+    assert r.bounce_type == "s"
+    [r] = classify(dsn(status="5.1.1", diag=diag))
+    assert r.bounce_type == "h"
 
 
 def test_delay_warning_is_other_70_and_delivered_gives_nothing() -> None:

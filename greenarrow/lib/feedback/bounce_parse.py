@@ -336,7 +336,7 @@ _ORIGINAL_MARKERS = re.compile(
     r"below this line is a copy of the message|"
     r"original message(?: follows| headers follow)?|"
     r"the (?:original|text of your) message|"
-    r"unsent message below|"
+    r"unsent message (?:below|follows)|"
     r"returned (?:message|mail)|"
     r"the headers of (?:the|your) (?:original )?message|"
     r"message headers follow|"

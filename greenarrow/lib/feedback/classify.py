@@ -24,6 +24,8 @@ from greenarrow.lib.feedback.bounce_parse import (
 )
 from greenarrow.lib.feedback.bounce_rules import Rule, load_rules
 
+# Temporary statuses that still say the address is bad (RFC 3463 X.1.1, X.1.2).
+FINAL_ADDRESS_STATUSES = ("4.1.1", "4.1.2")
 BOUNCE = "bounce"
 SCOMP = "scomp"
 MAX_TEXT = 1024
@@ -147,7 +149,8 @@ def _not_hard_unless_permanent(result: BounceResult, report: RecipientReport,
                                explicit: bool) -> BounceResult:
     """A hard result needs a permanent failure at the recipient stage.
 
-    A 4xx says "try again", and a rejection after DATA came after the server
+    A 4xx says "try again" (but a DSN that failed for good on 4.1.1 or 4.1.2,
+    "no such mailbox / domain" every time the MTA retried, is hard), and a rejection after DATA came after the server
     accepted the recipient at RCPT TO (often a content filter saying
     "unknown"), unless the status code itself is an address status (5.1.x:
     pipelined sessions answer RCPT after DATA was sent) or the rule says `/h`
@@ -155,7 +158,8 @@ def _not_hard_unless_permanent(result: BounceResult, report: RecipientReport,
     """
     if result.bounce_type != bounce_codes.HARD:
         return result
-    permanent_class = (result.status or result.reply_code)[:1] != "4"
+    permanent_class = (result.status or result.reply_code)[:1] != "4" or (
+        result.status in FINAL_ADDRESS_STATUSES and report.action == "failed")
     address_status = result.status.startswith("5.1.")
     if permanent_class and (report.command != "DATA" or explicit or address_status):
         return result
