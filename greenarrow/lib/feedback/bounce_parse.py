@@ -189,7 +189,21 @@ def _walk_entity(headers: dict[str, list[str]], body: str, parts: list[Part], de
         return
     if ctype.startswith("multipart/"):
         ctype = "text/plain"  # no usable boundary: read it as text
-    parts.append(Part(ctype, headers, _decode_body(headers, body), params.get("report-type", "")))
+    text = _decode_body(headers, body)
+    if ctype == "text/plain":
+        text = _unquote_forward(text)
+    parts.append(Part(ctype, headers, text, params.get("report-type", "")))
+
+
+def _unquote_forward(text: str) -> str:
+    """A bounce forwarded with `> ` quoting: its text without one level of quotes."""
+    head = text[:20000]
+    lines = [line for line in head.split("\n", 400)[:400] if line.strip()]
+    quoted = sum(line.startswith(">") and not line.startswith(">>>") for line in lines)
+    if len(lines) < 5 or quoted * 2 < len(lines):  # (">>> DATA" is a Sendmail transcript)
+        return text
+    return "\n".join(line[2:] if line.startswith("> ") else line[1:] if line.startswith(">") else line
+                     for line in text[:MAX_PARSE_BYTES].split("\n"))
 
 
 def _split_multipart(body: str, boundary: str) -> list[str]:
