@@ -116,8 +116,9 @@ def test_hard_versus_not_hard_agrees_with_sisimai(figures: Figures) -> None:
 
 
 def test_almost_every_sisimai_hard_bounce_is_hard_for_us(figures: Figures) -> None:
-    # Deactivating a valid address is the costly mistake; missing a hard one is
-    # rare: at most 2 of the corpus's sisimai-hard recipients are not hard here.
+    # Our disagreements lean one way (sisimai "filtered" that we call hard on
+    # the words "user unknown"); a hard bounce we miss keeps a dead address
+    # mailed: at most 2 of the sisimai-hard recipients may be not hard here.
     assert figures.hard_matrix[(True, False)] <= 2, figures.misses
 
 
@@ -131,9 +132,26 @@ def test_no_non_bounce_called_a_bounce(figures: Figures) -> None:
 
 
 def test_every_arf_report_is_a_complaint_with_its_recipient(figures: Figures) -> None:
-    assert figures.arf >= 8
+    assert figures.arf >= 7
     assert figures.arf_wrong == []
     assert figures.arf_right == figures.arf
+
+
+def test_ordinary_mime_messages_are_not_bounces() -> None:
+    """The raw MIME corpora (HTML mail, nested parts, malformed messages) are not bounces.
+
+    One CPython sample is a real delivery-failure notice from a postmaster
+    ("Delivery Notification: Delivery has failed"): it must be found as one.
+    """
+    files = sorted(p for sub in ("cpython-test-email", "stalwart-mail-parser", "dkimpy")
+                   for p in (CORPUS / sub).rglob("*")
+                   if p.is_file() and p.suffix in (".eml", ".txt", ".msg") and "msg_" in p.name
+                   or p.is_file() and p.suffix == ".eml")
+    if not files:
+        pytest.skip(f"corpus not found at {CORPUS}")
+    called = [p.name for p in files if classify_message(p.read_bytes()).is_bounce]
+    assert len(files) >= 25
+    assert called == ["msg_16.txt"]
 
 
 def report(fig: Figures, misses: bool) -> None:
