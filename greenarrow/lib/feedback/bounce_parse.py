@@ -88,47 +88,35 @@ def to_text(data: bytes) -> str:
 _HEADER_LINE = re.compile(r"([!-9;-~]+)[ \t]*:[ \t]*(.*)")
 
 
+_HEADER_FIELD = re.compile(r"([!-9;-~]+)[ \t]*:[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)\n?")
+
+
 def parse_headers(text: str, start: int = 0, limit: int = 2000) -> tuple[dict[str, list[str]], int]:
     """Header block at `start` -> ({lower name: [unfolded values]}, body offset).
 
     A line that is neither a header nor a continuation ends the block (some
-    MTAs omit the blank line), as does a blank line.
+    MTAs omit the blank line), as does a blank line. At most `limit` fields.
     """
     headers: dict[str, list[str]] = {}
-    name = ""
-    value: list[str] = []
     pos = start
-    end = len(text)
-    count = 0
-    while pos < end and count < limit:
+    if text.startswith("From ", pos):  # mbox separator
         nl = text.find("\n", pos)
-        if nl < 0:
-            nl = end
-        line = text[pos:nl]
-        if not line or line.isspace() and not name:
-            pos = nl + 1
-            break
-        if line[0] in " \t":
-            if name:
-                value.append(line.strip())
-                pos = nl + 1
-                continue
-            break
-        m = _HEADER_LINE.match(line)
+        pos = len(text) if nl < 0 else nl + 1
+    match = _HEADER_FIELD.match
+    for _ in range(limit):
+        m = match(text, pos)
         if m is None:
-            if pos == start and line.startswith("From "):  # mbox separator
-                pos = nl + 1
-                continue
             break
-        if name:
-            headers.setdefault(name, []).append(" ".join(value))
-        name = m.group(1).lower()
-        value = [m.group(2).strip()]
-        count += 1
-        pos = nl + 1
-    if name:
-        headers.setdefault(name, []).append(" ".join(value))
-    return headers, min(pos, end)
+        value = m.group(2)
+        if "\n" in value:
+            value = " ".join(piece.strip() for piece in value.split("\n"))
+        else:
+            value = value.strip()
+        headers.setdefault(m.group(1).lower(), []).append(value)
+        pos = m.end()
+    if text.startswith("\n", pos):
+        pos += 1
+    return headers, min(pos, len(text))
 
 
 _PARAM = re.compile(r';\s*([A-Za-z0-9_.*-]+)\s*=\s*(?:"([^"]*)"|([^\s;]+))')
