@@ -65,6 +65,8 @@ def test_simplemh_through_the_engine(tmp_path) -> None:
             with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
                 smtp.sendmail("news@origin.test", rcpts, smtp_msg.encode())
             wait_until(lambda: len(rx.messages) >= 4, 60, "four copies at the receiver")
+            # queue-send logs an attempt after the receiver has the message: wait for the lines
+            wait_until(lambda: len(engine.records()) >= 4, 60, "four delivery log lines")
             records = engine.records()
 
         assert len(rx.messages) == 4
