@@ -1,4 +1,4 @@
-"""Control files (`greenarrow.lib.control`): one setting per file, typed, with defaults.
+"""Control files (`greenarrow.lib.config.control`): one setting per file, typed, with defaults.
 
 Each kind is read from a file in a temporary control folder; a missing file
 gives the default (some derived from other settings); a bad value is a
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import control
-from greenarrow.lib.control import ControlError, ControlSpec
+from greenarrow.lib.config import control
+from greenarrow.lib.config.control import ControlError, ControlSpec
 
 
 @pytest.fixture

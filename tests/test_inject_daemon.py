@@ -9,9 +9,10 @@ import threading
 
 import pytest
 
-from greenarrow.lib import inject_daemon, queue_entry
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject import daemon as inject_daemon
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
 from greenarrow.bin.queue import queue_command
-from greenarrow.lib import queue_entry
+from greenarrow.lib.queue import entry as queue_entry
 
 
 def run(engine: Engine, *args: str) -> str:

@@ -12,10 +12,10 @@ import pytest
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import queue_entry
-from greenarrow.lib.bounce_message import BREAK_LINE
-from greenarrow.lib.delivery_log import iter_records
-from greenarrow.lib.scheduler import Scheduler, WorkerLink
+from greenarrow.lib.core.delivery_log import iter_records
+from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.queue.failure_notice import BREAK_LINE
+from greenarrow.lib.queue.scheduler import Scheduler, WorkerLink
 
 
 def test_deferred_first_attempt_moves_to_disk_queue_and_arrives_later(tmp_path):
@@ -169,9 +169,9 @@ def test_seed_bounce_queue_tuning_commands_then_restart(tmp_path):
 def test_bounces_overflow_to_the_disk_queue_when_the_bounce_queue_is_full(tmp_path):
     """Over queue.bounce.limit.messages (as published by the bounce-queue's scheduler),
     internally created messages go to the durable disk-queue instead."""
-    from greenarrow.lib import queue_moves
-    from greenarrow.lib.install_root import init_root
-    from greenarrow.lib.paths import Root
+    from greenarrow.lib.core.paths import Root
+    from greenarrow.lib.ops.install_root import init_root
+    from greenarrow.lib.queue import moves as queue_moves
 
     root = Root(tmp_path)
     init_root(root)

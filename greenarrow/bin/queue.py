@@ -7,10 +7,10 @@ import time
 
 import click
 
-from greenarrow.lib import conf as conflib
-from greenarrow.lib import control
-from greenarrow.lib.paths import root_from_env
-from greenarrow.lib.queue_tools import Filter, Queues, queue_names
+from greenarrow.lib.config import conf as conflib
+from greenarrow.lib.config import control
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.ops.queue_tools import Filter, Queues, queue_names
 
 QUEUE_CHOICE = click.Choice(["ram", "bounce", "disk", "all"])
 
@@ -74,7 +74,7 @@ def status_command(queue: str, top: int, as_json: bool) -> None:
                    f"{flight} in flight, {q['deferred']} deferred, {q['held']} held")
         for domain, count in q["top_domains"]:
             click.echo(f"    {count:>8}  {domain}")
-    from greenarrow.lib.explain import throttle_states
+    from greenarrow.lib.ops.explain import throttle_states
 
     for key, state in sorted(throttle_states(root_from_env()).items()):
         if state.get("backoff_until"):
@@ -92,7 +92,7 @@ def list_command(held: bool, as_json: bool, **opts) -> None:
     for entry, path in selected:
         if entry.envelope is None:
             try:
-                from greenarrow.lib.queue_entry import read_envelope
+                from greenarrow.lib.queue.entry import read_envelope
 
                 entry.envelope = read_envelope(path)
             except (FileNotFoundError, ValueError):
@@ -139,7 +139,7 @@ def _action(name: str, help_text: str):
 def explain_command(domain: str, mtaid: str) -> None:
     """Why is mail to DOMAIN held? Routing, throttle rule and its state, backoff, queued
     entries and the last attempts."""
-    from greenarrow.lib.explain import explain
+    from greenarrow.lib.ops.explain import explain
 
     try:
         for line in explain(root_from_env(), domain, mtaid):

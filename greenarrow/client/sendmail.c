@@ -4,7 +4,7 @@
  *
  * Why: a Python process per message costs about 9 ms of interpreter start
  * before any work; this client starts in well under a millisecond and the
- * processing (the same code as the Python programs: greenarrow.lib.command_line)
+ * processing (the same code as the Python programs: greenarrow.lib.inject.command_line)
  * runs in the long-lived daemon, as Postfix's sendmail hands mail to its
  * pickup daemon.
  *
