@@ -23,25 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from greenarrow.lib.routing.throttle_config import Program
+
 HOUR = 3600.0
-
-
-@dataclass(frozen=True)
-class Program:
-    """A throttle program's backoff rule (greenarrow.conf `throttle_program` block)."""
-
-    name: str
-    deferral_rate: int = 0  # percent; 0: not a trigger
-    failure_rate: int = 0
-    backoff_max_concurrent_connections: str = "50%"
-    backoff_max_messages_per_hour: str = "50%"
-    return_after: float = 3600.0
-    window: float = 300.0
-    min_attempts: int = 10
-
-    @classmethod
-    def from_job(cls, data: dict | None) -> Program | None:
-        return cls(**data) if data else None
 
 
 def reduced(limit: int, rule: str) -> int:

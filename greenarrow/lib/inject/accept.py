@@ -32,6 +32,7 @@ import time
 
 from greenarrow.lib.core import message as msglib
 from greenarrow.lib.core.address import address_problem
+from greenarrow.lib.core.errors import InjectionError  # noqa: F401 (part of this API)
 from greenarrow.lib.core.identifiers import HEADER_NAMES, IDENTIFIERS, identifier_problem
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.simplemh import mail_class
@@ -39,15 +40,6 @@ from greenarrow.lib.simplemh import mail_class
 TYPE_CHECKING = False  # typing and collections.abc cost start-up milliseconds
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-
-class InjectionError(Exception):
-    """The message cannot be accepted; `permanent` says whether to try again."""
-
-    def __init__(self, permanent: bool, text: str) -> None:
-        super().__init__(text)
-        self.permanent = permanent
-        self.text = text
 
 
 def validate_identifier(field: str, value: str, source: str) -> str:

@@ -15,10 +15,27 @@ A `domain` block's `throttle_program NAME` attaches one to that throttle rule.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from greenarrow.lib.config.conf import Block
-from greenarrow.lib.deliver.throttle import Program
+
+
+@dataclass(frozen=True)
+class Program:
+    """A throttle program's backoff rule (greenarrow.conf `throttle_program` block)."""
+
+    name: str
+    deferral_rate: int = 0  # percent; 0: not a trigger
+    failure_rate: int = 0
+    backoff_max_concurrent_connections: str = "50%"
+    backoff_max_messages_per_hour: str = "50%"
+    return_after: float = 3600.0
+    window: float = 300.0
+    min_attempts: int = 10
+
+    @classmethod
+    def from_job(cls, data: dict | None) -> Program | None:
+        return cls(**data) if data else None
 
 
 def throttle_programs(conf: Block) -> dict[str, dict]:

@@ -47,7 +47,7 @@ import os
 
 from greenarrow.lib.config import control, secret_constants
 from greenarrow.lib.core import message as msglib
-from greenarrow.lib.inject.accept import InjectionError
+from greenarrow.lib.core.errors import InjectionError
 from greenarrow.lib.simplemh import mail_class, tracking_url
 from greenarrow.lib.simplemh import return_path as bounce_address
 from greenarrow.pyx import simplemh as fast
