@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from greenarrow.lib.core.remote_link import LOGGED_STATUSES
 from greenarrow.lib.core.rotating_log import CURRENT, RotatingLog, rotated_files
 
 FIELDS: tuple[str, ...] = (
@@ -58,7 +59,7 @@ FIELDS: tuple[str, ...] = (
     "instanceid",
 )
 
-STATUSES: tuple[str, ...] = ("success", "failure", "failure_toolong", "deferral", "connmaxout")
+STATUSES: tuple[str, ...] = LOGGED_STATUSES
 
 
 # A record is written by queue-send shortly after its attempt; this bounds the

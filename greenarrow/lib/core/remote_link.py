@@ -26,7 +26,18 @@ from __future__ import annotations
 import asyncio
 import json
 
-SUCCESS, FAILURE, DEFERRAL, MISSING = "success", "failure", "deferral", "missing"
+# The one table of delivery statuses. A worker answers one of the first five;
+# queue-send turns a deferral or connmaxout past the queue lifetime into
+# failure_toolong. All but `missing` are logged (the delivery log's column 3,
+# GreenArrow's documented values).
+SUCCESS = "success"
+FAILURE = "failure"
+DEFERRAL = "deferral"
+CONNMAXOUT = "connmaxout"  # a throttle held the attempt back: nothing was sent
+MISSING = "missing"  # the entry file was gone: nothing was attempted, nothing is logged
+FAILURE_TOOLONG = "failure_toolong"
+LOGGED_STATUSES: tuple[str, ...] = (SUCCESS, FAILURE, FAILURE_TOOLONG, DEFERRAL, CONNMAXOUT)
+RETRIED: tuple[str, ...] = (DEFERRAL, CONNMAXOUT)  # tried again later, unless too old
 
 
 def encode(obj: dict) -> bytes:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from greenarrow.lib.config import control
 from greenarrow.lib.core import remote_link
 from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.remote_link import CONNMAXOUT
 from greenarrow.lib.deliver.session_pool import SessionPool
 from greenarrow.lib.deliver.throttle import Program, Throttles
 from greenarrow.lib.queue import entry as queue_entry
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remote")
 
-CONNMAXOUT = "connmaxout"
 RESULT_DELAY = 0.005  # seconds a result may wait for others to share its write
 
 

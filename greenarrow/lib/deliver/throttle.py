@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from greenarrow.lib.core.remote_link import DEFERRAL, FAILURE
 from greenarrow.lib.routing.throttle_config import Program
 
 HOUR = 3600.0
@@ -105,8 +106,8 @@ class Throttles:
         if now < state.backoff_until or len(state.outcomes) < max(1, program.min_attempts):
             return
         total = len(state.outcomes)
-        deferred = sum(1 for _, s in state.outcomes if s == "deferral")
-        failed = sum(1 for _, s in state.outcomes if s == "failure")
+        deferred = sum(1 for _, s in state.outcomes if s == DEFERRAL)
+        failed = sum(1 for _, s in state.outcomes if s == FAILURE)
         reason = ""
         if program.deferral_rate and deferred * 100 >= program.deferral_rate * total:
             reason = f"{deferred} of {total} attempts deferred"

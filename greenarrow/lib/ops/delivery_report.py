@@ -19,6 +19,13 @@ from typing import Any
 
 from greenarrow.lib.core.delivery_log import STATUSES, iter_entries
 from greenarrow.lib.core.paths import QUEUES, Root
+from greenarrow.lib.core.remote_link import (
+    CONNMAXOUT,
+    DEFERRAL,
+    FAILURE,
+    FAILURE_TOOLONG,
+    SUCCESS,
+)
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 _PERIOD_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -37,6 +44,9 @@ TIME_HELP = (
     "or relative to now like -2h (units s, m, h, d, w)"
 )
 PERIOD_HELP = "a number with a unit: 90s, 30m, 2h, 1d, 1w"
+
+# The per-SendID table's columns, in the order GreenArrow's reports show them.
+STATUS_COLUMNS = (SUCCESS, FAILURE, DEFERRAL, CONNMAXOUT, FAILURE_TOOLONG)
 
 
 def parse_period(text: str) -> float:
@@ -244,15 +254,7 @@ class Summary:
         status_rows = [[status, str(count)] for status, count in self.by_status.items()]
         lines.extend(_table(["Status", "Attempts"], status_rows))
         lines.append("")
-        header = [
-            "SendID",
-            "Attempts",
-            "success",
-            "failure",
-            "deferral",
-            "connmaxout",
-            "failure_toolong",
-        ]
+        header = ["SendID", "Attempts", *STATUS_COLUMNS]
         sendid_rows = [
             [sendid or "(none)", str(sum(counts.values()))]
             + [str(counts.get(status, 0)) for status in header[2:]]

@@ -18,9 +18,7 @@ from greenarrow.lib.config import control
 from greenarrow.lib.core.delivery_log import iter_records
 from greenarrow.lib.core.paths import QUEUES, Root
 from greenarrow.lib.ops.queue_tools import Filter, Queues
-from greenarrow.lib.routing.domain_rules import DomainRules
-from greenarrow.lib.routing.throttle_config import throttle_programs
-from greenarrow.lib.routing.virtual_mta import VirtualMtas
+from greenarrow.lib.routing.plan import Planner
 
 
 def throttle_states(root: Root) -> dict[str, dict]:
@@ -39,10 +37,8 @@ def explain(root: Root, domain: str, mtaid: str = "", recent: int = 5) -> list[s
     """Lines of text answering "why is mail to `domain` held?"."""
     domain = domain.lower().strip()
     conf = conflib.load_root(root)
-    vmtas = VirtualMtas(conf)
-    vmta = vmtas.lookup(mtaid)
-    sender = vmtas.resolve(vmta, "explain", f"someone@{domain}")
-    settings = DomainRules(conf).settings(domain, sender.name if sender.kind == "ip" else None)
+    plan = Planner(conf).plan(f"someone@{domain}", mtaid, "explain")
+    vmta, sender, settings = plan.vmta, plan.sender, plan.settings
     lines = [f"domain {domain}"]
     via = f"VirtualMTA {vmta.name}" + (f" -> {sender.name}" if sender.name != vmta.name else "")
     source = sender.source_ip or "the default source address"
@@ -56,18 +52,16 @@ def explain(root: Root, domain: str, mtaid: str = "", recent: int = 5) -> list[s
         lines.append("  delivered to the domain's MX hosts")
     lines.append(f"  STARTTLS {settings.starttls_use}; connection reuse "
                  f"{'on' if settings.reuse_connections else 'off'}")
-    key = None
-    if sender.kind == "relay" and (sender.max_concurrent_connections or sender.max_messages_per_hour):
-        key = f"{sender.name}|relay"
+    key = plan.throttle["key"] if plan.throttle else None
+    if sender.kind == "relay" and plan.throttle:
         lines.append(f"  throttle: relay limits, {sender.max_concurrent_connections or 'no limit on'} "
                      f"connections, {sender.max_messages_per_hour or 'no limit on'} messages/hour")
-    elif settings.throttle_rule:
-        key = f"{sender.name}|{settings.throttle_rule}"
+    elif plan.throttle:
         lines.append(f"  throttle rule {settings.throttle_rule}: "
                      f"{settings.max_concurrent_connections or 'no limit on'} connections, "
                      f"{settings.max_messages_per_hour or 'no limit on'} messages/hour"
                      + (f", program {settings.throttle_program}" if settings.throttle_program else ""))
-        program = throttle_programs(conf).get((settings.throttle_program or "").lower())
+        program = plan.throttle["program"]
         if program:
             lines.append(f"    backoff when {program['deferral_rate'] or '-'}% deferred or "
                          f"{program['failure_rate'] or '-'}% failed of at least "

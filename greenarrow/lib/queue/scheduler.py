@@ -38,22 +38,18 @@ from greenarrow.lib.config import control
 from greenarrow.lib.core import remote_link
 from greenarrow.lib.core.delivery_log import DeliveryLogWriter
 from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.remote_link import CONNMAXOUT, FAILURE_TOOLONG, RETRIED
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.queue import moves as queue_moves
 from greenarrow.lib.queue import retry_schedule
-from greenarrow.lib.routing.domain_rules import DomainRules
-from greenarrow.lib.routing.throttle_config import throttle_programs
-from greenarrow.lib.routing.virtual_mta import VirtualMtas
+from greenarrow.lib.routing.plan import Planner
 from greenarrow.pyx.queue_scan import scan
 
 log = logging.getLogger("queue-send")
 
 STALE_TMP_SECONDS = 3600
-FAILURE_TOOLONG = "failure_toolong"
 TOOLONG_TEXT = "I'm not going to try again; this message has been in the queue too long."
-CONNMAXOUT = "connmaxout"
 CONNMAXOUT_RETRY = 60  # seconds before a throttled attempt is tried again (at most)
-RETRIED = ("deferral", CONNMAXOUT)  # tried again later (a throttle is not a failure)
 MOVES_TO_DISK = ("ram", "bounce")  # first-attempt queues; the disk-queue retries in place
 LEARNED_MX_MAX = 100_000  # domains whose MX host is remembered for mx: patterns
 STATUS_INTERVAL = 0.5  # seconds between two publications of the queue's count and status
@@ -116,16 +112,14 @@ class Scheduler:
         bounce_limit = int(control.read(c, "queue.bounce.limit.messages"))
         disk_limit = int(control.read(c, "queue.disk.limit.messages"))
         conf = conflib.load_root(self.root)
-        rules = DomainRules(conf)
-        vmtas = VirtualMtas(conf)
-        programs = throttle_programs(conf)
+        planner = Planner(conf)
         general = conf.block("general")
         system_max = general.get_int("system_max_smtp_connections", 0) if general else 0
         self.concurrency, self.rescan_seconds, self.retry_scale = concurrency, rescan, scale
-        self.worker_count, self.rules, self.queuelifetime = workers, rules, lifetime
+        self.worker_count, self.rules, self.queuelifetime = workers, planner.rules, lifetime
         self.me, self.bouncemaxbytes, self.doublebounceto = me, bouncemaxbytes, doublebounceto
         self.bounce_limit, self.disk_limit = bounce_limit, disk_limit
-        self.vmtas, self.programs = vmtas, programs
+        self.planner = planner
         # The global cap, shared out: each worker enforces its part.
         self.system_max_share = -(-system_max // max(1, workers)) if system_max else 0
 
@@ -225,33 +219,10 @@ class Scheduler:
         """The job for a worker, and the log fields that describe how it is sent."""
         recipient = envelope["recipient"]
         domain = recipient.rpartition("@")[2].lower()
-        vmta = self.vmtas.lookup(envelope.get("mtaid", ""))
-        sender = self.vmtas.resolve(vmta, envelope.get("msguid", name), recipient)
         mx = self.learned_mx.get(domain, "") if self.rules.has_mx_rules else ""
-        settings = self.rules.settings(domain, sender.name if sender.kind == "ip" else None, mx)
-        job: dict = {"id": name, "path": path, "route": settings.smtp_route,
-                     "starttls": settings.starttls_use, "source_ip": sender.source_ip,
-                     "helo": sender.hostname, "system_max": self.system_max_share}
-        max_conn, max_hour = settings.max_concurrent_connections, settings.max_messages_per_hour
-        rule = settings.throttle_rule
-        if sender.kind == "relay":
-            job["relay"], job["auth"] = sender.relay, sender.auth
-            max_conn, max_hour = sender.max_concurrent_connections, sender.max_messages_per_hour
-            rule = "relay" if (max_conn or max_hour) else ""
-        if rule:
-            program = self.programs.get((settings.throttle_program or "").lower())
-            job["throttle"] = {"key": f"{sender.name}|{rule}", "max_conn": max_conn,
-                               "max_hour": max_hour, "program": program}
-        if settings.reuse_connections:
-            job["reuse"] = {"max_messages": settings.reuse_connections_max_messages,
-                            "idle_timeout": settings.reuse_connections_idle_timeout}
-        if "throttle" in job:
-            job["worker_key"] = job["throttle"]["key"]
-        elif "reuse" in job:
-            job["worker_key"] = f"{sender.name}|reuse|{domain}"
-        fields = {"mtaid_id": vmta.id, "mtaid_name": vmta.name, "outmtaid": sender.id,
-                  "outmtaid_ip": sender.source_ip or "", "outmtaid_name": sender.name}
-        return job, fields
+        plan = self.planner.plan(recipient, envelope.get("mtaid", ""),
+                                 envelope.get("msguid", name), mx)
+        return plan.job(name, path, self.system_max_share), plan.log_fields()
 
     def dispatch(self) -> None:
         self._promote_due()

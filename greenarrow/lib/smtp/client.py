@@ -49,6 +49,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
+from greenarrow.lib.core.remote_link import DEFERRAL, FAILURE, SUCCESS
 from greenarrow.lib.smtp.mx import MxHost
 
 __all__ = [
@@ -65,9 +66,6 @@ __all__ = [
     "dot_stuff",
 ]
 
-SUCCESS = "success"
-FAILURE = "failure"
-DEFERRAL = "deferral"
 
 NO_CONNECTION_TEXT = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)"
 MAX_TEXT = 2000
