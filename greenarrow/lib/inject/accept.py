@@ -258,7 +258,7 @@ def accept(
             names = queue_entry.commit(queue_dir, envs, prepared.message)
         else:  # one copy per recipient
             names = queue_entry.place(queue_dir, [
-                (queue_entry.entry_name(f"{msguid}-{i}", 0, 0),
+                (queue_entry.new_entry_name(msguid, i),
                  [queue_entry.envelope_line(e), b"\n", prepared.message_for(e["recipient"])])
                 for i, e in enumerate(envs)])
     except queue_entry.QueueWriteError as e:

@@ -60,13 +60,28 @@ def new_msguid(now: float | None = None) -> str:
 
 
 def entry_name(entry_id: str, attempts: int, due: int) -> str:
+    """The file name of an entry with this retry state (docs/formats.md section 1)."""
     return f"{entry_id}.{attempts}.{due}"
 
 
+def new_entry_name(msguid: str, index: int, attempts: int = 0, due: int = 0) -> str:
+    """The file name of recipient `index` of message `msguid`, the way every writer names it."""
+    return f"{msguid}-{index}.{attempts}.{due}"
+
+
 def split_name(name: str) -> tuple[str, int, int]:
-    """(entry id, attempts, due) of an entry file name; ValueError if it is not one."""
-    entry_id, attempts, due = name.rsplit(".", 2)
-    return entry_id, int(attempts), int(due)
+    """(entry id, attempts, due) of an entry file name; ValueError if it is not one.
+
+    The compiled scanner's parser decides, so a name is an entry for every
+    reader or for none: `queue-send`'s scan and the queue tools agree.
+    """
+    # Imported here: command-line injection imports this module but never parses names.
+    from greenarrow.pyx.queue_scan import parse_name
+
+    parsed = None if name.startswith(".") else parse_name(name)
+    if parsed is None:
+        raise ValueError(f"not a queue entry name: {name!r}")
+    return parsed
 
 
 _JSON_ESCAPES = {i: f"\\u{i:04x}" for i in range(32)}
@@ -217,7 +232,7 @@ def commit(queue_dir: str | os.PathLike, envelopes: list[dict], message: bytes,
     """Write one entry per envelope (ids `<msguid>-<index>`); return the committed names."""
     files = []
     for index, envelope in enumerate(envelopes):
-        name = entry_name(f"{envelope['msguid']}-{index}", attempts, due)
+        name = new_entry_name(envelope["msguid"], index, attempts, due)
         files.append((name, [envelope_line(envelope), b"\n", message]))
     return place(queue_dir, files, durable)
 

@@ -90,7 +90,7 @@ def commit_bounces(root: str, bounces: list[tuple[dict, bytes]], bounce_limit: i
         dest = "disk"
     files = []
     for envelope, message in bounces:
-        name = queue_entry.entry_name(f"{envelope['msguid']}-0", 0, 0)
+        name = queue_entry.new_entry_name(envelope["msguid"], 0)
         files.append((name, [queue_entry.envelope_line(envelope), b"\n", message]))
     placed = queue_entry.place(queue_dir(root, dest), files, durable=(dest == "disk"))
     queue_entry.trigger(trigger_path(root, dest), placed)
