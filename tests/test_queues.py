@@ -12,6 +12,7 @@ import pytest
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
+from greenarrow.lib.core import paths
 from greenarrow.lib.core.delivery_log import iter_records
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.queue.failure_notice import BREAK_LINE
@@ -131,7 +132,7 @@ def test_a_full_queue_refuses_for_now_and_loses_nothing(tmp_path):
                         refused += 1
                     if n == 30:
                         wait_until(lambda: queue_entry.read_count(
-                            queue_entry.count_path(str(engine.root.path), "ram")) >= 20, 10,
+                            paths.count_path(str(engine.root.path), "ram")) >= 20, 10,
                             "the published count")
             cli = engine.sendmail("-f", "s@origin.test", "late@dest.test", message=b"Subject: l\n\nx\n")
             assert cli.returncode == 111 and b"queue is full" in cli.stderr
@@ -179,7 +180,7 @@ def test_bounces_overflow_to_the_disk_queue_when_the_bounce_queue_is_full(tmp_pa
                "listid": "", "mtaid": "", "mailclass": "", "instanceid": "",
                "click_tracking_id": "", "injected_time": 1, "source_ip": "", "bounce_level": 1},
               b"Subject: failure notice\r\n\r\nx\r\n")
-    count_file = queue_entry.count_path(str(root.path), "bounce")
+    count_file = paths.count_path(str(root.path), "bounce")
     queue_entry.write_count(count_file, 3)
     assert queue_moves.commit_bounces(str(root.path), [bounce], bounce_limit=5) == "bounce"
     queue_entry.write_count(count_file, 5)

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
 DEFAULT_ROOT = "/var/hvmail"
 QUEUES = ("ram", "bounce", "disk")
 
+# Files under var/ (docs/formats.md section 12). Every program names them
+# through this module; the functions below take the root as a string so that
+# command-line injection needs no pathlib.
+INJECT_SOCKET = "inject.sock"  # injectd's socket for the compiled sendmail client
+SIMPLEMH_CACHE = "simplemh.cache"  # the compiled Mail Classes
+SUPERVISE_PID = "supervise.pid"
+SUPERVISE_STATUS = "supervise.status"
+THROTTLE_STATE_GLOB = "throttle.*.json"
+
 
 class Root:
     """The folders of one install root (ARCHITECTURE section 3).
@@ -80,6 +89,19 @@ class Root:
         """The Unix socket on which remote worker number `worker` takes attempts."""
         return self.var / f"remote.{worker}.sock"
 
+    def var_file(self, name: str) -> Path:
+        """A file under var/ named by one of this module's names."""
+        return self.var / name
+
+    def status_file(self, queue: str) -> Path:
+        return self.path.__class__(status_path(str(self.path), queue))
+
+    def throttle_state(self, worker: int) -> Path:
+        return self.path.__class__(throttle_state_path(str(self.path), worker))
+
+    def service_pid(self, service: str) -> Path:
+        return self.path.__class__(service_pid_path(str(self.path), service))
+
 
 def root_path_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
     """The install root named by `HVMAIL_ROOT` (or the default), as a string."""
@@ -101,6 +123,31 @@ def trigger_path(root: str, queue: str) -> str:
 
 def control_dir(root: str) -> str:
     return os.path.join(root, "control")
+
+
+def var_path(root: str, name: str) -> str:
+    """The file `name` (one of the names above, or a function's below) under var/."""
+    return os.path.join(root, "var", name)
+
+
+def count_path(root: str, queue: str) -> str:
+    """Where `queue-send <queue>` publishes how many entries it holds."""
+    return os.path.join(root, "var", f"queue.{queue}.count")
+
+
+def status_path(root: str, queue: str) -> str:
+    """Where `queue-send <queue>` publishes its status (JSON) for `greenarrow queue status`."""
+    return os.path.join(root, "var", f"queue.{queue}.status")
+
+
+def throttle_state_path(root: str, worker: int) -> str:
+    """Where remote worker `worker` publishes the state of its throttle keys."""
+    return os.path.join(root, "var", f"throttle.{worker}.json")
+
+
+def service_pid_path(root: str, service: str) -> str:
+    """The pid file the supervisor keeps for one service."""
+    return os.path.join(root, "var", f"{service}.pid")
 
 
 def root_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> Root:

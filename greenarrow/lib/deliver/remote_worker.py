@@ -103,7 +103,7 @@ class RemoteWorker:
 
     async def _housekeeping(self) -> None:
         """Close idle pooled sessions and publish the throttle state, every second."""
-        path = self.root.var / f"throttle.{self.number}.json"
+        path = self.root.throttle_state(self.number)
         while True:
             await asyncio.sleep(1.0)
             await self.pool.expire()

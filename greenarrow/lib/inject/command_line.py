@@ -14,9 +14,14 @@ import os
 
 from greenarrow.lib.config import control
 from greenarrow.lib.core import message as msglib
-from greenarrow.lib.core.paths import control_dir, queue_dir, root_path_from_env, trigger_path
+from greenarrow.lib.core.paths import (
+    control_dir,
+    count_path,
+    queue_dir,
+    root_path_from_env,
+    trigger_path,
+)
 from greenarrow.lib.inject import accept as injection
-from greenarrow.lib.queue import entry as queue_entry
 
 EXIT_OK, EXIT_PERMANENT, EXIT_TEMPORARY = 0, 100, 111
 
@@ -178,7 +183,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     env = {k: v for k, v in environ.items() if k.startswith("GREENARROW_")}
     return injection.accept(
         queue_dir(root, "ram"), trigger_path(root, "ram"), message, sender, recipients, env, me,
-        databytes=databytes, limit=limit, count_file=queue_entry.count_path(root, "ram"),
+        databytes=databytes, limit=limit, count_file=count_path(root, "ram"),
     )
 
 

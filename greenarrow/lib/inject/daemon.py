@@ -14,12 +14,12 @@ import asyncio
 import logging
 import os
 
-from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.paths import INJECT_SOCKET, Root
 from greenarrow.lib.inject import command_line
 
 log = logging.getLogger("injectd")
 
-SOCKET = "inject.sock"
+SOCKET = INJECT_SOCKET
 MAX_REQUEST = 256 * 1024 * 1024  # a message larger than this is refused outright
 
 

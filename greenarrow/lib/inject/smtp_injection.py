@@ -24,7 +24,7 @@ from pathlib import Path
 
 from greenarrow.lib.config import control, tcprules
 from greenarrow.lib.core import message as msglib
-from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.paths import Root, count_path
 from greenarrow.lib.inject import accept as injection
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.smtp.server import SessionPolicy, SmtpSession, Transaction
@@ -43,7 +43,7 @@ class Settings:
         self.me = str(control.read(root.control, "me"))
         self.databytes = int(control.read(root.control, "databytes"))
         self.limit = int(control.read(root.control, "queue.ram.limit.messages"))
-        self.count_file = queue_entry.count_path(str(root.path), "ram")
+        self.count_file = count_path(str(root.path), "ram")
         path = root.control / "smtp.tcp"
         text = path.read_text() if path.exists() else ""
         self.rules = tcprules.parse(text, str(path))

@@ -16,7 +16,7 @@ import time
 from greenarrow.lib.config import conf as conflib
 from greenarrow.lib.config import control
 from greenarrow.lib.core.delivery_log import iter_records
-from greenarrow.lib.core.paths import QUEUES, Root
+from greenarrow.lib.core.paths import QUEUES, THROTTLE_STATE_GLOB, Root
 from greenarrow.lib.ops.queue_tools import Filter, Queues
 from greenarrow.lib.routing.plan import Planner
 
@@ -24,7 +24,7 @@ from greenarrow.lib.routing.plan import Planner
 def throttle_states(root: Root) -> dict[str, dict]:
     """The throttle keys the remote workers published, merged."""
     states: dict[str, dict] = {}
-    for path in sorted(root.var.glob("throttle.*.json")):
+    for path in sorted(root.var.glob(THROTTLE_STATE_GLOB)):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -172,7 +172,7 @@ class Queues:
         import json
 
         try:
-            status = json.loads((self.root.var / f"queue.{queue}.status").read_text())
+            status = json.loads(self.root.status_file(queue).read_text())
         except (FileNotFoundError, ValueError):
             return None
         return status if now - status.get("time", 0) < 60 else None

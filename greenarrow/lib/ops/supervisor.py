@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass, field
 
 from greenarrow.lib.config import control
-from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.paths import SUPERVISE_PID, SUPERVISE_STATUS, Root
 from greenarrow.lib.core.rotating_log import RotatingLog
 from greenarrow.lib.ops.install_root import data_dir
 
 log = logging.getLogger("supervise")
 
-STATUS_FILE = "supervise.status"
-PID_FILE = "supervise.pid"
+STATUS_FILE = SUPERVISE_STATUS
+PID_FILE = SUPERVISE_PID
 MIN_BACKOFF, MAX_BACKOFF, STABLE_SECONDS = 1.0, 60.0, 10.0  # a run of 10 s resets the back-off
 STOP_GRACE = 30.0
 
@@ -124,7 +124,7 @@ class Supervisor:
                     start_new_session=True,
                 )
                 service.process, service.pid, service.started = proc, proc.pid, time.time()
-                (self.root.var / f"{service.name}.pid").write_text(f"{proc.pid}\n")
+                self.root.service_pid(service.name).write_text(f"{proc.pid}\n")
                 self.write_status()
                 assert proc.stdout is not None
                 while True:
@@ -200,7 +200,7 @@ class Supervisor:
         await asyncio.gather(*tasks, return_exceptions=True)
         for service in self.services:
             try:
-                (self.root.var / f"{service.name}.pid").unlink()
+                self.root.service_pid(service.name).unlink()
             except FileNotFoundError:
                 pass
         self.write_status()

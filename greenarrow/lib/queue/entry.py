@@ -237,11 +237,6 @@ def commit(queue_dir: str | os.PathLike, envelopes: list[dict], message: bytes,
     return place(queue_dir, files, durable)
 
 
-def count_path(root: str, queue: str) -> str:
-    """The file where `queue-send <queue>` publishes how many entries it holds."""
-    return os.path.join(root, "var", f"queue.{queue}.count")
-
-
 def write_count(path: str, count: int) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from greenarrow.lib.core.paths import queue_dir, trigger_path
+from greenarrow.lib.core.paths import count_path, queue_dir, trigger_path
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.queue import failure_notice as bounce_message
 
@@ -85,7 +85,7 @@ def make_bounce_entry(me: str, envelope: dict, path: str, reason: str, max_bytes
 def commit_bounces(root: str, bounces: list[tuple[dict, bytes]], bounce_limit: int) -> str:
     """Commit bounces into the bounce-queue, or the disk-queue when it is full; return which."""
     dest = "bounce"
-    if bounce_limit and queue_entry.read_count(queue_entry.count_path(root, "bounce")) \
+    if bounce_limit and queue_entry.read_count(count_path(root, "bounce")) \
             + len(bounces) > bounce_limit:
         dest = "disk"
     files = []

@@ -37,7 +37,7 @@ from greenarrow.lib.config import conf as conflib
 from greenarrow.lib.config import control
 from greenarrow.lib.core import remote_link
 from greenarrow.lib.core.delivery_log import DeliveryLogWriter
-from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.paths import Root, count_path
 from greenarrow.lib.core.remote_link import CONNMAXOUT, FAILURE_TOOLONG, RETRIED
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.queue import moves as queue_moves
@@ -149,11 +149,11 @@ class Scheduler:
         """Write the entry count (read by injectors for the queue limit) and the status
         (read by `greenarrow queue status`)."""
         root = str(self.root.path)
-        queue_entry.write_count(queue_entry.count_path(root, self.queue), len(self.known))
+        queue_entry.write_count(count_path(root, self.queue), len(self.known))
         status = {"queue": self.queue, "time": self.clock(), "known": len(self.known),
                   "ready": len(self.ready), "waiting": len(self.waiting),
                   "inflight": len(self.inflight), "pid": os.getpid()}
-        path = self.root.var / f"queue.{self.queue}.status"
+        path = self.root.status_file(self.queue)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(status))
         os.replace(tmp, path)
@@ -353,7 +353,7 @@ class Scheduler:
 
     async def _move(self, moves: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
         """Move deferred first attempts to the disk-queue; return those that must stay here."""
-        disk_count = queue_entry.read_count(queue_entry.count_path(str(self.root.path), "disk"))
+        disk_count = queue_entry.read_count(count_path(str(self.root.path), "disk"))
         if self.disk_limit and disk_count + len(moves) > self.disk_limit:
             log.warning("disk-queue is full (%d); deferred entries stay in the %s-queue",
                         disk_count, self.queue)

@@ -42,6 +42,8 @@ from __future__ import annotations
 import os
 import sys
 
+from greenarrow.lib.core.paths import SIMPLEMH_CACHE, var_path
+
 GROUPINGS = (
     "per_instanceid_legacy",
     "per_mailclass_and_instanceid",
@@ -50,7 +52,7 @@ GROUPINGS = (
 )
 DEFAULT_GROUPING = "per_mailclass_and_instanceid"
 STORAGES = ("local", "stateless", "external")
-CACHE_NAME = "simplemh.cache"
+CACHE_NAME = SIMPLEMH_CACHE
 _MAGIC = b"greenarrow-simplemh-cache 1"
 
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -387,7 +389,7 @@ def load(root: str) -> MailClasses:
     paths = _paths.get(root)
     if paths is None:
         conf = os.path.join(root, "control", "greenarrow.conf")
-        paths = _paths[root] = (conf, os.path.join(root, "var", CACHE_NAME), os.fsencode(conf))
+        paths = _paths[root] = (conf, var_path(root, CACHE_NAME), os.fsencode(conf))
     conf_path, cache_path, conf_bytes = paths
     fast = sys.modules.get("greenarrow.pyx.simplemh")  # loaded once SimpleMH has run
     try:
