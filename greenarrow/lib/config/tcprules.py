@@ -147,9 +147,16 @@ class TcpRules:
 
 
 def load(path: Path | str) -> TcpRules:
-    """Parse a rules file; errors name the file by its base name (`smtp.tcp:LINE:`)."""
+    """Parse a rules file (a missing one has no rules: nobody may relay).
+
+    Errors name the file by its base name (`smtp.tcp:LINE:`).
+    """
     path = Path(path)
-    return parse(path.read_text(encoding="utf-8", errors="surrogateescape"), path.name)
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        text = ""
+    return parse(text, path.name)
 
 
 def parse(text: str, filename: str = "smtp.tcp") -> TcpRules:

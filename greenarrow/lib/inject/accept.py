@@ -63,10 +63,6 @@ def check_sender(sender: str) -> str:
     return "" if sender == "" else check_address(sender, "sender")
 
 
-def recipient_domain(recipient: str) -> str:
-    return recipient.rpartition("@")[2].lower()
-
-
 class Prepared:
     """A message ready to commit: its final bytes and its identifiers.
 

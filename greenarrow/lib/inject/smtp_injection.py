@@ -44,9 +44,7 @@ class Settings:
         self.databytes = int(control.read(root.control, "databytes"))
         self.limit = int(control.read(root.control, "queue.ram.limit.messages"))
         self.count_file = count_path(str(root.path), "ram")
-        path = root.control / "smtp.tcp"
-        text = path.read_text() if path.exists() else ""
-        self.rules = tcprules.parse(text, str(path))
+        self.rules = tcprules.load(root.control / "smtp.tcp")
         self.queue_dir = str(root.queue("ram"))
         self.fifo = str(root.trigger("ram"))
         self.tls_context = tls_context(root.control)

@@ -96,7 +96,7 @@ def resolve_range(
     return start_at, end_at
 
 
-def _wildcard_regex(patterns: Iterable[str]) -> re.Pattern[str] | None:
+def wildcard_regex(patterns: Iterable[str]) -> re.Pattern[str] | None:
     """One case-insensitive regex matching any of the shell patterns.
 
     Only `*` and `?` are wildcards: `[` is escaped because it is a legal
@@ -130,8 +130,8 @@ class Filter:
                 raise ValueError(
                     f"unknown status {status!r}: expected one of {', '.join(STATUSES)}"
                 )
-        self.sender_re = _wildcard_regex(senders)
-        self.recipient_re = _wildcard_regex(recipients)
+        self.sender_re = wildcard_regex(senders)
+        self.recipient_re = wildcard_regex(recipients)
         self.sendids = frozenset(s.lower() for s in sendids)
         self.listids = frozenset(s.lower() for s in listids)
 

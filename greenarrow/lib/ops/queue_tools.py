@@ -17,7 +17,6 @@ fields read only each entry's first line.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from greenarrow.lib.core.paths import QUEUES, Root
+from greenarrow.lib.ops.delivery_report import wildcard_regex
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.queue import moves as queue_moves
 
@@ -66,6 +66,11 @@ class Filter:
     older_than: float | None = None
     newer_than: float | None = None
 
+    def __post_init__(self) -> None:
+        # The same wildcard rules as hvmail_report's filters (`*` and `?` only).
+        self._domain_re = wildcard_regex(self.domains)
+        self._recipient_re = wildcard_regex(self.recipients)
+
     @property
     def needs_envelope(self) -> bool:
         return bool(self.domains or self.sendids or self.listids or self.recipients)
@@ -81,14 +86,13 @@ class Filter:
         env = entry.envelope or {}
         recipient = env.get("recipient", "").lower()
         domain = recipient.rpartition("@")[2]
-        if self.domains and not any(fnmatch.fnmatchcase(domain, d.lower()) for d in self.domains):
+        if self._domain_re is not None and not self._domain_re.match(domain):
             return False
         if self.sendids and env.get("sendid", "").lower() not in {s.lower() for s in self.sendids}:
             return False
         if self.listids and env.get("listid", "").lower() not in {s.lower() for s in self.listids}:
             return False
-        if self.recipients and not any(fnmatch.fnmatchcase(recipient, r.lower())
-                                       for r in self.recipients):
+        if self._recipient_re is not None and not self._recipient_re.match(recipient):
             return False
         return True
 

@@ -120,10 +120,6 @@ def envelope_line(envelope: dict) -> bytes:
     return ("{" + ",".join(parts) + "}").encode("ascii")
 
 
-def encode_entry(envelope: dict, message: bytes) -> bytes:
-    return envelope_line(envelope) + b"\n" + message
-
-
 def decode_entry(data: bytes) -> tuple[dict, bytes]:
     """(envelope, message) of an entry file's bytes."""
     import json  # not at module level: see envelope_line
