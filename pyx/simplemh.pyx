@@ -6,7 +6,7 @@ caller (greenarrow.lib.simplemh.processing) can rebuild a message from slices of
 original: every byte it does not rewrite stays exactly as it was. Nothing
 here builds an `email.message` tree, decodes text to `str` or imports a
 Python module at call time; that is what makes SimpleMH processing cheap
-enough to run once per injected message (ARCHITECTURE section 6).
+enough to run once per injected message (docs/ARCHITECTURE.md section 8).
 
 Python-level API (all offsets are absolute indexes into the bytes given):
 

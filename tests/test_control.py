@@ -345,3 +345,13 @@ def test_specs_are_complete() -> None:
             assert isinstance(spec.default, float)
         elif spec.kind in ("lines", "listen"):
             assert isinstance(spec.default, list)
+
+
+def test_typed_getters_refuse_a_file_of_another_type(tmp_path) -> None:
+    (tmp_path / "databytes").write_text("2048\n")
+    assert control.read_int(tmp_path, "databytes") == 2048
+    assert control.read_text(tmp_path, "me")
+    with pytest.raises(TypeError, match="holds size"):
+        control.read_text(tmp_path, "databytes")
+    with pytest.raises(TypeError, match="holds text"):
+        control.read_int(tmp_path, "me")

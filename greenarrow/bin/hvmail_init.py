@@ -100,7 +100,7 @@ def _listeners_ready(root: Root) -> bool:
 
     from greenarrow.lib.config import control
 
-    workers = int(control.read(root.control, "remote.workers"))
+    workers = control.read_int(root.control, "remote.workers")
     if not all(root.remote_socket(n).exists() for n in range(workers)):
         return False
     for host, port in control.read(root.control, "smtp.listen"):

@@ -1,7 +1,7 @@
 """`hvmail_report`: report on delivery attempts from the processed delivery log.
 
 A thin click front end; the logic lives in `greenarrow.lib.ops.delivery_report`
-so it is testable without a command line (GREENARROW.md 5.1).
+so it is testable without a command line.
 """
 
 from __future__ import annotations

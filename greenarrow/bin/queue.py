@@ -123,9 +123,9 @@ def _action(name: str, help_text: str):
         queues, selected = _select(**opts, held=held)
         if name == "bounce":
             c = queues.root.control
-            done = queues.bounce(selected, str(control.read(c, "me")),
-                                 int(control.read(c, "bouncemaxbytes")),
-                                 str(control.read(c, "doublebounceto")))
+            done = queues.bounce(selected, control.read_text(c, "me"),
+                                 control.read_int(c, "bouncemaxbytes"),
+                                 control.read_text(c, "doublebounceto"))
         else:
             done = getattr(queues, name.replace("-", "_"))(selected)
         click.echo(f"{name}: {done} entries")

@@ -292,7 +292,7 @@ def parse_name(text: str) -> str:
 
 
 def parse_ip_name(text: str) -> str:
-    """An `ip_address` name: a VirtualMTA name (spec 9.1) or `*`."""
+    """An `ip_address` name: a VirtualMTA name (docs/configuration.md) or `*`."""
     if text == "*":
         return text
     if not 1 <= len(text) <= 200:
@@ -407,7 +407,7 @@ def _star_alone(args: list[str]) -> None:
 
 
 def parse_vmta_name(text: str) -> str:
-    """A VirtualMTA name (spec 9.1), `*` not allowed."""
+    """A VirtualMTA name (docs/configuration.md), `*` not allowed."""
     if text == "*":
         raise ValueError("'*' is not a VirtualMTA name")
     return parse_ip_name(text)

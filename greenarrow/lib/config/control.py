@@ -133,7 +133,7 @@ SPECS: dict[str, ControlSpec] = _specs(
     ("opt.simplemh.tracker_format", "text", "b", True,
      "SimpleMH tracking URL format: a (/click/DATA), b (/click?DATA) or c (/click?qs=DATA)"),
     ("opt.simplemh_stateless_event_handling", "bool", False, True,
-     "SimpleMH: stateless event tracking metadata by default (seed 000)"),
+     "SimpleMH: stateless event tracking metadata by default"),
     ("dkim/hashfunc", "text", "sha256", True,
      "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim.signing)"),
 )
@@ -263,6 +263,33 @@ def read(control_dir: os.PathLike | str, name: str) -> object:
     if spec.default is None:
         return _derived_default(str(control_dir), name)
     return spec.default
+
+
+def _typed(control_dir: os.PathLike | str, name: str, kinds: tuple[str, ...]) -> object:
+    spec = SPECS.get(name)
+    if spec is not None and spec.kind not in kinds:
+        raise TypeError(f"control file {name!r} holds {spec.kind}, not {' or '.join(kinds)}")
+    return read(control_dir, name)
+
+
+def read_int(control_dir: os.PathLike | str, name: str) -> int:
+    """The value of an `int` or `size` control file (see `read`)."""
+    return int(_typed(control_dir, name, ("int", "size")))  # type: ignore[call-overload]
+
+
+def read_float(control_dir: os.PathLike | str, name: str) -> float:
+    """The value of a `float` (or `int`) control file (see `read`)."""
+    return float(_typed(control_dir, name, ("float", "int")))  # type: ignore[arg-type]
+
+
+def read_text(control_dir: os.PathLike | str, name: str) -> str:
+    """The value of a `text` or `raw` control file (see `read`)."""
+    return str(_typed(control_dir, name, ("text", "raw")))
+
+
+def read_bool(control_dir: os.PathLike | str, name: str) -> bool:
+    """The value of a `bool` control file (see `read`)."""
+    return bool(_typed(control_dir, name, ("bool",)))
 
 
 def _format_item(item: object) -> str:

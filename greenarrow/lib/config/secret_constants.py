@@ -1,6 +1,6 @@
 """The secret constants: two 128-bit values that sign tracking links and bounce addresses.
 
-Every server of a fleet must hold the same two (seed 000), so that a link
+Every server of a fleet must hold the same two, so that a link
 made by one sending server is verified by any event server. They live in
 `control/secret_constants`, one 32-hex-digit constant per line, readable by
 the engine's user only; `greenarrow init` creates them at random.

@@ -1,7 +1,7 @@
 """The processed delivery log: one TAB-separated line per delivery attempt.
 
 GreenArrow documents the "Delivery Event Processed Logfile Format" only up to
-its fifth column (GREENARROW.md 5.2); ARCHITECTURE 9 fixes the rest: the
+its fifth column; docs/formats.md section 5 fixes the rest: the
 `delivery_attempt` event fields from `timestamp` through `throttleid`, then
 `email` ... `instanceid`. `FIELDS` below is the single source of truth for that
 order; everything that writes or reads the log goes through this module.

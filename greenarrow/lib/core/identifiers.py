@@ -1,7 +1,7 @@
 """The identifiers a message carries: SendID, ListID, MtaID and Mail Class.
 
-Each rule lives here once, with the text that explains it (seed 002, spec
-sections 2.5, 7.1 and 9.1). Plain string tests, no `re`: command-line
+Each rule lives here once, with the text that explains it (docs/simplemh.md
+and docs/configuration.md). Plain string tests, no `re`: command-line
 injection checks these on every message.
 """
 

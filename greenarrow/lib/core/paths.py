@@ -27,7 +27,7 @@ THROTTLE_STATE_GLOB = "throttle.*.json"
 
 
 class Root:
-    """The folders of one install root (ARCHITECTURE section 3).
+    """The folders of one install root (docs/ARCHITECTURE.md section 4).
 
     A plain class, not a dataclass, and pathlib is imported only when one is
     made: command-line injection imports this module for the string functions

@@ -47,11 +47,11 @@ class WorkerSettings:
 
     def __init__(self, root: Root) -> None:
         c = root.control
-        self.helo = str(control.read(c, "me"))
-        self.port = int(control.read(c, "remote.port"))
-        cap = int(control.read(c, "timeoutremote"))
+        self.helo = control.read_text(c, "me")
+        self.port = control.read_int(c, "remote.port")
+        cap = control.read_int(c, "timeoutremote")
         self.timeouts = Timeouts(
-            connect=float(control.read(c, "timeoutconnect")), cap=float(cap) if cap else None
+            connect=control.read_float(c, "timeoutconnect"), cap=float(cap) if cap else None
         )
         servers = control.read(c, "dns.servers")
         self.nameservers = [_parse_server(s) for s in servers] if servers else None

@@ -3,10 +3,10 @@
 queue-send sends every attempt that a throttle rule covers to the same
 remote worker (chosen by the throttle key), so that worker sees all of that
 key's traffic, from every queue, and enforces its limits here: an attempt
-over a limit is not made and comes back as `connmaxout` (spec 9.2), which
+over a limit is not made and comes back as `connmaxout`, which
 queue-send logs and moves to the disk-queue.
 
-Backoff mode (throttle programs, spec 9.2): each key remembers the outcomes
+Backoff mode (throttle programs): each key remembers the outcomes
 of its recent attempts (`window` seconds). When at least `min_attempts` were
 made and the share of deferrals reaches `deferral_rate` percent, or that of
 failures `failure_rate`, the limits drop to `backoff_max_*` (a fixed value

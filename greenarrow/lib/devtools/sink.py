@@ -39,14 +39,14 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sys
 import threading
-import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+
+from greenarrow.lib.local.maildir import Maildir
 
 __all__ = ["Counters", "Sink", "SinkOptions", "SinkThread", "serve"]
 
@@ -357,10 +357,7 @@ class Sink:
         self._ehlo = (
             b"250-" + host + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 0\r\n"
         )
-        self._maildir_host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-        if self.options.maildir is not None:
-            for sub in ("tmp", "new", "cur"):
-                (self.options.maildir / sub).mkdir(parents=True, exist_ok=True)
+        self._maildir = Maildir(self.options.maildir) if self.options.maildir is not None else None
 
     @property
     def active_sessions(self) -> int:
@@ -453,23 +450,14 @@ class Sink:
 
     def _file(self, sender: bytes, rcpts: list[bytes], message: bytes) -> None:
         """Deliver into the Maildir: write under tmp/, rename into new/."""
-        maildir = self.options.maildir
-        assert maildir is not None
+        assert self._maildir is not None
         body = message.replace(b"\n..", b"\n.")
         if body.startswith(b".."):
             body = body[1:]
         head = [b"Return-Path: <", sender, b">\r\n"]
         for rcpt in rcpts:
             head += (b"X-Sink-Rcpt: ", rcpt, b"\r\n")
-        self._seq += 1
-        now = time.time()
-        name = (
-            f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{self._seq}.{self._maildir_host}"
-        )
-        tmp = maildir / "tmp" / name
-        with open(tmp, "wb") as f:
-            f.write(b"".join(head) + body)
-        os.rename(tmp, maildir / "new" / name)
+        self._maildir.deliver([*head, body])
 
     def _session_ended(self) -> None:
         if self._idle is not None and not self._sessions:

@@ -237,7 +237,7 @@ class DkimKeys:
 
 def read_hashfunc(control_dir: str | os.PathLike) -> str:
     """`control/dkim/hashfunc`: `sha256` (default) or `sha1`; ControlError naming file and value."""
-    value = str(control.read(control_dir, HASHFUNC_FILE)).strip().lower()
+    value = control.read_text(control_dir, HASHFUNC_FILE).strip().lower()
     if value not in HASHFUNCS:
         path = os.path.join(control_dir, HASHFUNC_FILE)
         raise ControlError(f"{path}: bad value {value!r}: expected sha256 or sha1")

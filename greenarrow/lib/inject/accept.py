@@ -2,7 +2,7 @@
 
 Shared by command-line injection (`greenarrow inject`, `sendmail`,
 `qmail-inject`) and SMTP injection (`smtpd`), so both treat a message the
-same way (ARCHITECTURE section 6):
+same way (docs/operations.md, "What injection does to a message"):
 
 - the identifiers (SendID, ListID, MtaID, Mail Class) come from the
   `X-GreenArrow-*` headers, else from the `GREENARROW_*` variables (for
@@ -129,7 +129,7 @@ def prepare(
         if value:
             ids[field] = validate_identifier(field, value, source)
             sources[field] = source
-    if classes.process_x_virtual_mta_header:  # seed 004: X-Virtual-MTA wins over X-GreenArrow-MtaID
+    if classes.process_x_virtual_mta_header:  # X-Virtual-MTA wins over X-GreenArrow-MtaID
         for h in headers:
             if h.name == b"x-virtual-mta" and msglib.header_value(message, h):
                 ids["mtaid"] = validate_identifier(

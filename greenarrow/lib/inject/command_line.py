@@ -164,9 +164,9 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     opts = parse_args(argv, qmail_inject)
     root = root_path_from_env(environ)  # strings, not pathlib: start-up time
     try:
-        me = control.read(control_dir(root), "me")
-        databytes = control.read(control_dir(root), "databytes")
-        limit = control.read(control_dir(root), "queue.ram.limit.messages")
+        me = control.read_text(control_dir(root), "me")
+        databytes = control.read_int(control_dir(root), "databytes")
+        limit = control.read_int(control_dir(root), "queue.ram.limit.messages")
     except control.ControlError as e:
         raise injection.InjectionError(False, str(e)) from None
     if not opts.ignore_dots and not qmail_inject:

@@ -40,9 +40,9 @@ class Settings:
 
     def __init__(self, root: Root) -> None:
         self.root = root
-        self.me = str(control.read(root.control, "me"))
-        self.databytes = int(control.read(root.control, "databytes"))
-        self.limit = int(control.read(root.control, "queue.ram.limit.messages"))
+        self.me = control.read_text(root.control, "me")
+        self.databytes = control.read_int(root.control, "databytes")
+        self.limit = control.read_int(root.control, "queue.ram.limit.messages")
         self.count_file = count_path(str(root.path), "ram")
         self.rules = tcprules.load(root.control / "smtp.tcp")
         self.queue_dir = str(root.queue("ram"))
@@ -56,8 +56,8 @@ def tls_context(control_dir: Path) -> ssl.SSLContext | None:
     Relative paths are relative to control/. ControlError naming the file
     that is missing, unreadable or not what it should be.
     """
-    cert = str(control.read(control_dir, "smtp.tls.cert"))
-    key = str(control.read(control_dir, "smtp.tls.key"))
+    cert = control.read_text(control_dir, "smtp.tls.cert")
+    key = control.read_text(control_dir, "smtp.tls.key")
     if not cert:
         if key:
             raise control.ControlError(

@@ -43,7 +43,7 @@ def explain(root: Root, domain: str, mtaid: str = "", recent: int = 5) -> list[s
     via = f"VirtualMTA {vmta.name}" + (f" -> {sender.name}" if sender.name != vmta.name else "")
     source = sender.source_ip or "the default source address"
     lines.append(f"  sent through {via} from {source}, HELO "
-                 f"{sender.hostname or control.read(root.control, 'me')}")
+                 f"{sender.hostname or control.read_text(root.control, 'me')}")
     if sender.kind == "relay":
         lines.append(f"  relayed to {sender.relay[0]}:{sender.relay[1]}")
     elif settings.smtp_route:

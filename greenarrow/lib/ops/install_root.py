@@ -1,4 +1,4 @@
-"""`greenarrow init`: create an install root (ARCHITECTURE section 3).
+"""`greenarrow init`: create an install root (docs/ARCHITECTURE.md section 4).
 
 Idempotent: running it again creates what is missing and changes nothing an
 operator made. Default control files are copied only where no file exists.

@@ -38,8 +38,8 @@ def setup(root: Root) -> list[str]:
     """Mount or resize the tmpfs of each ram queue as configured; return what was done."""
     done = []
     for queue in RAM_QUEUES:
-        size = int(control.read(root.control, f"queue.{queue}.ramdisk.size"))
-        inodes = int(control.read(root.control, f"queue.{queue}.ramdisk.inodes"))
+        size = control.read_int(root.control, f"queue.{queue}.ramdisk.size")
+        inodes = control.read_int(root.control, f"queue.{queue}.ramdisk.inodes")
         path = str(root.queue(queue))
         if not size:
             continue

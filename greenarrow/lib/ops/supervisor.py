@@ -68,7 +68,7 @@ def _die_with_parent() -> None:
 def read_services(root: Root) -> list[Service]:
     """The services of `init/services`: `name program [args]`; `{worker}` lines
     are repeated for each remote worker (`control/remote.workers`)."""
-    workers = int(control.read(root.control, "remote.workers"))
+    workers = control.read_int(root.control, "remote.workers")
     services = []
     text = (data_dir("init") / "services").read_text()
     for number, line in enumerate(text.splitlines(), 1):
@@ -91,8 +91,8 @@ class Supervisor:
         self.services = read_services(root)
         self.stopping = False
         c = root.control
-        self.log_max = int(control.read(c, "log.service.maxbytes"))
-        self.log_keep = int(control.read(c, "log.service.keep"))
+        self.log_max = control.read_int(c, "log.service.maxbytes")
+        self.log_keep = control.read_int(c, "log.service.keep")
 
     def write_status(self) -> None:
         status = {

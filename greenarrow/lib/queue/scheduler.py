@@ -92,8 +92,8 @@ class Scheduler:
         c = root.control
         self.log = DeliveryLogWriter(
             root.delivery_log(queue),
-            max_bytes=int(control.read(c, "log.delivery.maxbytes")),
-            keep=int(control.read(c, "log.delivery.keep")),
+            max_bytes=control.read_int(c, "log.delivery.maxbytes"),
+            keep=control.read_int(c, "log.delivery.keep"),
         )
 
     # -- configuration -------------------------------------------------
@@ -101,16 +101,16 @@ class Scheduler:
     def load_settings(self) -> None:
         """Read control files and greenarrow.conf; raises on errors (nothing changes)."""
         c = self.root.control
-        concurrency = int(control.read(c, f"queue.{self.queue}.concurrencyremote"))
-        rescan = int(control.read(c, "queue.rescan.seconds"))
-        scale = float(control.read(c, "queue.retry.scale"))
-        workers = int(control.read(c, "remote.workers"))
-        lifetime = int(control.read(c, "queuelifetime"))
-        me = str(control.read(c, "me"))
-        bouncemaxbytes = int(control.read(c, "bouncemaxbytes"))
-        doublebounceto = str(control.read(c, "doublebounceto"))
-        bounce_limit = int(control.read(c, "queue.bounce.limit.messages"))
-        disk_limit = int(control.read(c, "queue.disk.limit.messages"))
+        concurrency = control.read_int(c, f"queue.{self.queue}.concurrencyremote")
+        rescan = control.read_int(c, "queue.rescan.seconds")
+        scale = control.read_float(c, "queue.retry.scale")
+        workers = control.read_int(c, "remote.workers")
+        lifetime = control.read_int(c, "queuelifetime")
+        me = control.read_text(c, "me")
+        bouncemaxbytes = control.read_int(c, "bouncemaxbytes")
+        doublebounceto = control.read_text(c, "doublebounceto")
+        bounce_limit = control.read_int(c, "queue.bounce.limit.messages")
+        disk_limit = control.read_int(c, "queue.disk.limit.messages")
         conf = conflib.load_root(self.root)
         planner = Planner(conf)
         general = conf.block("general")

@@ -7,11 +7,11 @@ kept in an LRU cache. Every value is converted when DomainRules is built: a bad
 
 Patterns (case-insensitive): `example.com` (that domain), `[*.]example.com`
 (it and all its subdomains), `*.example.com` (subdomains only), `*` (all).
-For `foo.example.com` the patterns are tried in the order of spec 9.2:
+For `foo.example.com` the patterns are tried in GreenArrow's order:
 `foo.example.com`, `[*.]foo.example.com`, `*.example.com`, `[*.]example.com`,
 `*.com`, `[*.]com`, then `*`.
 
-Contexts, most specific first, like throttle precedence in spec 9.2 (the
+Contexts, most specific first, like GreenArrow's throttle precedence (the
 sending IP is more specific than the domain):
   1. `domain` blocks inside `ip_address NAME` naming this ip_name
      (case-insensitive, as VirtualMTA names are): the IP's throttle overrides,

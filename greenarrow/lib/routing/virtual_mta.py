@@ -1,6 +1,6 @@
 """VirtualMTAs: which IP address (or relay server) an attempt is sent from.
 
-Three kinds, defined in greenarrow.conf (spec 9.1):
+Three kinds, defined in greenarrow.conf (docs/configuration.md):
 
     ip_address NAME {            an IP address: the source address to bind and the
       smtp_source 127.0.0.2      HELO name; its own `domain` blocks are its throttle
@@ -24,7 +24,7 @@ Three kinds, defined in greenarrow.conf (spec 9.1):
 default is the machine's own address with `me` as HELO. The MtaID of a
 message (an `X-GreenArrow-MtaID`, `GREENARROW_MTAID`, ...) names a VirtualMTA
 by name (case-insensitively) or by numeric id; a blank or unknown MtaID means
-the default (seed 002). It is resolved at each attempt, so a renamed or
+the default. It is resolved at each attempt, so a renamed or
 deleted VirtualMTA changes where queued mail goes, as in GreenArrow.
 
 Randomization of a routing rule: `fully_random` draws at every attempt;

@@ -148,7 +148,7 @@ def normalize_url_domain(text: str) -> str | None:
 
 
 def instanceid_problem(value: str, grouping: str) -> str | None:
-    """Why `value` is not a valid InstanceID under `grouping` (seed 004), or None."""
+    """Why `value` is not a valid InstanceID under `grouping` (docs/simplemh.md), or None."""
     if grouping == "per_instanceid_legacy":
         if not (0 < len(value) <= 27 and value[0] in _DIGITS and _ALNUM.issuperset(value)):
             return ("must start with a digit and be at most 27 letters and digits "
@@ -175,7 +175,7 @@ def _utc_day(now: float) -> str:
 
 
 def build_sendid(mailclass: str, instanceid: str, grouping: str, now: float) -> str:
-    """The SendID of a SimpleMH message (seed 002, "Statistic Report Grouping").
+    """The SendID of a SimpleMH message (docs/simplemh.md, "Statistic Report Grouping").
 
     Lower-cased, because SendIDs are used case-insensitively: InstanceIDs
     that differ only by case make one send.

@@ -1,9 +1,9 @@
 """SimpleMH at injection: Mail Class, X-GreenArrow-* headers, bounce address, tracking.
 
 greenarrow.lib.inject.accept.prepare() calls prepare() here when a Mail Class
-applies (spec 7.2: X-GreenArrow-MailClass, else GREENARROW_MAILCLASS, else
+applies (X-GreenArrow-MailClass, else GREENARROW_MAILCLASS, else
 `general { default_mail_class }`); raw injection never imports this module.
-It resolves every header of seed 004 once per message, then returns a
+It resolves every SimpleMH header (docs/simplemh.md) once per message, then returns a
 Renderer that makes each recipient's copy: the tracking links, X-Mailer-Info,
 List-Unsubscribe and the bounce address all name the recipient, so a
 message to N recipients becomes N queue entries with N different bodies
@@ -52,7 +52,7 @@ from greenarrow.lib.simplemh import mail_class, tracking_url
 from greenarrow.lib.simplemh import return_path as bounce_address
 from greenarrow.pyx import simplemh as fast
 
-# The headers of seed 004 as documented (for messages), by lower-cased name.
+# The SimpleMH headers as GreenArrow documents them (for messages), by lower-cased name.
 HEADERS = {
     name.lower().encode("ascii"): name
     for name in (
@@ -131,8 +131,8 @@ def root_settings(root: str) -> RootSettings:
     control_dir = os.path.join(root, "control")
     try:
         constants = secret_constants.read(control_dir)
-        fmt = str(control.read(control_dir, "opt.simplemh.tracker_format")).lower()
-        stateless = bool(control.read(control_dir, "opt.simplemh_stateless_event_handling"))
+        fmt = control.read_text(control_dir, "opt.simplemh.tracker_format").lower()
+        stateless = control.read_bool(control_dir, "opt.simplemh_stateless_event_handling")
     except (secret_constants.SecretConstantsError, control.ControlError) as e:
         raise InjectionError(False, str(e)) from None
     if fmt not in tracking_url.FORMATS:

@@ -2,7 +2,7 @@
 
 GreenArrow's documentation gives the shape of a bounce address
 (`LocalPart-ListID-SendID-Recipient@BounceDomain`) but not its details, so
-this project fixes them (ARCHITECTURE section 9; docs/simplemh.md "Bounce
+this project fixes them (docs/simplemh.md "Bounce
 address"). For the mailbox `bounce@bounces.example.com`:
 
     full form   bounce-<listid>-<sendid>-<recipient>-1<tag>@bounces.example.com

@@ -1,7 +1,7 @@
 """Click, open and unsubscribe tracking URLs, and the signed DATA they carry.
 
 GreenArrow does not publish its tracking-URL format, so this project fixes
-one (ARCHITECTURE section 9; docs/simplemh.md "Tracking URLs"):
+one (docs/simplemh.md "Tracking URLs"):
 
     format a   BASE/click/DATA
     format b   BASE/click?DATA          (the default)
@@ -23,7 +23,7 @@ kind: `c` click, `u` unsubscribe link, `o` open, `l` List-Unsubscribe,
 `m` X-Mailer-Info. flags: 1 = stateless metadata storage, 2 = the link was
 in a text/plain part. The tag is the first 80 bits of HMAC-SHA256 over
 everything before it, keyed with a key derived from the two secret
-constants (seed 000), so every server of a fleet verifies what any other
+constants, so every server of a fleet verifies what any other
 made, and a changed or truncated DATA fails verification: decode() raises
 TrackingDataError and never returns a URL.
 
