@@ -172,9 +172,9 @@ class EnginePeer(Peer):
 
     def configure(self, sink_port: int, retry_scale: float | None = None,
                   simplemh: bool = False) -> None:
-        from greenarrow.lib import control
-        from greenarrow.lib.install_root import init_root
-        from greenarrow.lib.paths import Root
+        from greenarrow.lib.config import control
+        from greenarrow.lib.core.paths import Root
+        from greenarrow.lib.ops.install_root import init_root
 
         if self.started:
             self.stop()
@@ -276,7 +276,7 @@ class EnginePeer(Peer):
             shutil.rmtree(self.root_path, ignore_errors=True)
 
     def describe(self) -> str:
-        from greenarrow.lib import control
+        from greenarrow.lib.config import control
 
         workers = self.workers or control.SPECS["remote.workers"].default
         conc = self.concurrency or control.SPECS["concurrencyremote"].default

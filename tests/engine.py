@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from greenarrow.lib import control, delivery_log, supervisor
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import control
+from greenarrow.lib.core import delivery_log
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops import supervisor
+from greenarrow.lib.ops.install_root import init_root
 
 
 def free_port(host: str = "127.0.0.1") -> int:

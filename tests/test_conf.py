@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greenarrow.bin.greenarrow_config import main
-from greenarrow.lib import conf
-from greenarrow.lib.conf import (
+from greenarrow.lib.config import conf
+from greenarrow.lib.config.conf import (
     SCHEMA,
     Block,
     ConfError,
@@ -28,7 +28,7 @@ from greenarrow.lib.conf import (
     parse_int,
     quote,
 )
-from greenarrow.lib.paths import Root
+from greenarrow.lib.core.paths import Root
 
 SHIPPED = Path(__file__).resolve().parent.parent / "control" / "greenarrow.conf"
 

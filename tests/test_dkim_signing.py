@@ -1,4 +1,4 @@
-"""DKIM signing (greenarrow.lib.dkim_signing), checked with dkimpy's verifier.
+"""DKIM signing (greenarrow.lib.dkim.signing), checked with dkimpy's verifier.
 
 No real DNS: every verification gets a `dnsfunc` that answers from the TXT
 records the test built from the keys (or took from the corpus). Keys are made
@@ -27,9 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import control, dkim_signing
-from greenarrow.lib.control import ControlError
-from greenarrow.lib.dkim_signing import (
+from greenarrow.lib.config import control
+from greenarrow.lib.config.control import ControlError
+from greenarrow.lib.dkim import signing as dkim_signing
+from greenarrow.lib.dkim.signing import (
     DkimKeys,
     DkimSigner,
     decode_request,

@@ -9,9 +9,9 @@ from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
 from greenarrow.bin.greenarrow_config import main
-from greenarrow.lib import secret_constants
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import secret_constants
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops.install_root import init_root
 
 
 def invoke(root: Root, *args: str, input: str | None = None):

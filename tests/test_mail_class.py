@@ -1,4 +1,4 @@
-"""Mail Classes in greenarrow.conf, their cache, and SendID construction (greenarrow.lib.mail_class).
+"""Mail Classes in greenarrow.conf, their cache, and SendID construction (greenarrow.lib.simplemh.mail_class).
 
 Also the promise to command-line injection: with no class applying, the
 `sendmail` fast path imports neither the greenarrow.conf parser nor `re`,
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import conf, mail_class
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import conf
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.simplemh import mail_class
 
 CLASSES = """\
 general {
@@ -235,8 +236,8 @@ def test_normalize_url_domain(text: str, expected: str | None) -> None:
     assert mail_class.normalize_url_domain(text) == expected
 
 
-FORBIDDEN = ("greenarrow.lib.conf", "re", "json", "pathlib", "email", "hmac", "hashlib",
-             "greenarrow.pyx.simplemh", "greenarrow.lib.simplemh")
+FORBIDDEN = ("greenarrow.lib.config.conf", "re", "json", "pathlib", "email", "hmac", "hashlib",
+             "greenarrow.pyx.simplemh", "greenarrow.lib.simplemh.processing")
 
 
 def _imports(root: Root, message: bytes, env: dict[str, str] | None = None) -> set[str]:
@@ -267,7 +268,7 @@ def test_fast_path_stays_light(root: Root, conf_text: str) -> None:
     # a SimpleMH message does load them
     write_conf(root, "mail_class news {\n    listid t1\n}\n")
     names = _imports(root, message, {"GREENARROW_MAILCLASS": "news"})
-    assert "greenarrow.lib.simplemh" in names
+    assert "greenarrow.lib.simplemh.processing" in names
 
 
 def test_error_elsewhere_does_not_stop_mail_classes(root: Root) -> None:

@@ -19,9 +19,9 @@ from email import message_from_bytes, policy
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import bounce_address as ba
-from greenarrow.lib import secret_constants
-from greenarrow.lib import tracking_url as tu
+from greenarrow.lib.config import secret_constants
+from greenarrow.lib.simplemh import return_path as ba
+from greenarrow.lib.simplemh import tracking_url as tu
 
 CLASS = """
 mail_class news {

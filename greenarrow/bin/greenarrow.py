@@ -10,8 +10,8 @@ import click
 from greenarrow.bin.bounce import bounce_command
 from greenarrow.bin.queue import queue_command
 from greenarrow.bin.sink import sink_command
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import root_from_env
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.ops.install_root import init_root
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +56,7 @@ def inject_command(args: tuple[str, ...]) -> None:
 def demo_command(root_path: Path, messages: int) -> None:
     """Run the engine end to end on loopback: start it, inject mail from the command
     line and over SMTP to the built-in sink, report, stop."""
-    from greenarrow.lib.demo import run_demo
+    from greenarrow.lib.devtools.demo import run_demo
 
     ok = run_demo(root_path, messages, say=click.echo)
     click.echo("demo: OK" if ok else "demo: FAILED")

@@ -11,9 +11,10 @@ import time
 
 import click
 
-from greenarrow.lib import ramdisk, service, supervisor
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root, root_from_env
+from greenarrow.lib.core import service
+from greenarrow.lib.core.paths import Root, root_from_env
+from greenarrow.lib.ops import ramdisk, supervisor
+from greenarrow.lib.ops.install_root import init_root
 
 
 def _root() -> Root:
@@ -97,9 +98,9 @@ def _listeners_ready(root: Root) -> bool:
     """Every remote worker socket and SMTP listener answers (services take a moment to bind)."""
     import socket
 
-    from greenarrow.lib import control
+    from greenarrow.lib.config import control
 
-    workers = int(control.read(root.control, "remote.workers"))
+    workers = control.read_int(root.control, "remote.workers")
     if not all(root.remote_socket(n).exists() for n in range(workers)):
         return False
     for host, port in control.read(root.control, "smtp.listen"):

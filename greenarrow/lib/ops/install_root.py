@@ -1,0 +1,159 @@
+"""`greenarrow init`: create an install root (docs/ARCHITECTURE.md section 4).
+
+Idempotent: running it again creates what is missing and changes nothing an
+operator made. Default control files are copied only where no file exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import greenarrow
+from greenarrow.lib.config import secret_constants
+from greenarrow.lib.core.paths import QUEUES, Root
+from greenarrow.lib.queue import entry as queue_entry
+
+
+def data_dir(name: str) -> Path:
+    """The shipped `control/` or `init/` folder: in the package, or in a source checkout."""
+    package = Path(greenarrow.__file__).parent
+    for candidate in (package / "_data" / name, package.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"the default {name}/ folder is not installed with the package")
+
+
+def package_parent() -> str:
+    """The folder that holds the `greenarrow` package, for the injection scripts' sys.path."""
+    return str(Path(greenarrow.__file__).parent.parent)
+
+
+# The injection entry points. `-S` skips site.py: a third of Python's start-up
+# time on a typical machine; the package's own folder is put on sys.path instead.
+_SCRIPT = """#!{python} -S
+# Written by `greenarrow init`: command-line injection into the install root {root}.
+import os
+import sys
+sys.path.insert(0, {path!r})
+os.environ["HVMAIL_ROOT"] = {root!r}
+from greenarrow.bin.inject import {function}
+{function}()
+"""
+
+SCRIPTS = {"sendmail": "sendmail_main", "qmail-inject": "qmail_inject_main"}
+
+
+def _write_if_changed(path: Path, text: str, mode: int) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+def make_fifo(path: Path) -> None:
+    if path.exists() and not stat.S_ISFIFO(path.stat().st_mode):
+        path.unlink()
+    if not path.exists():
+        os.mkfifo(path, 0o622)
+
+
+def init_root(root: Root, me: str | None = None) -> list[str]:
+    """Create or complete the install root; return what was created, for the operator."""
+    created: list[str] = []
+    for folder in (
+        root.control,
+        root.bin,
+        root.var,
+        root.log,
+        root.maildata,
+        root.log / "delivery",
+        root.path / "queue",
+    ):
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            created.append(str(folder))
+    for q in QUEUES:
+        queue_entry.ensure_queue_dirs(root.queue(q))
+        root.delivery_log(q).mkdir(parents=True, exist_ok=True)
+        make_fifo(root.trigger(q))
+    defaults = data_dir("control")
+    for source in sorted(defaults.rglob("*")):
+        if source.is_dir():
+            continue
+        target = root.control / source.relative_to(defaults)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+            created.append(str(target))
+    if secret_constants.ensure(root.control):
+        created.append(str(secret_constants.path(root.control)))
+    me_file = root.control / "me"
+    if not me_file.exists():
+        me_file.write_text((me or socket.getfqdn() or "localhost") + "\n")
+        created.append(str(me_file))
+    for name, function in SCRIPTS.items():
+        text = _SCRIPT.format(
+            python=sys.executable, path=package_parent(), root=str(root.path), function=function
+        )
+        if _write_if_changed(root.bin / f"{name}.py", text, 0o755):
+            created.append(str(root.bin / f"{name}.py"))
+    created += install_client(root)
+    return created
+
+
+def client_source() -> Path:
+    return Path(greenarrow.__file__).parent / "client" / "sendmail.c"
+
+
+def compile_client(target: Path) -> str | None:
+    """Compile the sendmail client to `target`; None on success, else why not."""
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    tmp = target.with_name(f".{target.name}.tmp")
+    command = [*shlex.split(compiler), "-O2", "-o", str(tmp), str(client_source())]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if result.returncode != 0:
+        return result.stderr.strip() or f"{compiler} exited {result.returncode}"
+    os.replace(tmp, target)
+    return None
+
+
+def install_client(root: Root) -> list[str]:
+    """`bin/sendmail` and `bin/qmail-inject`: the compiled client, or the Python program.
+
+    The client hands each message to the running `injectd` and falls back to
+    `bin/<name>.py` when the engine is stopped; without a C compiler the
+    Python program itself is installed under both names.
+    """
+    created = []
+    binary = root.bin / ".sendmail-client"
+    source = client_source()
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        problem = compile_client(binary)
+        if problem is not None:
+            print(f"greenarrow init: no compiled sendmail client ({problem}); "
+                  "bin/sendmail runs the Python program", file=sys.stderr)
+    for name in SCRIPTS:
+        target = root.bin / name
+        origin = binary if binary.exists() else root.bin / f"{name}.py"
+        if target.exists() and target.read_bytes() == origin.read_bytes():
+            continue
+        tmp = target.with_name(f".{name}.tmp")
+        shutil.copyfile(origin, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+        created.append(str(target))
+    return created
