@@ -152,7 +152,7 @@ def prepare(
     if classes.classes and (ids.get("mailclass") or classes.default):
         simplemh = sys.modules.get("greenarrow.lib.simplemh.processing")
         if simplemh is None:
-            from greenarrow.lib.simplemh.processing import (
+            from greenarrow.lib.simplemh import (
                 processing as simplemh,  # only SimpleMH mail pays for it
             )
         renderer = simplemh.prepare(message, headers, body_start, ids, sources, drop, added,
