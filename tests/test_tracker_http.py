@@ -435,3 +435,48 @@ def test_kill_9_under_load_loses_no_answered_click(tmp_path: Path) -> None:
         json.dumps(t.events()[-1])
     finally:
         t.stop()
+
+
+def test_unwritable_spool_answers_503_and_never_redirects() -> None:
+    """When the event cannot be written, the click is not answered with its redirect."""
+    import asyncio
+    import ipaddress
+
+    from greenarrow.lib.tracker.http_server import TrackerServer
+    from greenarrow.lib.tracker.privacy_open import EgressRanges
+    from greenarrow.lib.tracker.settings import TrackerSettings
+
+    constants = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
+
+    class FullDisk:
+        directory = Path("/full")
+
+        def __init__(self) -> None:
+            self.tries = 0
+
+        def write_bytes(self, data: bytes) -> None:
+            self.tries += 1
+            raise OSError(28, "No space left on device")
+
+    async def scenario() -> tuple[bytes, bytes, int]:
+        settings = TrackerSettings(constants, "s", False,
+                                   EgressRanges([ipaddress.ip_network("192.0.2.0/24")]))
+        spool_ = FullDisk()
+        server = TrackerServer(settings, spool_)
+        port = free_port()
+        await server.listen("127.0.0.1", port)
+        try:
+            d = tu.encode(constants, tu.CLICK, "r@example.com", url="https://example.com/")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+                         + f"GET /click?{d} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), 20)  # closed after the 503
+            writer.close()
+            return answer.split(b"\r\n\r\n", 1)[0], answer, spool_.tries
+        finally:
+            await server.close()
+
+    first_head, answer, tries = asyncio.run(scenario())
+    assert first_head.startswith(b"HTTP/1.1 404 ")
+    assert b"HTTP/1.1 503 " in answer and b"Location" not in answer
+    assert tries >= 1

@@ -139,10 +139,10 @@ class TrackerServer:
     async def close(self) -> None:
         for server in self.servers:
             server.close()
+        if self._replies:  # answer (and record) what was already asked, then hang up
+            self.flush()
         for conn in list(self.connections):
             conn.close()
-        if self._replies:
-            self.flush()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for server in self.servers:
