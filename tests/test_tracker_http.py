@@ -449,34 +449,41 @@ def test_unwritable_spool_answers_503_and_never_redirects() -> None:
     constants = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
 
     class FullDisk:
-        directory = Path("/full")
+        """A spool on a full disk: every write fails, as write(2) with ENOSPC."""
+
+        tries = 0
+        opened = 0
 
         def __init__(self) -> None:
-            self.tries = 0
+            FullDisk.opened += 1
 
         def write_bytes(self, data: bytes) -> None:
-            self.tries += 1
+            FullDisk.tries += 1
             raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
 
     async def scenario() -> tuple[bytes, bytes, int]:
         settings = TrackerSettings(constants, "s", False,
                                    EgressRanges([ipaddress.ip_network("192.0.2.0/24")]))
-        spool_ = FullDisk()
-        server = TrackerServer(settings, spool_)
+        server = TrackerServer(settings, FullDisk)
         port = free_port()
         await server.listen("127.0.0.1", port)
         try:
             d = tu.encode(constants, tu.CLICK, "r@example.com", url="https://example.com/")
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"
-                         + f"GET /click?{d} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            answer = await asyncio.wait_for(reader.read(), 20)  # closed after the 503
-            writer.close()
-            return answer.split(b"\r\n\r\n", 1)[0], answer, spool_.tries
+            answers = []
+            for _ in range(2):  # the second time the spool is opened again, and fails again
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+                             + f"GET /click?{d} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answers.append(await asyncio.wait_for(reader.read(), 20))  # closed after 503
+                writer.close()
+            return answers[0].split(b"\r\n\r\n", 1)[0], answers[1], FullDisk.tries
         finally:
             await server.close()
 
     first_head, answer, tries = asyncio.run(scenario())
     assert first_head.startswith(b"HTTP/1.1 404 ")
     assert b"HTTP/1.1 503 " in answer and b"Location" not in answer
-    assert tries >= 1
+    assert tries == 2 and FullDisk.opened == 2

@@ -21,10 +21,12 @@ import ipaddress
 import logging
 import os
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 
 import httptools
 
+from greenarrow.lib.rotating_log import RotatingLog
 from greenarrow.lib.tracker import answer as answering
 from greenarrow.lib.tracker import spool as spooling
 from greenarrow.lib.tracker.settings import TrackerSettings
@@ -68,9 +70,10 @@ def client_address(peername: object) -> str:
 class TrackerServer:
     """The listeners, the open connections and the batch of replies waiting for the spool."""
 
-    def __init__(self, settings: TrackerSettings, spool) -> None:
+    def __init__(self, settings: TrackerSettings, open_spool: Callable[[], RotatingLog]) -> None:
         self.settings = settings
-        self.spool = spool  # a RotatingLog (greenarrow.lib.tracker.spool.open_spool)
+        self._open_spool = open_spool
+        self.spool: RotatingLog | None = open_spool()
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[HttpConnection] = set()
         self._lines: list[bytes] = []
@@ -116,11 +119,16 @@ class TrackerServer:
         written = True
         if lines:
             try:
+                if self.spool is None:
+                    # Reopened after a failed write: RotatingLog ends a torn last line.
+                    self.spool = self._open_spool()
                 self.spool.write_bytes(b"".join(lines))
             except OSError as e:
                 written = False
-                log.error("cannot write the event spool %s: %s; answering 503 until it can",
-                          self.spool.directory, e)
+                log.error("cannot write the event spool: %s; answering 503 until it can", e)
+                if self.spool is not None:
+                    self.spool.close()
+                    self.spool = None
         for conn, reply, has_event, close in replies:
             if has_event and not written:
                 reply, close = conn.unavailable, True

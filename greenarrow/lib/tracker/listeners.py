@@ -21,7 +21,7 @@ class Tracker:
         self.settings = tracker_settings.load(root)
         if self.settings.timeout < 1:
             raise control.ControlError(f"{root.control / 'tracker.timeout'}: must be 1 or more")
-        self.server = TrackerServer(self.settings, spool.open_spool(root))
+        self.server = TrackerServer(self.settings, lambda: spool.open_spool(root))
         self.sni: tls.SniListener | None = None
 
     async def start(self) -> None:
@@ -63,4 +63,5 @@ class Tracker:
 
     async def close(self) -> None:
         await self.server.close()
-        self.server.spool.close()
+        if self.server.spool is not None:
+            self.server.spool.close()
