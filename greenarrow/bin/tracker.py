@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
@@ -21,6 +22,13 @@ async def _main(stop: asyncio.Event, reload: asyncio.Event) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        prog="python -m greenarrow.bin.tracker",
+        description="Answer SimpleMH's click, open and unsubscribe URLs and record their "
+                    "events in log/events/tracker/ of the install root named by HVMAIL_ROOT. "
+                    "Listens on control/tracker.listen (HTTP) and tracker.tls.listen (HTTPS); "
+                    "SIGHUP re-reads settings, certificates and MPP ranges; SIGTERM stops. "
+                    "Started by hvmail_init; see docs/tracker.md.").parse_args()
     service.setup("tracker")
     try:
         import uvloop
