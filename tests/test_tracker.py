@@ -309,3 +309,22 @@ def test_install_takes_apples_csv_and_refuses_bad_files(tmp_path: Path) -> None:
 def test_mpp_agent_pattern(ua: str, expected: bool) -> None:
     ranges = privacy_open.EgressRanges([ipaddress.ip_network(APPLE_NET)])
     assert privacy_open.is_privacy_open(ranges, "172.224.226.1", ua) is expected
+
+
+def test_spool_rotates_and_never_prunes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder deletes committed spool files; the tracker keeps every one it rotated."""
+    from greenarrow.lib.paths import Root
+    from greenarrow.lib.rotating_log import rotated_files
+    from greenarrow.lib.tracker import spool
+
+    monkeypatch.setattr(spool, "MAX_BYTES", 600)
+    root = Root(tmp_path)
+    log = spool.open_spool(root)
+    sent = []
+    for n in range(60):
+        reply = ask(request("/click?" + data(url=f"https://example.com/{n}")), serial=str(n))
+        log.write_bytes(spool.event_line(reply.event))
+        sent.append(reply.event)
+    log.close()
+    assert len(rotated_files(spool.spool_dir(root))) > 25  # more than RotatingLog's default keep
+    assert spool.read_events(spool.spool_dir(root)) == sent
