@@ -29,9 +29,13 @@ def spool_dir(root: Root) -> Path:
     return root.log / "events" / "tracker"
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps
+# with arguments builds a new encoder on every call
+
+
 def event_line(event: dict[str, Any]) -> bytes:
     """One spool line: the event as compact JSON, UTF-8, newline-terminated."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    return _ENCODER.encode(event).encode("utf-8") + b"\n"
 
 
 def read_events(directory: Path) -> list[dict[str, Any]]:
