@@ -38,7 +38,8 @@ setup(
     description="A GreenArrow-compatible high-volume email delivery engine",
     python_requires=">=3.11",
     packages=find_packages(include=["greenarrow", "greenarrow.*"]),
-    package_data={"greenarrow": ["sql/*.sql", "client/*.c", "lib/feedback/bounce_rules.txt"]},
+    package_data={"greenarrow": ["sql/*.sql", "client/*.c", "lib/feedback/bounce_rules.txt",
+                                 "lib/tracker/*.txt.gz"]},
     ext_modules=cythonize(extensions, language_level=3),
     cmdclass={"build_py": build_py_with_data},
     install_requires=[
@@ -48,6 +49,8 @@ setup(
         "setproctitle>=1.3,<2",
         "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
+        "httptools>=0.6,<1",  # the tracker's HTTP parser (docs/tracker.md: chosen by measurement)
+        "uvloop>=0.19,<1",  # the tracker's event loop
     ],
     extras_require={
         "test": [

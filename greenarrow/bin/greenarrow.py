@@ -63,6 +63,30 @@ def demo_command(root_path: Path, messages: int) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.group("tracker")
+def tracker_command() -> None:
+    """The click, open and unsubscribe tracker (docs/tracker.md)."""
+
+
+@tracker_command.command("refresh-mpp-ranges")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def refresh_mpp_ranges(file: Path) -> None:
+    """Install FILE, Apple's iCloud Private Relay egress ranges (the CSV from
+    https://mask-api.icloud.com/egress-ip-ranges.csv, or one CIDR a line), as the
+    addresses whose opens are flagged is_privacy_open. The running tracker takes
+    them on `greenarrow_config reload`."""
+    from greenarrow.lib.tracker import privacy_open
+
+    root = root_from_env()
+    try:
+        count, target = privacy_open.install(root.var, file)
+    except privacy_open.RangesError as e:
+        click.echo(f"{e}\nnothing installed: the tracker keeps its ranges", err=True)
+        sys.exit(1)
+    click.echo(f"installed {count} ranges in {target}; run `greenarrow_config reload` "
+               "to use them in the running tracker")
+
+
 main.add_command(sink_command)
 main.add_command(queue_command)
 main.add_command(bounce_command)
