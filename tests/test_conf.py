@@ -431,6 +431,7 @@ general {
     events_database_url "postgresql://greenarrow:pw@db1.example.com:5432,db2.example.com/ga"
     postgres_max_connections 80
     postgres_listen 127.0.0.1:5432
+    postgres_bin_dir /usr/lib/postgresql/16/bin
 }
 domain [*.]example.org, *.example.net {
     queue_lifetime 1h

