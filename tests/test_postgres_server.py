@@ -3,6 +3,7 @@ survives restarts and kill -9; an external URL turns it off; no binaries, one li
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -109,6 +110,30 @@ def test_kill_9_is_restarted_and_recovers(engine: Engine) -> None:
     log = (engine.root.service_log("postgres") / "current").read_text()
     assert "supervise: exited with -9" in log
     assert "automatic recovery in progress" in log or "not properly shut down" in log
+
+
+def test_async_connect(engine: Engine) -> None:
+    async def query() -> tuple:
+        conn = await database.aconnect_retrying(database.configured(engine.root))
+        assert conn is not None
+        async with conn:
+            cursor = await conn.execute("SELECT current_database()")
+            return await cursor.fetchone()
+
+    assert asyncio.run(query()) == ("greenarrow",)
+
+
+def test_retrying_gives_up_when_told_to_stop(caplog: pytest.LogCaptureFixture) -> None:
+    db = database.Database(database.EXTERNAL, f"postgresql://u@127.0.0.1:{free_port()}/x")
+
+    async def attempt() -> object:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(1.5, stop.set)
+        return await database.aconnect_retrying(db, stop, connect_timeout=1)
+
+    assert asyncio.run(attempt()) is None
+    failures = [r for r in caplog.records if "database unreachable" in r.getMessage()]
+    assert len(failures) >= 2 and "retrying in 1s" in failures[1].getMessage()
 
 
 # -- an external database ---------------------------------------------------------

@@ -143,7 +143,7 @@ def _kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _failed(db: Database, exc: Exception, retry_in: float | None) -> None:
     _failing[db.conninfo or ""] = True
     reason = " ".join(str(exc).split()) or type(exc).__name__
-    then = f"; retrying in {retry_in:.0f}s" if retry_in is not None else ""
+    then = f"; retrying in {retry_in:g}s" if retry_in is not None else ""
     log.error("database unreachable (%s): %s%s", db.describe(), hide_password(reason), then)
 
 

@@ -311,7 +311,7 @@ def _run(args: list[str], what: str, stdin: str | None = None) -> None:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
         raise PostgresError(f"{what} failed (exit {result.returncode}): "
                             f"{detail[-1] if detail else 'no output'}")
-    if "ERROR" in result.stdout or "ERROR" in result.stderr:
+    if "ERROR:" in result.stdout or "ERROR:" in result.stderr:
         raise PostgresError(f"{what} failed: {(result.stderr or result.stdout).strip()}")
 
 
