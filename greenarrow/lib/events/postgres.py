@@ -193,7 +193,7 @@ def find_binaries(want_version: str | None = None, bin_dir: str | None = None) -
             if binaries.major_version() == want_version:
                 return binaries
         raise PostgresError(
-            f"the cluster in {{data}} was made by PostgreSQL {want_version}, and no "
+            f"the cluster was made by PostgreSQL {want_version}, and no "
             f"PostgreSQL {want_version} server binaries were found (found "
             f"{', '.join(str(b.bindir) for b in found)}): install PostgreSQL {want_version}, "
             f"or upgrade the cluster with pg_upgrade")
@@ -337,7 +337,9 @@ def prepare(root: Root, conf: conflib.Block) -> list[str]:
     try:
         binaries = find_binaries(version, settings.bin_dir)
     except PostgresError as exc:
-        raise PostgresError(str(exc).replace("{data}", str(data_dir(root)))) from None
+        if version is None:
+            raise
+        raise PostgresError(f"{data_dir(root)}: {exc}") from None
     if version is None:
         initdb(root, binaries)
     socket_dir(root).mkdir(mode=0o750, parents=True, exist_ok=True)
