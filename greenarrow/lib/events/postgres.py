@@ -187,9 +187,6 @@ def find_binaries(want_version: str | None = None, bin_dir: str | None = None) -
         raise PostgresError(INSTALL_HINT)
     if want_version:
         for binaries in found:
-            if f"/{want_version}/" in f"{binaries.bindir}/":
-                return binaries
-        for binaries in found:
             if binaries.major_version() == want_version:
                 return binaries
         raise PostgresError(
