@@ -288,3 +288,12 @@ def test_a_cluster_needs_binaries_of_its_version() -> None:
     with pytest.raises(postgres.PostgresError, match="made by PostgreSQL 9.4, and no "
                        "PostgreSQL 9.4 server binaries were found"):
         postgres.find_binaries("9.4")
+
+
+def test_first_start_never_overwrites_a_data_folder(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    postgres.data_dir(root).mkdir(parents=True)
+    (postgres.data_dir(root) / "restore.tar").write_text("operator's")
+    with pytest.raises(postgres.PostgresError, match="exists but holds no cluster"):
+        postgres.prepare(root, conflib.parse(""))
+    assert (postgres.data_dir(root) / "restore.tar").read_text() == "operator's"

@@ -39,6 +39,9 @@ def main(print_command: bool) -> None:
     except (conflib.ConfError, postgres.PostgresError) as exc:
         click.echo(f"postgres_server: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:
+        click.echo(f"postgres_server: cannot set up the database: {exc}", err=True)
+        sys.exit(1)
     if print_command:
         click.echo(" ".join(args))
         return

@@ -338,6 +338,10 @@ def prepare(root: Root, conf: conflib.Block) -> list[str]:
             raise
         raise PostgresError(f"{data_dir(root)}: {exc}") from None
     if version is None:
+        if data_dir(root).exists():
+            # Never initdb over files an operator put there (a restore under way?).
+            raise PostgresError(f"{data_dir(root)} exists but holds no cluster (no PG_VERSION): "
+                                "move it away to let the first start make one")
         initdb(root, binaries)
     socket_dir(root).mkdir(mode=0o750, parents=True, exist_ok=True)
     settings_file = data_dir(root) / SETTINGS_FILE
