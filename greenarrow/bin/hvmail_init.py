@@ -74,7 +74,8 @@ def _describe_database(root: Root, services: list[dict]) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Start, stop and inspect the services of the install root named by HVMAIL_ROOT
-    (default /var/hvmail): the remote delivery workers, queue-send and smtpd."""
+    (default /var/hvmail): the bundled PostgreSQL, the remote delivery workers, queue-send,
+    injectd and smtpd."""
 
 
 @main.command()
