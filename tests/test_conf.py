@@ -428,6 +428,10 @@ FULL = """\
 general {
     system_max_smtp_connections 5000
     queue_lifetime 7d
+    events_database_url "postgresql://greenarrow:pw@db1.example.com:5432,db2.example.com/ga"
+    postgres_max_connections 80
+    postgres_listen 127.0.0.1:5432
+    postgres_bin_dir /usr/lib/postgresql/16/bin
 }
 domain [*.]example.org, *.example.net {
     queue_lifetime 1h
@@ -620,10 +624,10 @@ def test_schema_table_is_consistent() -> None:
 
 
 def test_custom_schema() -> None:
-    extra = (*SCHEMA, conf.directive("postgres_max_connections", "general", conf.INT))
-    root = parse("general { postgres_max_connections 50 }", "t.conf", check=False)
+    extra = (*SCHEMA, conf.directive("made_up_setting", "general", conf.INT))
+    root = parse("general { made_up_setting 50 }", "t.conf", check=False)
     conf.validate(root, extra)
-    with pytest.raises(ConfError, match="unknown directive postgres_max_connections"):
+    with pytest.raises(ConfError, match="unknown directive made_up_setting"):
         conf.validate(root)
 
 

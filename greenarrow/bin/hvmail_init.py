@@ -16,6 +16,8 @@ from greenarrow.lib.core.paths import Root, root_from_env
 from greenarrow.lib.ops import ramdisk, supervisor
 from greenarrow.lib.ops.install_root import init_root
 
+POSTGRES_SERVICE = "postgres"  # its name in init/services
+
 
 def _root() -> Root:
     return root_from_env()
@@ -48,15 +50,33 @@ def print_status(root: Root) -> bool:
         else:
             all_up = False
             click.echo(f"{s['name']}: down, {s['restarts']} restarts")
+    click.echo(_describe_database(root, status["services"]))
     for queue in ramdisk.RAM_QUEUES:
         click.echo(ramdisk.describe(root, queue))
     return all_up
 
 
+def _describe_database(root: Root, services: list[dict]) -> str:
+    from greenarrow.lib.config import conf
+    from greenarrow.lib.events import database, postgres
+
+    try:
+        db = database.configured(root)
+    except conf.ConfError as exc:
+        return f"database: {exc}"
+    if db.kind != database.BUNDLED:
+        return f"database: {db.describe()}"
+    if not any(s["name"] == POSTGRES_SERVICE for s in services):
+        return "database: bundled PostgreSQL, not started"
+    state = "accepting connections" if postgres.ready(root) else "not accepting connections"
+    return f"database: {db.describe()}, {state}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Start, stop and inspect the services of the install root named by HVMAIL_ROOT
-    (default /var/hvmail): the remote delivery workers, queue-send and smtpd."""
+    (default /var/hvmail): the bundled PostgreSQL, the remote delivery workers, queue-send,
+    injectd and smtpd."""
 
 
 @main.command()
@@ -86,12 +106,21 @@ def start(wait_seconds: float) -> None:
         status = supervisor.read_status(root)
         names = status["services"]
         if names and all(supervisor.pid_alive(s["pid"]) for s in names) and \
-                _listeners_ready(root):
+                _listeners_ready(root) and _database_ready(root, names):
             break
         time.sleep(0.05)
     if not print_status(root):
         click.echo("some services did not start: see log/<service>/current", err=True)
         sys.exit(1)
+
+
+def _database_ready(root: Root, services: list[dict]) -> bool:
+    """The bundled PostgreSQL, when it is one of the services, accepts connections."""
+    from greenarrow.lib.events import postgres
+
+    if not any(s["name"] == POSTGRES_SERVICE for s in services):
+        return True
+    return postgres.ready(root)
 
 
 def _listeners_ready(root: Root) -> bool:

@@ -284,6 +284,39 @@ def parse_host_port(text: str, default_port: int = 25) -> tuple[str, int]:
     return host, port
 
 
+DATABASE_NONE = "none"  # events_database_url none: no database at all
+DATABASE_SCHEMES = ("postgresql", "postgres")
+
+
+def parse_database_url(text: str) -> str:
+    """`events_database_url`: a libpq URL `postgresql://[user[:password]@][host][:port]
+    [,host[:port]...][/dbname][?param=value...]`, or `none`.
+
+    Checked here: the scheme, no spaces, each host's port. What libpq alone knows
+    (parameter names, a host that resolves) is its to refuse at connect time.
+    """
+    if text == DATABASE_NONE:
+        return text
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in DATABASE_SCHEMES:
+        raise ValueError(f"expected a postgresql:// URL or none, got {text!r}")
+    if any(ch.isspace() for ch in text):
+        raise ValueError(f"bad database URL {text!r}: spaces must be written %20")
+    netloc = re.split(r"[/?]", rest, maxsplit=1)[0]
+    hosts = netloc.rpartition("@")[2]
+    for host in filter(None, hosts.split(",")):
+        if host.startswith("["):
+            port = host.partition("]")[2].removeprefix(":")
+        else:
+            port = host.partition(":")[2]
+        if port:
+            try:
+                parse_port(port)
+            except ValueError as exc:
+                raise ValueError(f"bad database URL: {exc}") from None
+    return text
+
+
 def parse_name(text: str) -> str:
     """A name such as a mail class: not empty, no surrounding or line-breaking whitespace."""
     if not text or text != text.strip() or any(ch in text for ch in "\r\n"):
@@ -452,6 +485,7 @@ VMTA_NAME = Args("NAME", parse_vmta_name)
 LIMIT = Args("N|N%", parse_limit)
 PERCENT = Args("PERCENT", parse_percent)
 ROUTE = Args("NAME WEIGHT", min=2, max=2, whole=_route_args)
+DATABASE_URL = Args("postgresql://...|none", parse_database_url)
 RANDOMIZATION = one_of("fully_random", "message_constant", "email_address_constant")
 
 
@@ -503,6 +537,11 @@ SCHEMA: tuple[Rule, ...] = (
     directive("default_event_tracking_metadata_storage", "general",
               one_of("local", "stateless", "external")),
     directive("default_virtual_mta", "general", VMTA_NAME),
+    # the database of the events (greenarrow.lib.events.database, .postgres)
+    directive("events_database_url", "general", DATABASE_URL),
+    directive("postgres_max_connections", "general", INT),
+    directive("postgres_listen", "general", HOST_PORT),
+    directive("postgres_bin_dir", "general", STRING),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
     directive("reuse_connections", "domain", YES_NO),

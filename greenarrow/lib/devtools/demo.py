@@ -24,6 +24,11 @@ from greenarrow.lib.devtools.sink import SinkThread
 from greenarrow.lib.ops.install_root import init_root
 
 ROUTE_ALL = """# Written by `greenarrow demo`: every domain goes to the demo's sink.
+# The demo records no events yet: no database (and so none of PostgreSQL's
+# refusal to run as root).
+general {{
+  events_database_url none
+}}
 ip_address * {{
   domain * {{
     smtp_route 127.0.0.1:{port}

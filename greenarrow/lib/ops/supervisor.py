@@ -42,6 +42,7 @@ class Service:
     name: str
     program: str
     args: list[str]
+    stop_signal: int = signal.SIGTERM
     pid: int | None = None
     started: float | None = None
     restarts: int = 0
@@ -65,23 +66,67 @@ def _die_with_parent() -> None:
         pass
 
 
+def _conditions(root: Root) -> dict[str, bool]:
+    """The conditions an `init/services` line may name in `[if NAME]`."""
+    from greenarrow.lib.config import conf
+    from greenarrow.lib.events import database
+
+    try:
+        bundled = database.bundled(root)
+    except conf.ConfError as exc:
+        # The services report the mistake themselves; the database runs as by default.
+        log.error("%s", exc)
+        bundled = True
+    return {"bundled_database": bundled}
+
+
+def _options(text: str, where: str, conditions: dict[str, bool]
+             ) -> tuple[bool, int]:
+    """`if CONDITION, stop SIGNAL` -> (whether the line applies, its stop signal)."""
+    applies, stop_signal = True, signal.SIGTERM
+    for option in filter(None, (o.strip() for o in text.split(","))):
+        key, _, value = option.partition(" ")
+        value = value.strip()
+        if key == "if" and value in conditions:
+            applies = applies and conditions[value]
+        elif key == "stop" and value in signal.Signals.__members__:
+            stop_signal = signal.Signals[value]
+        else:
+            raise ValueError(f"{where}: bad option {option!r}: expected 'if "
+                             f"{'|'.join(conditions)}' or 'stop SIGNAL'")
+    return applies, stop_signal
+
+
 def read_services(root: Root) -> list[Service]:
-    """The services of `init/services`: `name program [args]`; `{worker}` lines
-    are repeated for each remote worker (`control/remote.workers`)."""
+    """The services of `init/services`: `name program [args] [[options]]`; `{worker}`
+    lines are repeated for each remote worker (`control/remote.workers`); options
+    in brackets: `if bundled_database` (start the line only then), `stop SIGINT`
+    (the signal that stops it instead of SIGTERM)."""
     workers = control.read_int(root.control, "remote.workers")
     services = []
+    conditions: dict[str, bool] | None = None
     text = (data_dir("init") / "services").read_text()
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
+        line, bracket, options = line.partition("[")
+        applies, stop_signal = True, signal.SIGTERM
+        if bracket:
+            if not options.endswith("]"):
+                raise ValueError(f"init/services:{number}: missing ']'")
+            conditions = _conditions(root) if conditions is None else conditions
+            applies, stop_signal = _options(options[:-1], f"init/services:{number}",
+                                            conditions)
         words = line.split()
         if len(words) < 2:
             raise ValueError(f"init/services:{number}: expected 'name program [args]'")
+        if not applies:
+            continue
         copies = range(workers) if "{worker}" in line else [None]
         for worker in copies:
             expand = [w.replace("{worker}", str(worker)) for w in words]
-            services.append(Service(expand[0], expand[1], expand[2:]))
+            services.append(Service(expand[0], expand[1], expand[2:], stop_signal))
     return services
 
 
@@ -167,14 +212,15 @@ class Supervisor:
                     pass
 
     async def stop(self) -> None:
-        """SIGTERM in reverse start order, each group waited for; SIGKILL after the grace."""
+        """Each service's stop signal (SIGTERM unless its line says otherwise) in reverse
+        start order, each waited for; SIGKILL after the grace."""
         self.stopping = True
         for service in reversed(self.services):
             proc = service.process
             if proc is None or proc.returncode is not None:
                 continue
             try:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(service.stop_signal)
             except ProcessLookupError:
                 continue
             try:
