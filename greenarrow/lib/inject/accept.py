@@ -89,12 +89,15 @@ class Prepared:
         return self.message if self.simplemh is None else self.simplemh.render(recipient)
 
 
-def mail_classes(root: str | None) -> mail_class.MailClasses:
-    """The install root's Mail Classes (a cheap cached read); a broken greenarrow.conf is temporary."""
+def mail_classes(root: str | None, fast: object = None) -> mail_class.MailClasses:
+    """The install root's Mail Classes (a cheap cached read); a broken greenarrow.conf is temporary.
+
+    `fast` is the compiled SimpleMH module when this process has loaded it.
+    """
     if root is None:
         return mail_class.EMPTY
     try:
-        return mail_class.load(root)
+        return mail_class.load(root, getattr(fast, "file_key", None))
     except mail_class.MailClassConfigError as e:
         raise InjectionError(False, str(e)) from None
 
@@ -110,8 +113,10 @@ def prepare(
     `trace` (a Received field) is put before the first header. `root` is
     the install root whose greenarrow.conf may define Mail Classes.
     """
-    classes = mail_classes(root)
-    fast = sys.modules.get("greenarrow.pyx.simplemh") if classes.classes else None
+    fast = sys.modules.get("greenarrow.pyx.simplemh")  # loaded once this process did SimpleMH
+    classes = mail_classes(root, fast)
+    if not classes.classes:
+        fast = None
     if fast is not None:  # a long-lived injector that has done SimpleMH: the compiled scanner
         found, body_start = fast.split_headers(message)
         headers = [msglib.Header(*h) for h in found]

@@ -40,9 +40,12 @@ This module imports nothing heavy: the parser is imported only to compile.
 from __future__ import annotations
 
 import os
-import sys
 
 from greenarrow.lib.core.paths import SIMPLEMH_CACHE, var_path
+
+TYPE_CHECKING = False  # typing itself costs command-line injection milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 GROUPINGS = (
     "per_instanceid_legacy",
@@ -380,10 +383,12 @@ def _stat_key(st: os.stat_result) -> bytes:
     return f"{st.st_mtime_ns} {st.st_size} {st.st_ino}".encode("ascii")
 
 
-def load(root: str) -> MailClasses:
+def load(root: str, file_key: Callable[[bytes], bytes] | None = None) -> MailClasses:
     """The mail classes of install root `root`, through the cache (see the module docstring).
 
-    Raises MailClassConfigError when greenarrow.conf is wrong and no earlier
+    `file_key` is the compiled stat (greenarrow.pyx.simplemh.file_key) when the
+    caller has it loaded; without it, os.stat gives the same key. Raises
+    MailClassConfigError when greenarrow.conf is wrong and no earlier
     compilation is cached.
     """
     paths = _paths.get(root)
@@ -391,9 +396,8 @@ def load(root: str) -> MailClasses:
         conf = os.path.join(root, "control", "greenarrow.conf")
         paths = _paths[root] = (conf, var_path(root, CACHE_NAME), os.fsencode(conf))
     conf_path, cache_path, conf_bytes = paths
-    fast = sys.modules.get("greenarrow.pyx.simplemh")  # loaded once SimpleMH has run
     try:
-        key = fast.file_key(conf_bytes) if fast is not None else _stat_key(os.stat(conf_path))
+        key = file_key(conf_bytes) if file_key is not None else _stat_key(os.stat(conf_path))
     except FileNotFoundError:
         return EMPTY
     except OSError as e:
