@@ -353,3 +353,51 @@ def test_a_bad_type_stops_the_recorder_with_the_line(tmp_path, bad):
                             capture_output=True, timeout=30)
     assert result.returncode == 111
     assert b"greenarrow.conf:1: record_events: unknown event type 'bogus'" in result.stderr
+
+
+def test_server_id_defaults_to_me(tmp_path, pg_conninfo):
+    root = make_root(tmp_path, pg_conninfo, conf="")
+    rec = recorder(root)
+    assert rec.server_id == "recorder.test"
+
+
+def test_events_status_shows_destinations_and_the_recorder(tmp_path, pg_conninfo):
+    root = make_root(tmp_path, pg_conninfo)
+    with DeliveryLogWriter(root.delivery_log("ram")) as writer:
+        writer.write([record(i) for i in range(10)])
+    with psycopg.connect(pg_conninfo) as conn:
+        schema.migrate(conn)
+        rec = recorder(root)
+        rec.load_positions(conn)
+        drain(rec, conn)
+        with DeliveryLogWriter(root.delivery_log("ram")) as writer:
+            writer.write([record(10)])  # one line not read yet
+        unread = len(format_line(record(10)).encode())
+        with conn.transaction():
+            conn.execute("INSERT INTO event_destinations (name, event_types, cursor, last_error) "
+                         "VALUES ('primary', NULL, 3, 'HTTP 503 from https://example.com/hook'), "
+                         "('opens', ARRAY['engine_open'], 0, NULL)")
+            conn.execute("INSERT INTO event_retries (destination, event_id, due, last_error) "
+                         "SELECT 'primary', id, now(), 'HTTP 503' FROM events ORDER BY id LIMIT 2")
+    env = dict(os.environ, HVMAIL_ROOT=str(root.path))
+    result = subprocess.run([sys.executable, "-m", "greenarrow.bin.greenarrow", "events", "status"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    primary = next(line for line in out if line.startswith("primary"))
+    assert primary.split()[1:3] == ["7", "2"]  # 10 events, cursor 3: 7 waiting; 2 in retry
+    assert "HTTP 503 from https://example.com/hook" in primary
+    assert next(line for line in out if line.startswith("opens")).split()[1:3] == ["0", "0"]
+    assert "Events stored: 10 (delivery_attempt 10)" in result.stdout
+    ram = next(line for line in out if line.startswith("delivery/ram"))
+    assert ram.split()[1:3] == ["10", str(unread)]
+
+
+def test_events_status_without_a_database(tmp_path):
+    root = Root(tmp_path / "hvmail")
+    init_root(root, me="recorder.test")
+    result = subprocess.run([sys.executable, "-m", "greenarrow.bin.greenarrow", "events", "status"],
+                            env=dict(os.environ, HVMAIL_ROOT=str(root.path)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no events database configured" in result.stderr
