@@ -80,3 +80,15 @@ def test_bad_event_is_refused_with_the_field_named(bad):
     event.update(bad)
     with pytest.raises(EventError, match=next(iter(bad)).split("_")[-1]):
         store.row_of(event)
+
+
+def test_events_bench_runs_on_a_tiny_n(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import events_bench
+
+    figures = events_bench.run(300, pg.shared_cluster().conninfo(), say=print)
+    assert set(figures) == {"recorder_rows_per_s", "store_rows_per_s"}
+    assert "rows/s" in capsys.readouterr().out
