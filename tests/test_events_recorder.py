@@ -401,3 +401,61 @@ def test_events_status_without_a_database(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "no events database configured" in result.stderr
+
+
+def test_bad_lines_are_skipped_and_the_rest_recorded(tmp_path, pg_conninfo, caplog):
+    root = make_root(tmp_path, pg_conninfo)
+    good = [make_event("engine_open", 1_700_000_000 + i, "srv", f"o{i}") for i in range(3)]
+    bad = [
+        '{"event_type":"engine_open","event_time":NaN}',
+        '{"event_type":"engine_open","event_time":1,"event_unique_id":"%s","x":"\\ud800"}' % ("a" * 64),
+        json.dumps({**good[0], "event_unique_id": "b" * 64, "event_time": 10**13}),
+        "[1, 2]",
+    ]
+    spool = RotatingLog(spool_root(root) / "tracker")
+    spool.write_bytes(json.dumps(good[0]).encode() + b"\n")
+    for line in bad:
+        spool.write_bytes(line.encode() + b"\n")
+    spool.write_bytes(b"\xff\xfe not utf-8\n")
+    spool.write_bytes((json.dumps(good[1]) + "\n" + json.dumps(good[2]) + "\n").encode())
+    spool.close()
+    with DeliveryLogWriter(root.delivery_log("ram")) as writer:
+        writer.write_bytes(format_line(record(1)).replace("1700000000.001", "inf").encode())
+        writer.write([record(2)])
+    with psycopg.connect(pg_conninfo) as conn:
+        schema.migrate(conn)
+        rec = recorder(root)
+        rec.load_positions(conn)
+        with caplog.at_level(logging.WARNING):
+            drain(rec, conn)
+        ids = {r[0] for r in conn.execute("SELECT event_unique_id FROM events")}
+    assert ids == {e["event_unique_id"] for e in good} | {
+        json.loads(json.dumps(make_event("delivery_attempt", 0, "test-server",
+                                         format_line(record(2)).encode())))["event_unique_id"]}
+    skipped = [r.getMessage() for r in caplog.records if "skipped a line" in r.getMessage()]
+    assert len(skipped) == len(bad) + 2
+
+
+def test_a_row_postgresql_refuses_is_skipped_not_retried_forever(pg_conninfo, caplog):
+    from greenarrow.lib.events import recorder as recorder_module
+    from greenarrow.lib.events.store import EventRow
+
+    rows = [EventRow("c" * 64, "engine_open", 1, '{"ok":1}'),
+            EventRow("d" * 64, "engine_open", 1, '{"torn": '),
+            EventRow("e" * 64, "engine_open", 1, '{"ok":2}')]
+    with psycopg.connect(pg_conninfo) as conn:
+        schema.migrate(conn)
+        with caplog.at_level(logging.ERROR), conn.transaction():
+            recorder_module._insert(conn, "events/test", rows)
+        ids = sorted(r[0] for r in conn.execute("SELECT event_unique_id FROM events"))
+    assert ids == ["c" * 64, "e" * 64]
+    assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_inodes_with_the_top_bit_fit_in_a_bigint():
+    from greenarrow.lib.events import recorder as recorder_module
+
+    for inode in (12, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+        stored = recorder_module._inode_to_db(inode)
+        assert -(1 << 63) <= stored < 1 << 63
+        assert recorder_module._position_from_db(("current", stored, "h", 0)).inode == inode

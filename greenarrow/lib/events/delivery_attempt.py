@@ -9,6 +9,7 @@ fields the log does not carry (`from_address`, `headers`, `message_size`,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from greenarrow.lib.delivery_log import FIELDS as LOG_FIELDS
@@ -41,6 +42,8 @@ def event_of_line(raw: bytes, server_id: str) -> dict[str, Any]:
             fields[name] = _integer(text)
         elif name == "timestamp":
             fields[name] = float(text)
+            if not math.isfinite(fields[name]):
+                raise ValueError(f"delivery log line has a bad timestamp {text!r}")
         else:
             fields[name] = text
     return make_event(EVENT_TYPE, int(fields["timestamp"]), server_id, raw, **fields)

@@ -73,6 +73,38 @@ class Source:
     reader: FolderReader
 
 
+def _inode_to_db(inode: int) -> int:
+    """An inode as a signed 64-bit `bigint` (overlayfs sets the top bit)."""
+    return inode - (1 << 64) if inode >= 1 << 63 else inode
+
+
+def _position_from_db(row: tuple) -> Position:
+    file_name, inode, head, offset = row
+    return Position(file_name, inode + (1 << 64) if inode < 0 else inode, head, offset)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _insert(conn: psycopg.Connection, source: str, rows: list[store.EventRow]) -> None:
+    """Insert a batch; if PostgreSQL refuses a value, insert row by row and skip
+    (loudly) the rows it refuses, so one bad line never stops the recorder."""
+    try:
+        with conn.transaction():  # a savepoint
+            store.insert_rows(conn, rows)
+        return
+    except psycopg.DataError:
+        pass
+    for row in rows:
+        try:
+            with conn.transaction():
+                store.insert_rows(conn, [row])
+        except psycopg.DataError as exc:
+            log.error("%s: skipped event %s that PostgreSQL refused: %s", source,
+                      row.event_unique_id, str(exc).strip())
+
+
 class PositionMoved(Exception):
     """The stored position is not the one this batch was read from."""
 
@@ -143,7 +175,7 @@ class Recorder:
             rows = conn.execute(
                 "SELECT source, file_name, inode, head_sha256, byte_offset FROM event_sources"
             ).fetchall()
-        self.positions = {row[0]: Position(*row[1:]) for row in rows}
+        self.positions = {row[0]: _position_from_db(row[1:]) for row in rows}
 
     # -- one pass
 
@@ -187,9 +219,10 @@ class Recorder:
             try:
                 if source.is_spool:
                     text = raw.decode("utf-8").strip()
-                    event = json.loads(text)
+                    event = json.loads(text, parse_constant=_no_constant)
                     if not isinstance(event, dict):
                         raise EventError("not a JSON object")
+                    store.event_json(event).encode("utf-8")  # a lone surrogate: refused
                     rows.append(store.row_of(event, text))
                 else:
                     rows.append(store.row_of(event_of_line(raw, self.server_id)))
@@ -206,9 +239,9 @@ class Recorder:
             stored = conn.execute(
                 "SELECT file_name, inode, head_sha256, byte_offset FROM event_sources "
                 "WHERE source = %s FOR UPDATE", (name,)).fetchone()
-            if (Position(*stored) if stored else None) != before:
+            if (_position_from_db(stored) if stored else None) != before:
                 raise PositionMoved(name)
-            store.insert_rows(conn, rows)
+            _insert(conn, name, rows)
             conn.execute(
                 "INSERT INTO event_sources AS s (source, file_name, inode, head_sha256, "
                 "byte_offset, lines) VALUES (%s, %s, %s, %s, %s, %s) "
@@ -216,7 +249,8 @@ class Recorder:
                 "inode = excluded.inode, head_sha256 = excluded.head_sha256, "
                 "byte_offset = excluded.byte_offset, lines = s.lines + excluded.lines, "
                 "updated_at = now()",
-                (name, after.file_name, after.inode, after.head_sha256, after.byte_offset, lines),
+                (name, after.file_name, _inode_to_db(after.inode), after.head_sha256,
+                 after.byte_offset, lines),
             )
 
     # -- the service

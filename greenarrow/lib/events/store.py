@@ -26,6 +26,7 @@ import psycopg
 from greenarrow.lib.events.types import EVENT_TYPES, EventError
 
 EVENTS_WRITE_LOCK = 0x6761_6576_7772_6974  # "gaevwrit"
+MAX_EVENT_TIME = 253_402_300_800  # year 10000: beyond it PostgreSQL's timestamptz refuses
 
 
 class EventRow(NamedTuple):
@@ -54,7 +55,8 @@ def row_of(event: Mapping[str, Any], text: str | None = None) -> EventRow:
     if event_type not in EVENT_TYPES:
         raise EventError(f"unknown event type {event_type!r}")
     when = event.get("event_time")
-    if not isinstance(when, int | float) or isinstance(when, bool):
+    if (not isinstance(when, int | float) or isinstance(when, bool)
+            or not 0 <= when < MAX_EVENT_TIME):
         raise EventError(f"event_time must be seconds since the epoch, not {when!r}")
     return EventRow(uid, event_type, int(when), event_json(event) if text is None else text)
 
