@@ -42,7 +42,8 @@ class Cluster:
     """One PostgreSQL server in its own temporary folder."""
 
     def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="greenarrow-pg-"))
+        # The test process id in the name: whose cluster it is, at a glance.
+        self.base = Path(tempfile.mkdtemp(prefix=f"greenarrow-pg-{os.getpid()}-"))
         self.data = self.base / "data"
         self.socket_dir = self.base
         self._as: list[str] = []
