@@ -432,6 +432,8 @@ general {
     postgres_max_connections 80
     postgres_listen 127.0.0.1:5432
     postgres_bin_dir /usr/lib/postgresql/16/bin
+    server_id mta1
+    record_events delivery_attempt, engine_open
 }
 domain [*.]example.org, *.example.net {
     queue_lifetime 1h

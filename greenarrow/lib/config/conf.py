@@ -486,6 +486,9 @@ LIMIT = Args("N|N%", parse_limit)
 PERCENT = Args("PERCENT", parse_percent)
 ROUTE = Args("NAME WEIGHT", min=2, max=2, whole=_route_args)
 DATABASE_URL = Args("postgresql://...|none", parse_database_url)
+# Event type names are checked against greenarrow.lib.events.types by the
+# events services (a higher stage); here only their shape.
+EVENT_TYPE_NAMES = Args("TYPE[, TYPE...]|all", parse_name, max=None)
 RANDOMIZATION = one_of("fully_random", "message_constant", "email_address_constant")
 
 
@@ -542,6 +545,9 @@ SCHEMA: tuple[Rule, ...] = (
     directive("postgres_max_connections", "general", INT),
     directive("postgres_listen", "general", HOST_PORT),
     directive("postgres_bin_dir", "general", STRING),
+    # events: greenarrow.lib.events.settings
+    directive("server_id", "general", STRING),
+    directive("record_events", "general", EVENT_TYPE_NAMES),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
     directive("reuse_connections", "domain", YES_NO),

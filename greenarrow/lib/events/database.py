@@ -113,6 +113,12 @@ def configured(root: Root, conf: conflib.Block | None = None) -> Database:
     return Database(BUNDLED, conninfo)
 
 
+
+def conninfo(root: Root) -> str | None:
+    """The libpq conninfo of the events database of `root`, or None when it has none."""
+    db = configured(root)
+    return None if db.kind == NONE else db.conninfo
+
 # -- connecting ------------------------------------------------------------------
 
 
