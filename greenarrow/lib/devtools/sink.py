@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from greenarrow.lib.local.maildir import Maildir
+from greenarrow.lib.smtp.server import parse_path
 
 __all__ = ["Counters", "Sink", "SinkOptions", "SinkThread", "serve"]
 
@@ -118,16 +119,10 @@ _R_503_MAIL = b"503 5.5.1 MAIL first\r\n"
 _R_503_RCPT = b"503 5.5.1 RCPT first\r\n"
 
 
-def _address(arg: bytes, keyword: bytes) -> bytes | None:
+def _address(arg: bytes, keyword: str) -> bytes | None:
     """The path of `MAIL FROM:<a> PARAMS` / `RCPT TO:<a>`; None when malformed."""
-    arg = arg.lstrip()
-    if arg[: len(keyword)].upper() != keyword:
-        return None
-    arg = arg[len(keyword) :].lstrip()
-    if arg.startswith(b"<"):
-        end = arg.find(b">")
-        return None if end < 0 else arg[1:end]
-    return arg.split(None, 1)[0] if arg else None
+    parsed = parse_path(arg.decode("latin-1").lstrip(), keyword)
+    return None if parsed is None else parsed[0].encode("latin-1")
 
 
 class _Session(asyncio.Protocol):
@@ -215,7 +210,7 @@ class _Session(asyncio.Protocol):
             if self.sender is not None:
                 out.append(_R_503_NESTED)
                 return
-            sender = _address(line[4:], b"FROM:")
+            sender = _address(line[4:], "FROM:")
             if sender is None:
                 out.append(_R_501_MAIL)
                 return
@@ -225,7 +220,7 @@ class _Session(asyncio.Protocol):
             if self.sender is None:
                 out.append(_R_503_MAIL)
                 return
-            rcpt = _address(line[4:], b"TO:")
+            rcpt = _address(line[4:], "TO:")
             if not rcpt:
                 out.append(_R_501_RCPT)
                 return

@@ -80,8 +80,11 @@ class SessionPolicy:
         return "250 ok"
 
 
-def _address(arg: str, keyword: str) -> tuple[str, list[str]] | None:
-    """`FROM:<a@b> SIZE=10` -> ("a@b", ["SIZE=10"]); None if it does not parse."""
+def parse_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
+    """`FROM:<a@b> SIZE=10` -> ("a@b", ["SIZE=10"]); None if it does not parse.
+
+    The one reader of MAIL and RCPT arguments (smtpd and the counting sink).
+    """
     if arg[:len(keyword)].upper() != keyword:
         return None
     rest = arg[len(keyword):].strip()
@@ -300,7 +303,7 @@ class SmtpSession(asyncio.Protocol):
             return "503 5.5.1 send HELO or EHLO first"
         if self.transaction is not None:
             return "503 5.5.1 nested MAIL command"
-        parsed = _address(arg, "FROM:")
+        parsed = parse_path(arg, "FROM:")
         if parsed is None:
             return "501 5.5.4 syntax: MAIL FROM:<address>"
         address, params = parsed
@@ -328,7 +331,7 @@ class SmtpSession(asyncio.Protocol):
     def smtp_RCPT(self, arg: str) -> str:
         if self.transaction is None:
             return "503 5.5.1 need MAIL before RCPT"
-        parsed = _address(arg, "TO:")
+        parsed = parse_path(arg, "TO:")
         if parsed is None or not parsed[0]:
             return "501 5.5.4 syntax: RCPT TO:<address>"
         if len(self.transaction.recipients) >= MAX_RECIPIENTS:
