@@ -5,20 +5,30 @@ files a test needs (loopback ports, fast timeouts), starts the real services
 with `hvmail_init start` as a subprocess and stops them with `hvmail_init
 stop`, checking that no process is left behind. Tests inject through the
 real `bin/sendmail` script and over SMTP, and read the delivery log.
+
+As root (here and in CI) the services run as the engine's users
+(greenarrow.lib.core.users), which may not pass pytest's 0700 folders: the
+install root is then made in a folder of its own under /tmp that they may
+reach, `tmp_path / "hvmail"` is a symlink to it, and it is removed with the
+Engine.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 from greenarrow.lib import control, delivery_log, supervisor
+from greenarrow.lib.core import users
 from greenarrow.lib.install_root import init_root
 from greenarrow.lib.paths import Root
 
@@ -27,6 +37,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def reachable_root(tmp_path: Path, owner: object) -> Path:
+    """The install root's path for a test: `tmp_path / "hvmail"`, or, as root, a
+    folder the engine's users can reach (removed when `owner` is collected)."""
+    link = tmp_path / "hvmail"
+    if not users.separated():
+        return link
+    if link.is_symlink():  # a second Engine on the same root
+        return link.resolve()
+    outer = Path(tempfile.mkdtemp(prefix="ga-engine-"))
+    outer.chmod(0o755)
+    weakref.finalize(owner, shutil.rmtree, outer, True)
+    link.symlink_to(outer / "hvmail")
+    return outer / "hvmail"
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
@@ -43,7 +68,7 @@ class Engine:
 
     def __init__(self, tmp_path: Path, conf: str = "", workers: int = 1,
                  controls: dict[str, object] | None = None) -> None:
-        self.root = Root(tmp_path / "hvmail")
+        self.root = Root(reachable_root(tmp_path, self))
         init_root(self.root, me="engine.test")
         self.smtp_port = free_port()
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root.path))

@@ -29,6 +29,7 @@ from smtp_receivers import Receiver
 
 from greenarrow.lib import control, dkim_signing
 from greenarrow.lib.control import ControlError
+from greenarrow.lib.core import users
 from greenarrow.lib.dkim_signing import (
     DkimKeys,
     DkimSigner,
@@ -88,6 +89,7 @@ def put_key(control_dir: Path, domain: str, selector: str, data: bytes) -> Path:
     path = control_dir / "dkim" / domain / f"{selector}.pem"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    users.restrict(path)  # a key other users may read is refused
     return path
 
 

@@ -12,12 +12,31 @@ import time
 import click
 
 from greenarrow.lib import ramdisk, service, supervisor
-from greenarrow.lib.install_root import init_root
+from greenarrow.lib.core import users
+from greenarrow.lib.install_root import init_root, privilege_problems
 from greenarrow.lib.paths import Root, root_from_env
 
 
 def _root() -> Root:
     return root_from_env()
+
+
+def _prepare(root: Root) -> None:
+    """Create or complete the root; as root, exit 1 when the engine's users could not
+    run the services (a folder on the way to Python or the root that they may not pass)."""
+    try:
+        init_root(root)
+        problems = privilege_problems(root)
+    except users.UsersError as e:
+        click.echo(f"hvmail_init: {e}", err=True)
+        sys.exit(1)
+    for problem in problems:
+        click.echo(f"hvmail_init: {problem}", err=True)
+    if problems:
+        click.echo(f"hvmail_init: the services run as {', '.join(users.USERS)} (group "
+                   f"{users.GROUP}) when started as root; let them pass (chmod o+x FOLDER) "
+                   "or install the engine and its root elsewhere", err=True)
+        sys.exit(1)
 
 
 def _format_uptime(seconds: float) -> str:
@@ -64,7 +83,7 @@ def main() -> None:
 def start(wait_seconds: float) -> None:
     """Start the supervisor and every service (creating the install root if needed)."""
     root = _root()
-    init_root(root)
+    _prepare(root)
     if supervisor.supervisor_pid(root):
         click.echo("already running")
         print_status(root)
@@ -163,9 +182,11 @@ def run() -> None:
     """Run the supervisor in the foreground (what `start` runs in the background;
     systemd's unit runs this)."""
     root = _root()
-    init_root(root)
+    _prepare(root)
     for line in ramdisk.setup(root):
         print(line, flush=True)
+    if users.separated():
+        os.umask(0o027)  # its own files (service logs, pid files) are root's alone
     service.setup("supervise")
     asyncio.run(supervisor.Supervisor(root).run())
 

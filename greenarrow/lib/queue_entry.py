@@ -156,7 +156,8 @@ def ensure_queue_dirs(queue_dir: str | os.PathLike) -> None:
 
 
 def _write_file(path: str, chunks: list[bytes], durable: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Group-readable: the queue-sends and remote workers read what smtpd writes (core.users).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         total = sum(len(c) for c in chunks)
         written = os.writev(fd, chunks)

@@ -15,6 +15,7 @@ import os
 import subprocess
 
 from greenarrow.lib import control, queue_entry
+from greenarrow.lib.install_root import own_queue
 from greenarrow.lib.paths import Root
 
 RAM_QUEUES = ("ram", "bounce")
@@ -61,5 +62,6 @@ def setup(root: Root) -> list[str]:
             done.append(f"{queue}-queue: mount failed: {result.stderr.strip()}")
             continue
         queue_entry.ensure_queue_dirs(path)
+        own_queue(root, queue)  # a new tmpfs is root's, mode 1777: the queue owner's again
         done.append(f"{queue}-queue: tmpfs {options}")
     return done

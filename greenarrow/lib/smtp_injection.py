@@ -24,6 +24,7 @@ from pathlib import Path
 
 from greenarrow.lib import control, injection, queue_entry, tcprules
 from greenarrow.lib import message as msglib
+from greenarrow.lib.core import listen_sockets
 from greenarrow.lib.paths import Root
 from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession, Transaction
 
@@ -171,7 +172,12 @@ class SmtpServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for host, port in control.read(self.root.control, "smtp.listen"):
+        passed = listen_sockets.inherited()  # bound by a root supervisor: we never bind then
+        for sock in passed or []:
+            self.servers.append(await loop.create_server(self._factory, sock=sock))
+            log.info("listening on %s:%d (socket from the supervisor)", *sock.getsockname()[:2])
+        addresses = [] if passed is not None else control.read(self.root.control, "smtp.listen")
+        for host, port in addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             server = await loop.create_server(
                 self._factory, host=host, port=port, family=family, reuse_address=True
