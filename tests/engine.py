@@ -9,12 +9,12 @@ real `bin/sendmail` script and over SMTP, and read the delivery log.
 As root (here and in CI) the services run as the engine's users
 (greenarrow.lib.core.users), which may not pass pytest's 0700 folders: the
 install root is then made in a folder of its own under /tmp that they may
-reach, `tmp_path / "hvmail"` is a symlink to it, and it is removed with the
-Engine.
+reach (`reachable_tmp`), removed when the tests end.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,19 +38,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def reachable_root(tmp_path: Path, owner: object) -> Path:
-    """The install root's path for a test: `tmp_path / "hvmail"`, or, as root, a
-    folder the engine's users can reach (removed when `owner` is collected)."""
-    link = tmp_path / "hvmail"
+def reachable_tmp(tmp_path: Path, name: str = "reachable") -> Path:
+    """`tmp_path / name`, a folder for an install root; as root, a symlink to a
+    folder under /tmp that the engine's users may reach (removed at exit)."""
+    link = tmp_path / name
     if not users.separated():
+        link.mkdir(exist_ok=True)
         return link
-    if link.is_symlink():  # a second Engine on the same root
+    if link.is_symlink():  # asked again for the same test
         return link.resolve()
-    outer = Path(tempfile.mkdtemp(prefix="ga-engine-"))
+    outer = Path(tempfile.mkdtemp(prefix="ga-test-"))
     outer.chmod(0o755)
-    weakref.finalize(owner, shutil.rmtree, outer, True)
-    link.symlink_to(outer / "hvmail")
-    return outer / "hvmail"
+    atexit.register(shutil.rmtree, outer, True)
+    link.symlink_to(outer)
+    return outer
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
@@ -68,7 +68,7 @@ class Engine:
 
     def __init__(self, tmp_path: Path, conf: str = "", workers: int = 1,
                  controls: dict[str, object] | None = None) -> None:
-        self.root = Root(reachable_root(tmp_path, self))
+        self.root = Root(reachable_tmp(tmp_path, "engine") / "hvmail")
         init_root(self.root, me="engine.test")
         self.smtp_port = free_port()
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root.path))

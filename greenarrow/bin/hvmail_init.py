@@ -93,7 +93,7 @@ def start(wait_seconds: float) -> None:
     (root.var / supervisor.STATUS_FILE).unlink(missing_ok=True)
     logdir = root.service_log("supervise")
     logdir.mkdir(parents=True, exist_ok=True)
-    with open(logdir / "current", "ab") as out:
+    with open(logdir / "current", "ab", opener=_private) as out:
         subprocess.Popen(
             [sys.executable, "-P", "-m", "greenarrow.bin.hvmail_init", "run"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
@@ -110,6 +110,10 @@ def start(wait_seconds: float) -> None:
     if not print_status(root):
         click.echo("some services did not start: see log/<service>/current", err=True)
         sys.exit(1)
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o640)  # the supervisor's log: not for every local user
 
 
 def _listeners_ready(root: Root) -> bool:
