@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from engine import Engine, free_port, route_conf, wait_until
+from engine import Engine, free_port, reachable_tmp, route_conf, wait_until
 from smtp_receivers import Receiver
 
 from greenarrow.lib import control, secret_constants, supervisor
@@ -241,6 +241,50 @@ def test_init_creates_the_users_once(tmp_path):
         assert entry.pw_uid < 1000  # a system account
     created = init_root(root, me="engine.test")
     assert not [c for c in created if c.startswith(("user ", "group "))]
+
+    # a file only root may read in control/ (a TLS key, umask 027) becomes the group's
+    secret = root.control / "tls" / "key.pem"
+    secret.parent.mkdir()
+    secret.write_bytes(b"key\n")
+    secret.chmod(0o600)
+    init_root(root, me="engine.test")
+    st = secret.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, grp.getgrnam(users.GROUP).gr_gid)
+
+
+@needs_root
+def test_an_engine_started_by_another_user_runs_as_that_user(tmp_path):
+    """Not root (here: nobody): init changes no owner, every service runs as that
+    user, smtpd binds its own (unprivileged) port, as before privilege separation."""
+    nobody = pwd.getpwnam("nobody")
+    home = reachable_tmp(tmp_path)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    port = free_port()
+    env = dict(os.environ, HVMAIL_ROOT=str(home / "hvmail"), HOME="/", USER="nobody")
+    as_nobody = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": [],
+                 "env": env, "capture_output": True, "text": True, "timeout": 120}
+    code = (f"from greenarrow.lib import control; from greenarrow.lib.paths import Root;"
+            f"from greenarrow.lib.install_root import init_root; r = Root({str(home / 'hvmail')!r});"
+            f"init_root(r, me='engine.test');"
+            f"control.write(r.control, 'smtp.listen', ['127.0.0.1:{port}']);"
+            f"control.write(r.control, 'dns.servers', ['127.0.0.1:9'])")
+    made = subprocess.run([sys.executable, "-c", code], **as_nobody)
+    assert made.returncode == 0, made.stderr
+    root = Root(home / "hvmail")
+    for path in (root.var, root.queue("ram") / "entries", root.control / "secret_constants"):
+        assert path.stat().st_uid == nobody.pw_uid
+    assert stat.S_IMODE((root.control / "secret_constants").stat().st_mode) == 0o600
+    hvmail_init = [sys.executable, "-m", "greenarrow.bin.hvmail_init"]
+    started = subprocess.run([*hvmail_init, "start"], **as_nobody)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        pids = [*supervisor.service_pids(root).values(), supervisor.supervisor_pid(root)]
+        assert {user for user, _ in ps(pids).values()} == {"nobody"}
+        log = (root.service_log("smtpd") / "current").read_text()
+        assert f"listening on 127.0.0.1:{port}" in log and "from the supervisor" not in log
+    finally:
+        stopped = subprocess.run([*hvmail_init, "stop"], **as_nobody)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 # -- secrets readable by others are refused (any user) ------------------------

@@ -173,11 +173,13 @@ def set_ownership(root: Root) -> None:
     for secret in (root.control / "greenarrow.conf", secret_constants.path(root.control)):
         if secret.exists():
             _own(secret, secret.stat().st_uid, gid, 0o640)
-    # A DKIM key only root may read gets the engine group's read, for the remote workers.
-    for key in root.control.glob("dkim/*/*.pem"):
-        st = key.stat()
-        if st.st_gid == 0 and not st.st_mode & 0o077:
-            _own(key, st.st_uid, gid, 0o640)
+    # Every service reads control files: what only root's group may read there (a
+    # DKIM key, smtpd's TLS key, files made under umask 027) gets the engine group's read.
+    for path in root.control.rglob("*"):
+        st = path.lstat()
+        if st.st_gid == 0 and not stat.S_ISLNK(st.st_mode):
+            add = 0o050 if stat.S_ISDIR(st.st_mode) else 0o040
+            _own(path, st.st_uid, gid, stat.S_IMODE(st.st_mode) | add)
     for q in QUEUES:
         own_queue(root, q)
     _own(root.delivery_log("ram").parent, owner.uid, gid, 0o2750)
