@@ -142,6 +142,31 @@ def test_services_run_as_their_users_and_smtpd_listens_on_a_socket_it_was_given(
 
 
 @needs_root
+def test_supervisor_retries_a_listen_address_in_use(tmp_path):
+    """The supervisor binds smtpd's port: while another process holds it, smtpd's log
+    says so and the supervisor tries again; once it is free smtpd comes up on it."""
+    port = free_privileged_port()
+    squatter = socket.create_server(("127.0.0.1", port))
+    engine = Engine(tmp_path, controls={"smtp.listen": [f"127.0.0.1:{port}"]})
+    log = engine.root.service_log("smtpd") / "current"
+    try:
+        result = engine.program("hvmail_init", "start", "--wait", "3")
+        engine.started = True
+        assert result.returncode == 1 and b"smtpd: down" in result.stdout
+        wait_until(lambda: log.exists() and "cannot listen on" in log.read_text(), 30,
+                   "the supervisor's complaint in smtpd's log")
+        assert f"supervise: cannot listen on 127.0.0.1:{port}: " in log.read_text()
+        squatter.close()
+        wait_until(lambda: "socket from the supervisor" in log.read_text(), 60,
+                   "smtpd listening once the port is free")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            assert smtp.ehlo()[0] == 250
+    finally:
+        squatter.close()
+        engine.stop()
+
+
+@needs_root
 def test_file_owners_and_modes(tmp_path):
     """What each user may read and write (docs/operations.md section 4b): the queues are
     gaqueue's with the engine group, the ram-queue's commit folders group-writable; an
@@ -197,14 +222,20 @@ def test_a_world_readable_dkim_key_stops_the_workers_with_the_fix(tmp_path):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     key.chmod(0o644)
-    result = engine.program("hvmail_init", "start", "--wait", "5")
+    engine.program("hvmail_init", "start", "--wait", "5")  # may see the workers up a moment
     engine.started = True
     try:
-        assert result.returncode == 1
         log = engine.root.service_log("remote-0") / "current"
         wait_until(lambda: log.exists() and "readable by every local user" in log.read_text(),
                    30, "the refusal in the worker's log")
+        assert f"{key}: readable by every local user (mode 0644)" in log.read_text()
         assert f"chgrp greenarrow {key} && chmod 640 {key}" in log.read_text()
+
+        def restarts() -> int:
+            status = supervisor.read_status(engine.root)["services"]
+            return next(s["restarts"] for s in status if s["name"] == "remote-0")
+
+        wait_until(lambda: restarts() >= 1, 30, "the worker exiting on the refused key")
     finally:
         engine.stop()
 

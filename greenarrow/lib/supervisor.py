@@ -109,7 +109,8 @@ class Supervisor:
 
         Root-started: its user, the engine group alone, umask 007, HOME and
         USER of that user; smtpd gets the `smtp.listen` sockets (bound here,
-        as root) instead of binding. OSError when a socket cannot be bound.
+        as root) instead of binding. OSError when a socket cannot be bound,
+        ControlError for a bad `smtp.listen`.
         """
         env = dict(os.environ, HVMAIL_ROOT=str(self.root.path), PYTHONUNBUFFERED="1")
         if not self.accounts:
@@ -146,10 +147,11 @@ class Supervisor:
                 started = time.monotonic()
                 try:
                     options = self.spawn_options(service)
-                except OSError as e:
-                    log.error("%s: %s; trying again in %.0fs", service.name, e.strerror,
+                except (OSError, control.ControlError) as e:
+                    reason = getattr(e, "strerror", None) or str(e)
+                    log.error("%s: %s; trying again in %.0fs", service.name, reason,
                               service.backoff)
-                    writer.write_bytes(f"supervise: {e.strerror}; trying again in "
+                    writer.write_bytes(f"supervise: {reason}; trying again in "
                                        f"{service.backoff:.0f}s\n".encode())
                     await asyncio.sleep(service.backoff)
                     service.backoff = min(service.backoff * 2, MAX_BACKOFF)
