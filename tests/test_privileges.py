@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from engine import Engine, free_port, reachable_tmp, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import control, secret_constants, supervisor
+from greenarrow.lib import control, ramdisk, secret_constants, supervisor
 from greenarrow.lib.core import users
 from greenarrow.lib.dkim_signing import DkimKeys
 from greenarrow.lib.install_root import init_root
@@ -361,3 +361,30 @@ def test_secrets_readable_by_another_group_are_refused(tmp_path):
     key.chmod(0o604)
     with pytest.raises(control.ControlError, match="readable by every local user"):
         DkimKeys.from_control(tmp_path)
+
+
+@needs_root
+def test_a_tmpfs_ram_queue_belongs_to_the_queue_owner(tmp_path):
+    """A fresh tmpfs is root's with mode 1777 (sticky: queue-send could not remove what
+    smtpd wrote): once mounted it is given the queue's owner and modes, and mail
+    committed into it by smtpd is delivered."""
+    with Receiver("127.0.0.1") as rx:
+        engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}),
+                        controls={"queue.ram.ramdisk.size": 16})
+        ram = engine.root.queue("ram")
+        try:
+            # what `hvmail_init run` does after init (systemd's way): mount, then nothing
+            assert ramdisk.setup(engine.root) == ["ram-queue: tmpfs size=16m,noexec,nosuid"]
+            assert os.path.ismount(ram)
+            st = ram.stat()
+            assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == (
+                "gaqueue", 0o2750)
+            assert stat.S_IMODE((ram / "entries").stat().st_mode) == 0o2770
+            with engine:
+                with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+                    smtp.sendmail("a@origin.test", ["u@dest.test"], MESSAGE)
+                wait_until(lambda: rx.messages, 60, "the message at the receiver")
+                wait_until(lambda: not engine.queued("ram"), 30, "an empty ram-queue")
+        finally:
+            if os.path.ismount(ram):
+                subprocess.run(["umount", str(ram)], check=False)
