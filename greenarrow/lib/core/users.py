@@ -21,9 +21,9 @@ says which files each user may read and write.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from dataclasses import dataclass
+
+# Only os at import time: secret_constants imports this module on command-line
+# injection's path when it checks who may read the constants.
 
 GROUP = "greenarrow"
 QUEUE_USER = "gaqueue"
@@ -54,13 +54,17 @@ class UsersError(Exception):
     pass
 
 
-@dataclass(frozen=True)
 class Account:
-    """A service user as the kernel knows it."""
+    """A service user as the kernel knows it: name, uid, and gid, the engine group
+    (the only group a service keeps)."""
 
-    name: str
-    uid: int
-    gid: int  # the engine group, the only group a service keeps
+    __slots__ = ("name", "uid", "gid")
+
+    def __init__(self, name: str, uid: int, gid: int) -> None:
+        self.name, self.uid, self.gid = name, uid, gid
+
+    def __repr__(self) -> str:
+        return f"Account({self.name!r}, {self.uid}, {self.gid})"
 
 
 def separated() -> bool:
@@ -98,6 +102,8 @@ def account(name: str) -> Account:
 
 
 def _nologin() -> str:
+    import shutil
+
     for shell in ("nologin", "false"):
         found = shutil.which(shell, path="/usr/sbin:/sbin:/usr/bin:/bin")
         if found:
@@ -107,6 +113,8 @@ def _nologin() -> str:
 
 def _run(command: list[str], exists_code: int) -> None:
     """Run groupadd/useradd; `exists_code` (a concurrent creation) counts as done."""
+    import subprocess
+
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
