@@ -388,3 +388,34 @@ def test_a_tmpfs_ram_queue_belongs_to_the_queue_owner(tmp_path):
         finally:
             if os.path.ismount(ram):
                 subprocess.run(["umount", str(ram)], check=False)
+
+
+def test_listening_sockets_are_inherited_by_number():
+    """What the supervisor does for smtpd, in miniature: bind, pass the descriptors to
+    a child named in GREENARROW_LISTEN_FDS; the child accepts on them without binding."""
+    from greenarrow.lib.core import listen_sockets
+
+    socks = listen_sockets.bind([("127.0.0.1", 0)])
+    port = socks[0].getsockname()[1]
+    child = ("import socket; from greenarrow.lib.core import listen_sockets as l;"
+             "(s,) = l.inherited(); s.setblocking(True); c, _ = s.accept();"
+             "c.sendall(str(s.getsockname()[1]).encode()); c.close()")
+    env = dict(os.environ, **{listen_sockets.ENV: listen_sockets.env_value(socks)})
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env,
+                            pass_fds=[s.fileno() for s in socks])
+    try:
+        for sock in socks:
+            sock.close()  # the child's copy stays open
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.settimeout(30)
+            assert c.recv(100) == str(port).encode()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    with busy, pytest.raises(OSError) as e:
+        listen_sockets.bind([("127.0.0.1", port)])
+    assert e.value.strerror == f"cannot listen on 127.0.0.1:{port}: Address already in use"

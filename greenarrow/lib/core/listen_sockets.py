@@ -27,7 +27,8 @@ def bind(addresses: list[tuple[str, int]]) -> list[socket.socket]:
             try:
                 sock = socket.create_server((host, port), family=family, backlog=100)
             except OSError as e:
-                raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+                reason = os.strerror(e.errno) if e.errno else str(e)
+                raise OSError(e.errno, f"cannot listen on {host}:{port}: {reason}") from None
             sock.set_inheritable(True)
             sockets.append(sock)
     except OSError:
@@ -48,7 +49,7 @@ def inherited(environ: dict[str, str] | os._Environ[str] | None = None) -> list[
     if value is None:
         return None
     sockets = []
-    for word in value.split(","):
+    for word in filter(None, value.split(",")):  # empty: smtp.listen names no address
         sock = socket.socket(fileno=int(word))
         sock.setblocking(False)
         sockets.append(sock)
