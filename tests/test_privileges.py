@@ -419,3 +419,35 @@ def test_listening_sockets_are_inherited_by_number():
     with busy, pytest.raises(OSError) as e:
         listen_sockets.bind([("127.0.0.1", port)])
     assert e.value.strerror == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+SIMPLEMH_CLASS = """
+mail_class news {
+    track_clicks_and_opens yes
+    url_domain https://links.example.com
+    bounce_address bounce@bounces.example.com
+}
+"""
+
+
+@needs_root
+def test_smtpd_refuses_world_readable_secret_constants_and_uses_tight_ones(tmp_path):
+    """SimpleMH in smtpd (as gasmtpd) reads the constants through the engine group;
+    made readable by every user they are refused with a 451 naming the file and the
+    fix, and taken once tight again."""
+    with Receiver("127.0.0.1") as rx:
+        engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}) + SIMPLEMH_CLASS)
+        path = secret_constants.path(engine.root.control)
+        message = MESSAGE.replace(b"Subject:", b"X-GreenArrow-MailClass: news\r\nSubject:")
+        with engine, smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+            path.chmod(0o644)  # after start: `hvmail_init start` (init) would tighten it
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                smtp.sendmail("a@origin.test", ["u1@dest.test"], message)
+            assert e.value.smtp_code == 451
+            assert f"{path}: readable by every local user (mode 0644)" in e.value.smtp_error.decode()
+            assert b"chmod 640" in e.value.smtp_error
+            smtp.rset()
+            users.restrict(path)  # root:greenarrow 0640, what greenarrow init makes
+            smtp.sendmail("a@origin.test", ["u2@dest.test"], message)
+            wait_until(lambda: rx.messages, 60, "the SimpleMH message at the receiver")
+            assert rx.messages[0].sender.endswith("@bounces.example.com")
