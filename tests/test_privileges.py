@@ -451,3 +451,28 @@ def test_smtpd_refuses_world_readable_secret_constants_and_uses_tight_ones(tmp_p
             smtp.sendmail("a@origin.test", ["u2@dest.test"], message)
             wait_until(lambda: rx.messages, 60, "the SimpleMH message at the receiver")
             assert rx.messages[0].sender.endswith("@bounces.example.com")
+
+
+@needs_root
+def test_init_converts_a_root_made_before_privilege_separation(tmp_path):
+    """A root whose queues, delivery logs and var/ are root's (an engine run as root
+    before): the next init as root hands them and their files to gaqueue."""
+    root = Root(tmp_path / "hvmail")
+    init_root(root, me="engine.test")
+    entry = root.queue("disk") / "entries" / "old-0.1.0"
+    log = root.delivery_log("disk") / "current"
+    count = root.var / "queue.disk.count"
+    for folder in (root.queue("disk"), root.queue("disk") / "entries", root.delivery_log("disk"),
+                   root.var):
+        os.chown(folder, 0, 0)
+        folder.chmod(0o755)
+    for path in (entry, log, count):
+        path.write_bytes(b"x\n")
+        os.chown(path, 0, 0)
+        path.chmod(0o600)
+    init_root(root, me="engine.test")
+    owner = users.account(users.QUEUE_USER)
+    for path in (entry, log, count):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (owner.uid, owner.gid, 0o640)
+    assert stat.S_IMODE(root.queue("disk").stat().st_mode) == 0o2750
