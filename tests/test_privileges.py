@@ -195,7 +195,7 @@ def test_file_owners_and_modes(tmp_path):
         assert mode_owner(root.queue("ram") / "tmp") == (0o2770, "gaqueue", "greenarrow")
         assert mode_owner(root.queue("ram") / "entries") == (0o2770, "gaqueue", "greenarrow")
         assert mode_owner(root.queue("disk") / "entries") == (0o2750, "gaqueue", "greenarrow")
-        assert mode_owner(root.var) == (0o2771, "gaqueue", "greenarrow")
+        assert mode_owner(root.var) == (0o3771, "gaqueue", "greenarrow")
         assert mode_owner(root.trigger("ram")) == (0o620, "gaqueue", "greenarrow")
         assert mode_owner(root.control / "greenarrow.conf")[0] == 0o640
         assert mode_owner(root.control / "greenarrow.conf")[2] == "greenarrow"
@@ -208,6 +208,30 @@ def test_file_owners_and_modes(tmp_path):
         sock = root.remote_socket(0)
         assert mode_owner(sock)[1:] == ("garemote", "greenarrow")
         assert not mode_owner(sock)[0] & 0o007  # only the engine may talk to a worker
+        count = root.var / "queue.ram.count"
+        assert mode_owner(count) == (0o640, "gaqueue", "greenarrow")  # smtpd reads it
+
+        # as smtpd's user: the count and the entries are read-only, and var/ is sticky,
+        # so smtpd cannot put a socket of its own in place of another service's
+        smtpd = users.account(users.SMTPD_USER)
+        probe = ("import os, sys\n"
+                 "def denied(f):\n"
+                 "    try:\n"
+                 "        f()\n"
+                 "    except PermissionError:\n"
+                 "        return True\n"
+                 "    return False\n"
+                 "var = sys.argv[1]\n"
+                 "print(open(os.path.join(var, 'queue.ram.count')).read().strip(),\n"
+                 "      denied(lambda: open(os.path.join(var, 'queue.ram.count'), 'w')),\n"
+                 "      denied(lambda: os.unlink(os.path.join(var, 'inject.sock'))),\n"
+                 "      denied(lambda: os.unlink(os.path.join(var, 'remote.0.sock'))),\n"
+                 "      denied(lambda: open(sys.argv[2]).read()))\n")
+        result = subprocess.run(
+            [sys.executable, "-c", probe, str(root.var), str(root.control / "greenarrow.conf")],
+            user=smtpd.uid, group=smtpd.gid, extra_groups=[smtpd.gid], capture_output=True,
+            text=True, timeout=60, env=dict(os.environ, HOME="/"))
+        assert result.stdout.split() == ["0", "True", "True", "True", "False"], result.stderr
         assert queue_owner.gid == gid
 
 

@@ -186,10 +186,17 @@ def set_ownership(root: Root) -> None:
     for q in QUEUES:
         if _own(root.delivery_log(q), owner.uid, gid, 0o2750):
             _own_files(root.delivery_log(q), owner.uid, gid)
-    # var/: the queue owner's; the workers make their sockets here (group);
+    # var/: the queue owner's; the workers make their sockets here (group write);
+    # sticky, so that no service removes or replaces another's socket or file;
     # every user may reach var/inject.sock (search, no listing).
-    if _own(root.var, owner.uid, gid, 0o2771):
-        _own_files(root.var, owner.uid, gid)
+    if _own(root.var, owner.uid, gid, 0o3771):
+        remote = users.account(users.REMOTE_USER)
+        for entry in os.scandir(root.var):
+            if entry.name.startswith(("remote.", "throttle.")):  # the workers' own
+                os.chown(entry.path, remote.uid, gid, follow_symlinks=False)
+            elif entry.is_file(follow_symlinks=False):
+                os.chown(entry.path, owner.uid, gid)
+                os.chmod(entry.path, _CONVERTED_MODE)
     for q in QUEUES:
         _own(root.trigger(q), owner.uid, gid, 0o620)
 

@@ -12,7 +12,7 @@ rewritten on every change).
 
 Started as root, it stays root (it mounts the ram disks and must start
 services as other users) and runs each service as its user of
-greenarrow.lib.core.users, in the engine group only, with umask 007; it
+greenarrow.lib.core.users, in the engine group only, with umask 027; it
 binds `smtp.listen` itself and passes the sockets to `smtpd`
 (greenarrow.lib.core.listen_sockets), so that nothing listens as root.
 Started as any other user, every service runs as that user.
@@ -107,7 +107,7 @@ class Supervisor:
     def spawn_options(self, service: Service) -> dict:
         """create_subprocess_exec's arguments that set who a service runs as.
 
-        Root-started: its user, the engine group alone, umask 007, HOME and
+        Root-started: its user, the engine group alone, its umask, HOME and
         USER of that user; smtpd gets the `smtp.listen` sockets (bound here,
         as root) instead of binding. OSError when a socket cannot be bound,
         ControlError for a bad `smtp.listen`.
@@ -118,7 +118,7 @@ class Supervisor:
         acct = self.accounts[users.user_for(service.program)]
         env.update(HOME="/", USER=acct.name, LOGNAME=acct.name)
         options = {"user": acct.uid, "group": acct.gid, "extra_groups": [acct.gid],
-                   "umask": users.SERVICE_UMASK, "env": env}
+                   "umask": users.umask_for(acct.name), "env": env}
         if service.program == "smtpd":
             if not self.listen:
                 self.listen = listen_sockets.bind(control.read(self.root.control, "smtp.listen"))

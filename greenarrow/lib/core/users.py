@@ -44,10 +44,14 @@ PROGRAM_USERS = {
     "remote": REMOTE_USER,
 }
 
-#: What a service started by a root supervisor creates is readable and
-#: writable by the engine's group (the remote sockets that queue-send connects
-#: to, the published counts smtpd reads) and by no other local user.
-SERVICE_UMASK = 0o007
+#: What a service started by a root supervisor creates is readable by the
+#: engine's group (the counts smtpd reads, the entries the workers read),
+#: writable by its owner only, and hidden from other local users; the few
+#: things the group must write are made so on purpose (the ram-queue's commit
+#: folders, the trigger FIFOs). The remote workers keep group write: queue-send
+#: must be able to connect to their sockets.
+SERVICE_UMASK = 0o027
+UMASKS = {REMOTE_USER: 0o007}
 
 
 class UsersError(Exception):
@@ -74,6 +78,10 @@ def separated() -> bool:
 
 def user_for(program: str) -> str:
     return PROGRAM_USERS.get(program, QUEUE_USER)
+
+
+def umask_for(user: str) -> int:
+    return UMASKS.get(user, SERVICE_UMASK)
 
 
 def group_id() -> int | None:
