@@ -69,6 +69,9 @@ def dkim_key(path: Path, work: Path) -> None:
                                            serialization.NoEncryption()))
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(made, path)
+    from greenarrow.lib.core import users
+
+    users.restrict(path)  # a key other users may read is refused
 
 
 def run_cmd(

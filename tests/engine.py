@@ -5,23 +5,31 @@ files a test needs (loopback ports, fast timeouts), starts the real services
 with `hvmail_init start` as a subprocess and stops them with `hvmail_init
 stop`, checking that no process is left behind. Tests inject through the
 real `bin/sendmail` script and over SMTP, and read the delivery log.
+
+As root (here and in CI) the services run as the engine's users
+(greenarrow.lib.core.users), which may not pass pytest's 0700 folders: the
+install root is then made in a folder of its own under /tmp that they may
+reach (`reachable_tmp`), removed when the tests end.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from greenarrow.lib.config import control
-from greenarrow.lib.core import delivery_log
+from greenarrow.lib.core import delivery_log, users
 from greenarrow.lib.core.paths import Root
 from greenarrow.lib.ops import supervisor
 from greenarrow.lib.ops.install_root import init_root
@@ -33,6 +41,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def reachable_tmp(tmp_path: Path, name: str = "reachable") -> Path:
+    """`tmp_path / name`, a folder for an install root; as root, a symlink to a
+    folder under /tmp that the engine's users may reach (removed at exit)."""
+    link = tmp_path / name
+    if not users.separated():
+        link.mkdir(exist_ok=True)
+        return link
+    if link.is_symlink():  # asked again for the same test
+        return link.resolve()
+    outer = Path(tempfile.mkdtemp(prefix="ga-test-"))
+    outer.chmod(0o755)
+    atexit.register(shutil.rmtree, outer, True)
+    link.symlink_to(outer)
+    return outer
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -42,9 +66,9 @@ def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
-# The user a root test run starts a bundled-PostgreSQL engine as. It keeps
-# CAP_DAC_READ_SEARCH (read and search, no write) so it can reach the Python
-# of the test run and pytest's temporary folders, both root's own (mode 0700).
+# The user a root test run starts its own throwaway PostgreSQL as (the engine
+# drops privileges itself). It keeps CAP_DAC_READ_SEARCH (read and search, no
+# write) so it can reach pytest's temporary folders, root's own (mode 0700).
 UNPRIVILEGED = "nobody"
 
 
@@ -73,11 +97,8 @@ class Engine:
                  controls: dict[str, object] | None = None, database: str = "none") -> None:
         """`database`: `none` (no database service, the default: most tests need none),
         `bundled` (the install root's own PostgreSQL) or a postgresql:// URL."""
-        self.root = Root(tmp_path / "hvmail")
+        self.root = Root(reachable_tmp(tmp_path, "engine") / "hvmail")
         init_root(self.root, me="engine.test")
-        # PostgreSQL refuses to run as root: a root test run starts the bundled one's
-        # engine as an unprivileged user.
-        self.user = UNPRIVILEGED if database == "bundled" and os.geteuid() == 0 else None
         self.smtp_port = free_port()
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root.path))
         settings: dict[str, object] = {
@@ -95,21 +116,15 @@ class Engine:
         if database != "bundled":
             conf += f"\ngeneral {{\n  events_database_url {json.dumps(database)}\n}}\n"
         (self.root.control / "greenarrow.conf").write_text(conf)
-        if self.user:
-            chown_tree(self.root.path, self.user)
         self.started = False
 
     # -- programs ----------------------------------------------------------
 
     def program(self, name: str, *args: str, input: bytes | None = None,
                 env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(self.as_user([sys.executable, "-m", f"greenarrow.bin.{name}", *args]),
+        return subprocess.run([sys.executable, "-m", f"greenarrow.bin.{name}", *args],
                               input=input, capture_output=True, env=env or self.env,
                               timeout=timeout)
-
-    def as_user(self, command: list[str]) -> list[str]:
-        """`command` run as the engine's user (see UNPRIVILEGED), or as is."""
-        return as_unprivileged(command) if self.user else command
 
     def start(self) -> None:
         result = self.program("hvmail_init", "start")
@@ -143,7 +158,7 @@ class Engine:
 
     def sendmail(self, *args: str, message: bytes, env: dict[str, str] | None = None
                  ) -> subprocess.CompletedProcess:
-        return subprocess.run(self.as_user([str(self.root.bin / "sendmail"), *args]), input=message,
+        return subprocess.run([str(self.root.bin / "sendmail"), *args], input=message,
                               capture_output=True, env={**self.env, **(env or {})}, timeout=60)
 
     # -- what happened -----------------------------------------------------

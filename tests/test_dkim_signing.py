@@ -29,6 +29,7 @@ from smtp_receivers import Receiver
 
 from greenarrow.lib.config import control
 from greenarrow.lib.config.control import ControlError
+from greenarrow.lib.core import users
 from greenarrow.lib.dkim import signing as dkim_signing
 from greenarrow.lib.dkim.signing import (
     DkimKeys,
@@ -89,6 +90,7 @@ def put_key(control_dir: Path, domain: str, selector: str, data: bytes) -> Path:
     path = control_dir / "dkim" / domain / f"{selector}.pem"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    users.restrict(path)  # a key other users may read is refused
     return path
 
 

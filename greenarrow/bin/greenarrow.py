@@ -11,6 +11,7 @@ from greenarrow.bin.bounce import bounce_command
 from greenarrow.bin.queue import queue_command
 from greenarrow.bin.sink import sink_command
 from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.core.users import UsersError
 from greenarrow.lib.ops.install_root import init_root
 
 
@@ -27,10 +28,16 @@ def main() -> None:
 def init_command(me: str | None) -> None:
     """Create the install root: folders, default control files, bin/sendmail.
 
-    Idempotent: it never overwrites a file that already exists.
+    Idempotent: it never overwrites a file that already exists. Run as root it
+    also creates the engine's users and group (gaqueue, gasmtpd, garemote;
+    greenarrow) and gives the root their owners and modes, for services that
+    run unprivileged (docs/operations.md section 4b).
     """
     root = root_from_env()
-    created = init_root(root, me)
+    try:
+        created = init_root(root, me)
+    except UsersError as e:
+        raise click.ClickException(str(e)) from None
     for path in created:
         click.echo(f"created {path}")
     click.echo(f"install root {root.path} is ready")

@@ -11,16 +11,34 @@ import time
 
 import click
 
-from greenarrow.lib.core import service
+from greenarrow.lib.core import service, users
 from greenarrow.lib.core.paths import Root, root_from_env
 from greenarrow.lib.ops import ramdisk, supervisor
-from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.ops.install_root import init_root, privilege_problems
 
 POSTGRES_SERVICE = "postgres"  # its name in init/services
 
 
 def _root() -> Root:
     return root_from_env()
+
+
+def _prepare(root: Root) -> None:
+    """Create or complete the root; as root, exit 1 when the engine's users could not
+    run the services (a folder on the way to Python or the root that they may not pass)."""
+    try:
+        init_root(root)
+        problems = privilege_problems(root)
+    except users.UsersError as e:
+        click.echo(f"hvmail_init: {e}", err=True)
+        sys.exit(1)
+    for problem in problems:
+        click.echo(f"hvmail_init: {problem}", err=True)
+    if problems:
+        click.echo(f"hvmail_init: the services run as {', '.join(users.USERS)} (group "
+                   f"{users.GROUP}) when started as root; let them pass (chmod o+x FOLDER) "
+                   "or install the engine and its root elsewhere", err=True)
+        sys.exit(1)
 
 
 def _format_uptime(seconds: float) -> str:
@@ -85,7 +103,7 @@ def main() -> None:
 def start(wait_seconds: float) -> None:
     """Start the supervisor and every service (creating the install root if needed)."""
     root = _root()
-    init_root(root)
+    _prepare(root)
     if supervisor.supervisor_pid(root):
         click.echo("already running")
         print_status(root)
@@ -95,7 +113,7 @@ def start(wait_seconds: float) -> None:
     (root.var / supervisor.STATUS_FILE).unlink(missing_ok=True)
     logdir = root.service_log("supervise")
     logdir.mkdir(parents=True, exist_ok=True)
-    with open(logdir / "current", "ab") as out:
+    with open(logdir / "current", "ab", opener=_private) as out:
         subprocess.Popen(
             [sys.executable, "-P", "-m", "greenarrow.bin.hvmail_init", "run"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
@@ -121,6 +139,10 @@ def _database_ready(root: Root, services: list[dict]) -> bool:
     if not any(s["name"] == POSTGRES_SERVICE for s in services):
         return True
     return postgres.ready(root)
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o640)  # the supervisor's log: not for every local user
 
 
 def _listeners_ready(root: Root) -> bool:
@@ -193,9 +215,11 @@ def run() -> None:
     """Run the supervisor in the foreground (what `start` runs in the background;
     systemd's unit runs this)."""
     root = _root()
-    init_root(root)
+    _prepare(root)
     for line in ramdisk.setup(root):
         print(line, flush=True)
+    if users.separated():
+        os.umask(0o027)  # its own files (service logs, pid files) are root's alone
     service.setup("supervise")
     asyncio.run(supervisor.Supervisor(root).run())
 

@@ -3,7 +3,9 @@
 Every server of a fleet must hold the same two, so that a link
 made by one sending server is verified by any event server. They live in
 `control/secret_constants`, one 32-hex-digit constant per line, readable by
-the engine's user only; `greenarrow init` creates them at random.
+the engine only (mode 0600, or 0640 with the engine group where the services
+run as the engine's users); `greenarrow init` creates them at random. A file
+that other users may read is refused, with the command that fixes it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def read(control_dir: Path | str) -> tuple[str, str]:
     p = os.path.join(control_dir, FILE)
     try:
         with open(p) as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & 0o004 or (st.st_mode & 0o040 and st.st_gid != os.getegid()):
+                # imported only here: command-line injection reads this file
+                from greenarrow.lib.core import users
+
+                problem = users.private_file_problem(p, st)
+                if problem:
+                    raise SecretConstantsError(problem)
             lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     except FileNotFoundError:
         raise SecretConstantsError(f"{p}: missing; run `greenarrow init`") from None
@@ -45,7 +55,7 @@ def read(control_dir: Path | str) -> tuple[str, str]:
 
 
 def write(control_dir: Path, constant1: str, constant2: str) -> None:
-    """Replace both constants atomically (file mode 0600)."""
+    """Replace both constants atomically, readable by the engine only (users.restrict)."""
     for name, value in (("constant1", constant1), ("constant2", constant2)):
         if not valid(value):
             raise SecretConstantsError(f"{name} must be 32 hexadecimal digits, not {value!r}")
@@ -54,6 +64,9 @@ def write(control_dir: Path, constant1: str, constant2: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(f"{constant1.lower()}\n{constant2.lower()}\n")
+    from greenarrow.lib.core import users
+
+    users.restrict(tmp)
     os.replace(tmp, p)
 
 

@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 
 from greenarrow.lib.config import control
 from greenarrow.lib.config.control import ControlError
+from greenarrow.lib.core import users
 from greenarrow.lib.dkim.request import (  # noqa: F401 (the request API, re-exported)
     _FOLD_RE,
     DEFAULT_SELECTOR,
@@ -157,6 +158,9 @@ def load_key_file(path: str | os.PathLike, domain: str, selector: str) -> DkimKe
     path = str(path)
     try:
         with open(path, "rb") as f:
+            problem = users.private_file_problem(path, os.fstat(f.fileno()))
+            if problem:
+                raise ControlError(problem)
             data = f.read()
     except OSError as e:
         raise ControlError(f"{path}: cannot read the DKIM key: {e.strerror}") from None

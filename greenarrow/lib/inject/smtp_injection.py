@@ -31,6 +31,7 @@ import ssl
 from pathlib import Path
 
 from greenarrow.lib.config import control, tcprules
+from greenarrow.lib.core import listen_sockets
 from greenarrow.lib.core import message as msglib
 from greenarrow.lib.core.paths import Root, count_path
 from greenarrow.lib.inject import accept as injection
@@ -243,7 +244,12 @@ class SmtpServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for host, port in control.read(self.root.control, "smtp.listen"):
+        passed = listen_sockets.inherited()  # bound by a root supervisor: we never bind then
+        for sock in passed or []:
+            self.servers.append(await loop.create_server(self._factory, sock=sock))
+            log.info("listening on %s:%d (socket from the supervisor)", *sock.getsockname()[:2])
+        addresses = [] if passed is not None else control.read(self.root.control, "smtp.listen")
+        for host, port in addresses:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             server = await loop.create_server(
                 self._factory, host=host, port=port, family=family, reuse_address=True

@@ -2,6 +2,12 @@
 
 Idempotent: running it again creates what is missing and changes nothing an
 operator made. Default control files are copied only where no file exists.
+
+Run as root it also creates the engine's users (greenarrow.lib.core.users)
+and gives the install root the owners and modes of a privilege-separated
+engine (`set_ownership`, docs/operations.md section 4b); run as another user
+everything stays that user's. Either way `greenarrow.conf` (relay passwords)
+and `secret_constants` are not readable by other local users.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import greenarrow
 from greenarrow.lib.config import secret_constants
+from greenarrow.lib.core import users
 from greenarrow.lib.core.paths import QUEUES, Root
 from greenarrow.lib.queue import entry as queue_entry
 
@@ -71,6 +78,8 @@ def make_fifo(path: Path) -> None:
 def init_root(root: Root, me: str | None = None) -> list[str]:
     """Create or complete the install root; return what was created, for the operator."""
     created: list[str] = []
+    if users.separated():
+        created += users.ensure_accounts()
     for folder in (
         root.control,
         root.bin,
@@ -98,6 +107,9 @@ def init_root(root: Root, me: str | None = None) -> list[str]:
             created.append(str(target))
     if secret_constants.ensure(root.control):
         created.append(str(secret_constants.path(root.control)))
+    conf = root.control / "greenarrow.conf"
+    if conf.exists() and conf.stat().st_mode & 0o007:
+        conf.chmod(conf.stat().st_mode & 0o770)  # it may hold relay passwords
     me_file = root.control / "me"
     if not me_file.exists():
         me_file.write_text((me or socket.getfqdn() or "localhost") + "\n")
@@ -109,7 +121,103 @@ def init_root(root: Root, me: str | None = None) -> list[str]:
         if _write_if_changed(root.bin / f"{name}.py", text, 0o755):
             created.append(str(root.bin / f"{name}.py"))
     created += install_client(root)
+    if users.separated():
+        set_ownership(root)
     return created
+
+
+# -- a root-started engine: who owns what (docs/operations.md section 4b) ----
+
+_CONVERTED_MODE = 0o640  # a file left by a run before privilege separation
+
+
+def _own(path: Path, uid: int, gid: int, mode: int) -> bool:
+    """chown/chmod `path` when they differ; True when the owner was another user."""
+    st = path.stat()
+    changed = (st.st_uid, st.st_gid) != (uid, gid)
+    if changed:
+        os.chown(path, uid, gid)
+    if changed or stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)  # after chown, which may clear a setgid bit
+    return st.st_uid != uid
+
+
+def _own_files(folder: Path, uid: int, gid: int) -> None:
+    """Hand the files of a folder written before privilege separation to `uid`."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            os.chown(entry.path, uid, gid)
+            os.chmod(entry.path, _CONVERTED_MODE)
+
+
+def own_queue(root: Root, queue: str) -> None:
+    """A queue folder: the queue owner's, readable by the engine group (the remote
+    workers read entries); the ram-queue's tmp/ and entries/ are group-writable
+    too, for smtpd's commits. Setgid, so every entry belongs to the group."""
+    owner = users.account(users.QUEUE_USER)
+    path = root.queue(queue)
+    converted = _own(path, owner.uid, owner.gid, 0o2750)
+    for entry in os.scandir(path):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        writable = queue == "ram" and entry.name in (queue_entry.TMP, queue_entry.ENTRIES)
+        sub = Path(entry.path)
+        if _own(sub, owner.uid, owner.gid, 0o2770 if writable else 0o2750) or converted:
+            _own_files(sub, owner.uid, owner.gid)
+
+
+def set_ownership(root: Root) -> None:
+    """Owners and modes of an install root whose services run as the engine's users."""
+    owner = users.account(users.QUEUE_USER)
+    gid = owner.gid
+    _own(root.control, 0, gid, 0o755)
+    for secret in (root.control / "greenarrow.conf", secret_constants.path(root.control)):
+        if secret.exists():
+            _own(secret, secret.stat().st_uid, gid, 0o640)
+    # Every service reads control files: what only root's group may read there (a
+    # DKIM key, smtpd's TLS key, files made under umask 027) gets the engine group's read.
+    for path in root.control.rglob("*"):
+        st = path.lstat()
+        if st.st_gid == 0 and not stat.S_ISLNK(st.st_mode):
+            add = 0o050 if stat.S_ISDIR(st.st_mode) else 0o040
+            _own(path, st.st_uid, gid, stat.S_IMODE(st.st_mode) | add)
+    for q in QUEUES:
+        own_queue(root, q)
+    _own(root.delivery_log("ram").parent, owner.uid, gid, 0o2750)
+    for q in QUEUES:
+        if _own(root.delivery_log(q), owner.uid, gid, 0o2750):
+            _own_files(root.delivery_log(q), owner.uid, gid)
+    # var/: the queue owner's; the workers make their sockets here (group write);
+    # sticky, so that no service removes or replaces another's socket or file;
+    # every user may reach var/inject.sock (search, no listing).
+    if _own(root.var, owner.uid, gid, 0o3771):
+        remote = users.account(users.REMOTE_USER)
+        for entry in os.scandir(root.var):
+            if entry.name.startswith(("remote.", "throttle.")):  # the workers' own
+                os.chown(entry.path, remote.uid, gid, follow_symlinks=False)
+            elif entry.is_file(follow_symlinks=False):
+                os.chown(entry.path, owner.uid, gid)
+                os.chmod(entry.path, _CONVERTED_MODE)
+    for q in QUEUES:
+        _own(root.trigger(q), owner.uid, gid, 0o620)
+    # What the queue owner's services write besides the queues: the bundled
+    # PostgreSQL's data (PostgreSQL wants its data folder its own, mode 0700),
+    # the event spools (the tracker writes, the recorder removes), the
+    # Maildirs of local delivery.
+    for folder, mode in ((root.path / "postgres", 0o700), (root.log / "events", 0o2750),
+                         (root.maildata, 0o2750)):
+        folder.mkdir(exist_ok=True)
+        _own(folder, owner.uid, gid, mode)
+
+
+def privilege_problems(root: Root) -> list[str]:
+    """Why the engine's users could not run the services of this root (as root), or []:
+    every folder on the way to Python, the package and the root must let them pass."""
+    if not users.separated():
+        return []
+    paths = [sys.executable, os.path.dirname(os.__file__), sysconfig.get_paths()["purelib"],
+             str(Path(greenarrow.__file__).parent), str(root.path)]
+    return users.reach_problems(paths, users.service_accounts())
 
 
 def client_source() -> Path:

@@ -16,6 +16,7 @@ import subprocess
 
 from greenarrow.lib.config import control
 from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops.install_root import own_queue
 from greenarrow.lib.queue import entry as queue_entry
 
 RAM_QUEUES = ("ram", "bounce")
@@ -62,5 +63,6 @@ def setup(root: Root) -> list[str]:
             done.append(f"{queue}-queue: mount failed: {result.stderr.strip()}")
             continue
         queue_entry.ensure_queue_dirs(path)
+        own_queue(root, queue)  # a new tmpfs is root's, mode 1777: the queue owner's again
         done.append(f"{queue}-queue: tmpfs {options}")
     return done

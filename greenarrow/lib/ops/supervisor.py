@@ -9,6 +9,13 @@ new arrives while the schedulers finish what is under way.
 
 Its state, for `hvmail_init status`, is `var/supervise.status` (JSON,
 rewritten on every change).
+
+Started as root, it stays root (it mounts the ram disks and must start
+services as other users) and runs each service as its user of
+greenarrow.lib.core.users, in the engine group only, with umask 027; it
+binds `smtp.listen` itself and passes the sockets to `smtpd`
+(greenarrow.lib.core.listen_sockets), so that nothing listens as root.
+Started as any other user, every service runs as that user.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from greenarrow.lib.config import control
+from greenarrow.lib.core import listen_sockets, users
 from greenarrow.lib.core.paths import SUPERVISE_PID, SUPERVISE_STATUS, Root
 from greenarrow.lib.core.rotating_log import RotatingLog
 from greenarrow.lib.ops.install_root import data_dir
@@ -138,6 +146,30 @@ class Supervisor:
         c = root.control
         self.log_max = control.read_int(c, "log.service.maxbytes")
         self.log_keep = control.read_int(c, "log.service.keep")
+        self.accounts = users.service_accounts() if users.separated() else {}
+        self.listen: list = []  # smtpd's sockets, bound once, kept across its restarts
+
+    def spawn_options(self, service: Service) -> dict:
+        """create_subprocess_exec's arguments that set who a service runs as.
+
+        Root-started: its user, the engine group alone, its umask, HOME and
+        USER of that user; smtpd gets the `smtp.listen` sockets (bound here,
+        as root) instead of binding. OSError when a socket cannot be bound,
+        ControlError for a bad `smtp.listen`.
+        """
+        env = dict(os.environ, HVMAIL_ROOT=str(self.root.path), PYTHONUNBUFFERED="1")
+        if not self.accounts:
+            return {"env": env}
+        acct = self.accounts[users.user_for(service.program)]
+        env.update(HOME="/", USER=acct.name, LOGNAME=acct.name)
+        options = {"user": acct.uid, "group": acct.gid, "extra_groups": [acct.gid],
+                   "umask": users.umask_for(acct.name), "env": env}
+        if service.program == "smtpd":
+            if not self.listen:
+                self.listen = listen_sockets.bind(control.read(self.root.control, "smtp.listen"))
+            env[listen_sockets.ENV] = listen_sockets.env_value(self.listen)
+            options["pass_fds"] = [s.fileno() for s in self.listen]
+        return options
 
     def write_status(self) -> None:
         status = {
@@ -155,18 +187,28 @@ class Supervisor:
     async def _run_one(self, service: Service) -> None:
         logdir = self.root.service_log(service.name)
         writer = RotatingLog(logdir, max_bytes=self.log_max, keep=self.log_keep)
-        env = dict(os.environ, HVMAIL_ROOT=str(self.root.path), PYTHONUNBUFFERED="1")
         try:
             while not self.stopping:
                 started = time.monotonic()
+                try:
+                    options = self.spawn_options(service)
+                except (OSError, control.ControlError) as e:
+                    reason = getattr(e, "strerror", None) or str(e)
+                    log.error("%s: %s; trying again in %.0fs", service.name, reason,
+                              service.backoff)
+                    writer.write_bytes(f"supervise: {reason}; trying again in "
+                                       f"{service.backoff:.0f}s\n".encode())
+                    await asyncio.sleep(service.backoff)
+                    service.backoff = min(service.backoff * 2, MAX_BACKOFF)
+                    continue
                 proc = await asyncio.create_subprocess_exec(
                     *service.command(),
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_die_with_parent,  # runs after the change of user
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=env,
                     start_new_session=True,
+                    **options,
                 )
                 service.process, service.pid, service.started = proc, proc.pid, time.time()
                 self.root.service_pid(service.name).write_text(f"{proc.pid}\n")
@@ -249,6 +291,8 @@ class Supervisor:
                 self.root.service_pid(service.name).unlink()
             except FileNotFoundError:
                 pass
+        for sock in self.listen:
+            sock.close()
         self.write_status()
         (self.root.var / PID_FILE).unlink(missing_ok=True)
         log.info("stopped")

@@ -325,7 +325,8 @@ def move_to_bad(queue_dir: str | os.PathLike, name: str) -> str:
 
 def _write_file(path: str, chunks: list[bytes], durable: bool) -> None:
     """Write a new file; if anything fails part-way, the file is removed before raising."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Group-readable: the queue-sends and remote workers read what smtpd writes (core.users).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         try:
             total = sum(len(c) for c in chunks)
