@@ -4,7 +4,9 @@ Creates (or reuses) a local install root, routes every domain to the
 project's own counting sink, starts the services with `hvmail_init`, injects
 messages from the command line (`$HVMAIL_ROOT/bin/sendmail`, one process per
 message) and over SMTP, waits until the sink has counted every one, prints
-the `hvmail_report` summary and stops the services. Nothing leaves loopback.
+the `hvmail_report` summary, waits until every delivery attempt is an event
+in the bundled PostgreSQL (`greenarrow events status`), and stops the
+services. Nothing leaves loopback.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from greenarrow.lib.core.paths import Root
 from greenarrow.lib.devtools.sink import SinkThread
 from greenarrow.lib.ops.install_root import init_root
 
-ROUTE_ALL = """# Written by `greenarrow demo`: every domain goes to the demo's sink.
-# The demo records no events yet: no database (and so none of PostgreSQL's
-# refusal to run as root).
+ROUTE_ALL = """# Written by `greenarrow demo`: every domain goes to the demo's sink, and
+# every delivery attempt is recorded as an event in the bundled PostgreSQL.
 general {{
-  events_database_url none
+  server_id demo
+  record_events delivery_attempt
 }}
 ip_address * {{
   domain * {{
@@ -52,6 +54,34 @@ def demo_message(number: int, channel: str) -> bytes:
         f"MIME-Version: 1.0\n"
         f"Content-Type: text/plain; charset=utf-8\n\n{body}\n"
     ).encode()
+
+
+def recorded_attempts(root: Root) -> int:
+    """How many delivery_attempt events the events table holds (0 while unreachable)."""
+    import psycopg
+
+    from greenarrow.lib.events import database
+
+    conn = database.connect(database.configured(root), connect_timeout=5)
+    if conn is None:
+        return 0
+    with conn:
+        try:
+            row = conn.execute(
+                "SELECT count(*) FROM events WHERE event_type = 'delivery_attempt'").fetchone()
+        except psycopg.Error:  # the recorder has not made the table yet
+            return 0
+    return int(row[0])
+
+
+def wait_for_events(root: Root, expected: int, timeout: float) -> int:
+    """Wait until `expected` delivery attempts are events (bounded); how many there are."""
+    deadline = time.monotonic() + timeout
+    count = recorded_attempts(root)
+    while count < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        count = recorded_attempts(root)
+    return count
 
 
 def _program(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -84,6 +114,7 @@ def run_demo(
             say(started.stderr)
             return False
         t0 = time.time()
+        recorded = 0
         try:
             sendmail = str(root.bin / "sendmail")
             for n in range(cli_count):
@@ -119,8 +150,13 @@ def run_demo(
             )
             report = _program("hvmail_report", "-q", "all", "-s", f"{t0 - 1:.0f}", env=env)
             say(report.stdout.rstrip())
+            recorded = wait_for_events(root, messages, timeout)
+            say(f"events: {recorded} of {messages} delivery attempts recorded as "
+                f"delivery_attempt events")
+            status = _program("greenarrow", "events", "status", env=env)
+            say(status.stdout.rstrip() or status.stderr.rstrip())
         finally:
             stopped = _program("hvmail_init", "stop", env=env)
             say(stopped.stdout.rstrip())
         time.sleep(0.2)
-        return arrived and sink.counters.messages == messages
+        return arrived and sink.counters.messages == messages and recorded >= messages
