@@ -330,7 +330,7 @@ def test_postgresql_down_during_the_stream(tmp_path, own_cluster):
 def test_no_database_configured_leaves_the_recorder_idle(tmp_path):
     root = Root(tmp_path / "hvmail")
     init_root(root, me="recorder.test")
-    (root.control / "greenarrow.conf").write_text(CONF)
+    (root.control / "greenarrow.conf").write_text(CONF + "general { events_database_url none }\n")
     proc = start_recorder(root)
     try:
         wait_until(lambda: b"no events database" in (root.path / "recorder.log").read_bytes(),
@@ -394,6 +394,7 @@ def test_events_status_shows_destinations_and_the_recorder(tmp_path, pg_conninfo
 def test_events_status_without_a_database(tmp_path):
     root = Root(tmp_path / "hvmail")
     init_root(root, me="recorder.test")
+    (root.control / "greenarrow.conf").write_text("general { events_database_url none }\n")
     result = subprocess.run([sys.executable, "-m", "greenarrow.bin.greenarrow", "events", "status"],
                             env=dict(os.environ, HVMAIL_ROOT=str(root.path)),
                             capture_output=True, text=True, timeout=60)

@@ -319,7 +319,7 @@ def test_an_engine_started_by_another_user_runs_as_that_user(tmp_path):
     env = dict(os.environ, HVMAIL_ROOT=str(home / "hvmail"), HOME="/", USER="nobody")
     as_nobody = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": [],
                  "env": env, "capture_output": True, "text": True, "timeout": 120}
-    code = (f"from greenarrow.lib import control; from greenarrow.lib.core.paths import Root;"
+    code = (f"from greenarrow.lib.config import control; from greenarrow.lib.core.paths import Root;"
             f"from greenarrow.lib.ops.install_root import init_root; r = Root({str(home / 'hvmail')!r});"
             f"init_root(r, me='engine.test');"
             f"control.write(r.control, 'smtp.listen', ['127.0.0.1:{port}']);"

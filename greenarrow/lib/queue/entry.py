@@ -306,20 +306,22 @@ def move_to_bad(queue_dir: str | os.PathLike, name: str) -> str:
 
     Never replaces a file already in bad/: a second bad entry of the same
     name gets a `.1`, `.2`... suffix. FileNotFoundError if the entry is gone.
+    A rename, not a link and an unlink: the entry may belong to another of the
+    engine's users (smtpd commits as its own), and the kernel refuses a hard
+    link to another user's file (fs.protected_hardlinks). The check-then-rename
+    cannot race: the queue's queue-send is the only writer of its bad/.
     """
     src = os.path.join(queue_dir, ENTRIES, name)
     bad_dir = os.path.join(queue_dir, BAD)
     os.makedirs(bad_dir, exist_ok=True)
     target = name
     for n in range(1, 1000):
-        try:
-            os.link(src, os.path.join(bad_dir, target))
+        if not os.path.lexists(os.path.join(bad_dir, target)):
             break
-        except FileExistsError:
-            target = f"{name}.{n}"
+        target = f"{name}.{n}"
     else:
         raise FileExistsError(f"{name}: too many entries of this name in {bad_dir}")
-    os.unlink(src)
+    os.rename(src, os.path.join(bad_dir, target))
     return target
 
 
