@@ -647,6 +647,6 @@ def test_resolve_is_remembered_for_the_same_inputs(root: Root) -> None:
     (root.control / "greenarrow.conf").write_text(CONF.replace("listid t100", "listid t9"))
     again = simplemh.resolve(values, ids, sources, mail_class.load(r), settings, 1.7e9)
     assert again is not job and again.listid == "t9"
-    with pytest.raises(InjectionError):  # errors are not remembered
+    with pytest.raises(simplemh.SimpleMHError):  # errors are not remembered
         simplemh.resolve({b"x-greenarrow-tracker-format": "d"}, ids, sources, classes,
                          settings, 1.7e9)

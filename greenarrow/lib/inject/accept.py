@@ -32,7 +32,6 @@ import time
 
 from greenarrow.lib.core import message as msglib
 from greenarrow.lib.core.address import address_problem
-from greenarrow.lib.core.errors import InjectionError  # noqa: F401 (part of this API)
 from greenarrow.lib.core.identifiers import HEADER_NAMES, IDENTIFIERS, identifier_problem
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.simplemh import mail_class
@@ -61,6 +60,15 @@ def check_address(address: str, what: str) -> str:
 def check_sender(sender: str) -> str:
     """The envelope sender: empty (`<>`, for bounces) or a valid address."""
     return "" if sender == "" else check_address(sender, "sender")
+
+
+class InjectionError(Exception):
+    """The message cannot be accepted; `permanent` says whether to try again."""
+
+    def __init__(self, permanent: bool, text: str) -> None:
+        super().__init__(text)
+        self.permanent = permanent
+        self.text = text
 
 
 def check_size(size: int, databytes: int) -> None:
@@ -160,8 +168,11 @@ def prepare(
             from greenarrow.lib.simplemh import (
                 processing as simplemh,  # only SimpleMH mail pays for it
             )
-        renderer = simplemh.prepare(message, headers, body_start, ids, sources, drop, added,
-                                    trace, classes, root or "", now)
+        try:
+            renderer = simplemh.prepare(message, headers, body_start, ids, sources, drop,
+                                        added, trace, classes, root or "", now)
+        except simplemh.SimpleMHError as e:
+            raise InjectionError(e.permanent, e.text) from None
         simplemh_ids = renderer.ids()
         dkim = dkim_request(message, headers)
         if dkim:

@@ -25,9 +25,10 @@ Precedence (docs/simplemh.md has the full table):
   control/opt.simplemh_stateless_event_handling, else general
   default_event_tracking_metadata_storage.
 
-An invalid value is a permanent InjectionError naming the header (exit 100,
-SMTP 554); the one header the seed says is ignored when wrong is
-X-GreenArrow-URL-Domain without http:// or https://.
+An invalid value is a permanent SimpleMHError naming the header (injection
+makes it an InjectionError: exit 100, SMTP 554); the one header GreenArrow
+says is ignored when wrong is X-GreenArrow-URL-Domain without http:// or
+https://.
 
 Body rewriting (greenarrow.pyx.simplemh does the byte work): the MIME tree
 is walked on the bytes; each text/html and text/plain part that is not an
@@ -47,10 +48,20 @@ import os
 
 from greenarrow.lib.config import control, secret_constants
 from greenarrow.lib.core import message as msglib
-from greenarrow.lib.core.errors import InjectionError
 from greenarrow.lib.simplemh import mail_class, tracking_url
 from greenarrow.lib.simplemh import return_path as bounce_address
 from greenarrow.pyx import simplemh as fast
+
+
+class SimpleMHError(Exception):
+    """The message cannot be accepted as SimpleMH mail; `permanent` says whether to try
+    again. Injection turns it into its own InjectionError (this stage is below it)."""
+
+    def __init__(self, permanent: bool, text: str) -> None:
+        super().__init__(text)
+        self.permanent = permanent
+        self.text = text
+
 
 # The SimpleMH headers as GreenArrow documents them (for messages), by lower-cased name.
 HEADERS = {
@@ -77,8 +88,8 @@ _FLAGS = {"yes": True, "1": True, "no": False, "0": False}
 _QP_HEADER = fast.QP_HEADER
 
 
-def _bad(header: str, value: str, rule: str) -> InjectionError:
-    return InjectionError(True, f"invalid {header} {value!r}: {rule}")
+def _bad(header: str, value: str, rule: str) -> SimpleMHError:
+    return SimpleMHError(True, f"invalid {header} {value!r}: {rule}")
 
 
 def _flag(value: str, header: str) -> bool:
@@ -117,7 +128,7 @@ _SETTINGS_FILES = (secret_constants.FILE, "opt.simplemh.tracker_format",
 def root_settings(root: str) -> RootSettings:
     """The control settings of an install root, re-read when one of their files changes.
 
-    A missing or bad file is a temporary InjectionError naming it: mail
+    A missing or bad file is a temporary SimpleMHError naming it: mail
     waits for the operator rather than going out untracked or unsigned.
     """
     paths = _settings_paths.get(root)
@@ -134,9 +145,9 @@ def root_settings(root: str) -> RootSettings:
         fmt = control.read_text(control_dir, "opt.simplemh.tracker_format").lower()
         stateless = control.read_bool(control_dir, "opt.simplemh_stateless_event_handling")
     except (secret_constants.SecretConstantsError, control.ControlError) as e:
-        raise InjectionError(False, str(e)) from None
+        raise SimpleMHError(False, str(e)) from None
     if fmt not in tracking_url.FORMATS:
-        raise InjectionError(False, f"{os.path.join(control_dir, 'opt.simplemh.tracker_format')}"
+        raise SimpleMHError(False, f"{os.path.join(control_dir, 'opt.simplemh.tracker_format')}"
                                     f": bad value {fmt!r}: expected a, b or c")
     settings = RootSettings(constants, fmt, stateless)
     _settings_memo[root] = (key, settings)
@@ -216,7 +227,7 @@ def _resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, s
     mc = classes.get(name)
     if mc is None:
         known = ", ".join(sorted(c.name for c in classes.classes.values()))
-        raise InjectionError(True, f"unknown Mail Class {name!r} (from {source}); "
+        raise SimpleMHError(True, f"unknown Mail Class {name!r} (from {source}); "
                                    f"greenarrow.conf defines: {known}")
     job = Job()
     job.links = None
@@ -273,7 +284,7 @@ def _resolve(values: dict[bytes, str], ids: dict[str, str], sources: dict[str, s
             raise _bad("X-GreenArrow-URL-Domain", url, "expected http(s)://host[:port][/path]")
         job.url_base = base
     if job.track and not job.url_base:
-        raise InjectionError(True, f"click and open tracking (X-GreenArrow-Click-Tracking-Do: "
+        raise SimpleMHError(True, f"click and open tracking (X-GreenArrow-Click-Tracking-Do: "
                                    f"{track_header}) needs a URL domain: set "
                                    f"X-GreenArrow-URL-Domain or the class's url_domain")
 
@@ -465,7 +476,7 @@ def prepare(message: bytes, headers: list[msglib.Header], body_start: int, ids: 
 
     `drop` (the X-GreenArrow-* fields) and `added` (Message-ID, Date) come
     from injection.prepare, which calls this when a Mail Class applies.
-    Raises InjectionError.
+    Raises SimpleMHError.
     """
     settings = root_settings(root)
     values = header_values(message, headers)
