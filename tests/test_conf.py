@@ -428,6 +428,8 @@ FULL = """\
 general {
     system_max_smtp_connections 5000
     queue_lifetime 7d
+    server_id mta1
+    record_events delivery_attempt, engine_open
 }
 domain [*.]example.org, *.example.net {
     queue_lifetime 1h

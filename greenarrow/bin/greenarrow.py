@@ -63,6 +63,37 @@ def demo_command(root_path: Path, messages: int) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.group("events")
+def events_group() -> None:
+    """The events queue: delivery destinations and the event recorder."""
+
+
+@events_group.command("status")
+def events_status_command() -> None:
+    """Per destination: events waiting for their first attempt, events in retry,
+    the age of the oldest and the last error; then the recorder's progress."""
+    import psycopg
+
+    from greenarrow.lib.events import schema
+    from greenarrow.lib.events.stand_in_database import conninfo
+    from greenarrow.lib.events.status import format_status, read_status
+
+    root = root_from_env()
+    info = conninfo(root)
+    if info is None:
+        click.echo("greenarrow events status: no events database configured", err=True)
+        sys.exit(1)
+    try:
+        with psycopg.connect(info, connect_timeout=10) as conn:
+            schema.migrate(conn)
+            status = read_status(conn, root)
+    except psycopg.OperationalError as exc:
+        click.echo(f"greenarrow events status: cannot reach the events database: "
+                   f"{str(exc).strip()}", err=True)
+        sys.exit(111)
+    click.echo(format_status(status), nl=False)
+
+
 main.add_command(sink_command)
 main.add_command(queue_command)
 main.add_command(bounce_command)

@@ -452,6 +452,9 @@ VMTA_NAME = Args("NAME", parse_vmta_name)
 LIMIT = Args("N|N%", parse_limit)
 PERCENT = Args("PERCENT", parse_percent)
 ROUTE = Args("NAME WEIGHT", min=2, max=2, whole=_route_args)
+# Event type names are checked against greenarrow.lib.events.types by the
+# events services (a higher stage); here only their shape.
+EVENT_TYPE_NAMES = Args("TYPE[, TYPE...]|all", parse_name, max=None)
 RANDOMIZATION = one_of("fully_random", "message_constant", "email_address_constant")
 
 
@@ -503,6 +506,9 @@ SCHEMA: tuple[Rule, ...] = (
     directive("default_event_tracking_metadata_storage", "general",
               one_of("local", "stateless", "external")),
     directive("default_virtual_mta", "general", VMTA_NAME),
+    # events: greenarrow.lib.events.settings
+    directive("server_id", "general", STRING),
+    directive("record_events", "general", EVENT_TYPE_NAMES),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
     directive("reuse_connections", "domain", YES_NO),
