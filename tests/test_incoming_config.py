@@ -82,7 +82,9 @@ def test_bare_postmaster_without_incoming_domain_uses_me(tmp_path) -> None:
     box = incoming.find(str(tmp_path), conf.parse(""), "postmaster")
     assert box is not None
     assert box.path == f"{tmp_path}/maildata/mx.example.net/postmaster/"
-    assert incoming.find(str(tmp_path), conf.parse(""), "postmaster@mx.example.net") is None
+    assert incoming.find(str(tmp_path), conf.parse(""), "PostMaster@mx.example.net") == box
+    assert incoming.find(str(tmp_path), conf.parse(""), "postmaster@other.example") is None
+    assert incoming.find(str(tmp_path), conf.parse(""), "abuse@mx.example.net") is None
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,10 @@ class Root:
         """The Unix socket on which remote worker number `worker` takes attempts."""
         return self.var / f"remote.{worker}.sock"
 
+    def local_socket(self) -> Path:
+        """The Unix socket on which the `local` delivery agent takes deliveries."""
+        return self.var / "local.sock"
+
 
 def root_path_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
     """The install root named by `HVMAIL_ROOT` (or the default), as a string."""

@@ -2,7 +2,10 @@
 
 ESMTP with PIPELINING, SIZE (`control/databytes`) and 8BITMIME. Relaying is
 allowed only for clients whose `control/smtp.tcp` rule sets RELAYCLIENT;
-everyone else is refused at RCPT and nothing is queued. The message goes
+everyone else is refused at RCPT and nothing is queued. Mail for the
+engine's own mailboxes (greenarrow.lib.config.incoming) is taken from
+anyone, and other local parts of those domains are refused with 550, for
+every client (incoming_recipient). The message goes
 through the same processing as command-line injection
 (greenarrow.lib.injection), and the queue commit happens before the 250
 reply to DATA.
@@ -30,14 +33,17 @@ import socket
 import ssl
 from pathlib import Path
 
+from greenarrow.lib import conf as conflib
 from greenarrow.lib import control, injection, queue_entry, tcprules
 from greenarrow.lib import message as msglib
+from greenarrow.lib.config import incoming
 from greenarrow.lib.paths import Root
 from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession, Transaction
 
 log = logging.getLogger("smtpd")
 
 RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+NO_MAILBOX = "550 5.1.1 sorry, no mailbox here by that name (#5.1.1)"
 
 
 class Settings:
@@ -59,6 +65,9 @@ class Settings:
         self.queue_dir = str(root.queue("ram"))
         self.fifo = str(root.trigger("ram"))
         self.tls_context = tls_context(root.control)
+        self.conf = conflib.load_root(root)  # incoming_email_domain: incoming_recipient()
+        incoming.mailboxes(str(root.path), self.conf)  # a local part twice: refuse the start
+        self.incoming_domains = incoming.incoming_domains(self.conf)
 
 
 def tls_context(control_dir: Path) -> ssl.SSLContext | None:
@@ -100,6 +109,24 @@ def tls_context(control_dir: Path) -> ssl.SSLContext | None:
             problem = f"{cert_path} / {key_path}: not a usable certificate and key: {e}"
         raise control.ControlError(problem) from None
     return context
+
+
+def incoming_recipient(settings: Settings, address: str) -> tuple[str | None, str | None]:
+    """For an address at one of the engine's incoming domains (or the bare `postmaster`,
+    RFC 5321 4.5.1): (the recipient to queue, None), or (None, the refusal) when no
+    mailbox has that name there. (None, None) for any other address: the relay rule decides.
+    """
+    box = incoming.find(str(settings.root.path), settings.conf, address)
+    if box is not None:
+        if "@" not in address:
+            return box.address, None
+        try:
+            return injection.check_address(address, "recipient"), None
+        except injection.InjectionError as e:
+            return None, f"553 5.1.3 {e.text}"
+    if address.rpartition("@")[2].lower().rstrip(".") in settings.incoming_domains:
+        return None, NO_MAILBOX
+    return None, None
 
 
 class SessionCount:
@@ -181,6 +208,9 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def check_recipient(self, session: SmtpSession, address: str) -> str | None:
+        local, refusal = incoming_recipient(self.settings, address)
+        if local is not None or refusal is not None:
+            return refusal
         rule = self._rule(session)
         if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
             return RELAY_DENIED
@@ -207,7 +237,7 @@ class InjectionPolicy(SessionPolicy):
                 self.trigger,
                 msglib.to_crlf(data),
                 transaction.sender,
-                list(transaction.recipients),
+                [incoming_recipient(settings, r)[0] or r for r in transaction.recipients],
                 env,
                 settings.me,
                 source_ip=session.peer_ip,
@@ -254,11 +284,12 @@ class SmtpServer:
             log.info("STARTTLS offered")
 
     def reload(self) -> None:
-        """Re-read smtp.tcp, databytes, me and the TLS files; an error keeps the old settings."""
+        """Re-read smtp.tcp, databytes, me, the TLS files and greenarrow.conf's incoming
+        mailboxes; an error keeps the old settings."""
         try:
             old, self.policy = self.policy, InjectionPolicy(Settings(self.root), self.sessions)
             old.trigger.close()
-        except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
+        except (control.ControlError, tcprules.TcpRulesError, conflib.ConfError, OSError) as e:
             log.error("reload failed, keeping the previous settings: %s", e)
         else:
             log.info("reloaded control files")

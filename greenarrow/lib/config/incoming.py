@@ -22,7 +22,8 @@ Decisions (GreenArrow's documentation is silent on them):
   the configured mailbox of that name, else an implicit plain mailbox
   `maildata/<domain>/postmaster/`. The bare `postmaster` (no domain) is
   the postmaster of the first incoming domain in the file; with no incoming
-  domain, of the `me` control file's name.
+  domain at all, `postmaster@<me>` (the `me` control file) is the one
+  local address, so that the engine still takes mail for its postmaster.
 * A bounce mailbox `return` also takes the encoded SimpleMH bounce
   addresses made from it (`return-<...>-<version><tag>@domain`,
   greenarrow.lib.bounce_address): their shape is checked here, their tag by
@@ -89,6 +90,7 @@ class _Index:
         self.boxes: dict[tuple[str, str], Mailbox] = {}
         self.order: list[Mailbox] = []
         self.domains: list[str] = []  # in the order of the file
+        self.me_postmaster: Mailbox | None = None  # read from control/me when first needed
         lines: dict[tuple[str, str], conflib.Directive] = {}
 
         def add(domain: str, local: str, kind: str, where: conflib.Directive | None) -> None:
@@ -137,18 +139,21 @@ class _Index:
             address = address[1:-1]
         local, at, domain = address.rpartition("@")
         if not at:
-            if address.lower() != POSTMASTER:
-                return None
-            return self.bare_postmaster()
+            return self.bare_postmaster() if address.lower() == POSTMASTER else None
         local = local.lower()
-        try:
-            domain = conflib.ascii_domain(domain)
-        except ValueError:
-            return None
+        domain = domain.lower().rstrip(".")
+        if not domain.isascii():
+            try:
+                domain = conflib.ascii_domain(domain)
+            except ValueError:
+                return None
         box = self.boxes.get((domain, local))
         if box is not None:
             return box
         if domain not in self.domains:
+            if not self.domains and local == POSTMASTER:
+                box = self.bare_postmaster()
+                return box if box.domain == domain else None
             return None
         for box in self.extended:
             if box.domain != domain or not local.startswith(box.local + "-"):
@@ -158,11 +163,15 @@ class _Index:
         return None
 
     def bare_postmaster(self) -> Mailbox:
+        """The mailbox of `postmaster` without a domain (see the module docstring)."""
         if self.domains:
             return self.boxes[self.domains[0], POSTMASTER]
-        me = conflib.ascii_domain(str(control.read(os.path.join(self.root, "control"),
-                                                   "me")))
-        return Mailbox(me, POSTMASTER, MAILBOX, maildir_path(self.root, me, POSTMASTER))
+        if self.me_postmaster is None:
+            me = conflib.ascii_domain(str(control.read(os.path.join(self.root, "control"),
+                                                       "me")))
+            self.me_postmaster = Mailbox(me, POSTMASTER, MAILBOX,
+                                         maildir_path(self.root, me, POSTMASTER))
+        return self.me_postmaster
 
 
 def _encoded_shape(local: str) -> bool:
