@@ -181,3 +181,32 @@ def test_a_bad_incoming_conf_is_reported_by_check(tmp_path, bad) -> None:
     result = engine.program("greenarrow_config", "check")
     assert result.returncode != 0
     assert "greenarrow.conf:" in (result.stdout + result.stderr).decode()
+
+
+def test_engine_bounce_of_simplemh_mail_reaches_the_bounce_mailbox(tmp_path) -> None:
+    """A refused SimpleMH message bounces (bounce-queue) to its encoded Return-Path: local."""
+    with Receiver("127.0.0.1", rcpt_reply="550 5.1.1 no such user") as rx:
+        engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}) + INCOMING)
+        with engine:
+            result = engine.sendmail("-f", "news@origin.test", "gone@dest.test",
+                                     message=message("refused").replace(b"\r\n", b"\n"),
+                                     env={"GREENARROW_MAILCLASS": "news"})
+            assert result.returncode == 0, result.stderr
+            with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+                smtp.ehlo()
+                smtp.mail("a@origin.test")  # loopback relays here: still no unknown local part
+                code, text = smtp.rcpt(f"other@{DOMAIN}")
+                assert code == 550, text
+                smtp.rset()
+            wait_until(lambda: delivered(engine, "return"), 60, "the bounce in the Maildir")
+            wait_until(lambda: engine.records("bounce"), 30, "the bounce's log line")
+            (sent,) = engine.records("ram")
+            (bounce,) = engine.records("bounce")
+            disk = engine.queued("disk")
+    assert sent["status"] == "failure" and sent["channel"] == "remote"
+    assert bounce["status"] == "success" and bounce["channel"] == "local"
+    assert bounce["email"].lower().startswith("return-") and bounce["email"].endswith(DOMAIN)
+    (data,) = delivered(engine, "return")
+    assert data.startswith(f"Return-Path: <>\nDelivered-To: {bounce['email']}\n".encode())
+    assert b"no such user" in data and b"Subject: refused" in data
+    assert disk == []
