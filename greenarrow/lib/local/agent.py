@@ -20,13 +20,18 @@ in its queue and is tried again. A crash loses nothing: the message is in
 answer, both: it is delivered twice, as in qmail).
 
 The file writes run in threads, so a slow disk never holds back the link.
+At start the agent removes files older than 36 hours from the `tmp/` of
+every Maildir under `maildata/` (the Maildir convention): what a crash left
+half-written there was never reported delivered, so it is still queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
+import time
 
 from greenarrow.lib import queue_entry, remote_link
 from greenarrow.lib.local.maildir import Maildir
@@ -35,6 +40,7 @@ from greenarrow.lib.paths import Root
 log = logging.getLogger("local")
 
 RESULT_DELAY = 0.005  # seconds a result may wait for others to share its write
+STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention's age for a forgotten tmp/ file
 
 
 def delivery_header(sender: str, recipient: str) -> bytes:
@@ -45,6 +51,26 @@ def delivery_header(sender: str, recipient: str) -> bytes:
 def maildir_bytes(message: bytes) -> bytes:
     """A queued message (CRLF line ends) as a Maildir file holds it (LF)."""
     return message.replace(b"\r\n", b"\n")
+
+
+def clean_stale_tmp(maildata: str, now: float | None = None) -> int:
+    """Remove tmp/ files older than STALE_TMP_SECONDS under maildata/<domain>/<local>/;
+    return how many."""
+    cutoff = (time.time() if now is None else now) - STALE_TMP_SECONDS
+    removed = 0
+    for tmp in glob.glob(os.path.join(glob.escape(maildata), "*", "*", "tmp")):
+        try:
+            files = list(os.scandir(tmp))
+        except OSError:
+            continue
+        for entry in files:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 class LocalAgent:
@@ -58,6 +84,9 @@ class LocalAgent:
         self.maildirs: dict[str, Maildir] = {}  # one per folder: its file-name counter
 
     async def start(self) -> None:
+        removed = await asyncio.to_thread(clean_stale_tmp, str(self.root.maildata))
+        if removed:
+            log.info("removed %d stale files from Maildir tmp/ folders", removed)
         path = self.root.local_socket()
         try:
             path.unlink()
