@@ -210,3 +210,29 @@ def test_engine_bounce_of_simplemh_mail_reaches_the_bounce_mailbox(tmp_path) -> 
     assert data.startswith(f"Return-Path: <>\nDelivered-To: {bounce['email']}\n".encode())
     assert b"no such user" in data and b"Subject: refused" in data
     assert disk == []
+
+
+def test_reload_adds_an_incoming_domain(tmp_path) -> None:
+    engine = Engine(tmp_path)
+    no_relay_for_loopback(engine)
+    with engine:
+        with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+            smtp.ehlo()
+            smtp.mail("a@remote.test")
+            code, text = smtp.rcpt(f"return@{DOMAIN}")
+            assert code == 553, text  # not ours yet: a relay, refused
+        (engine.root.control / "greenarrow.conf").write_text(INCOMING)
+        result = engine.program("greenarrow_config", "reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        def accepted() -> bool:
+            with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+                try:
+                    smtp.sendmail("a@remote.test", [f"return@{DOMAIN}"], message("after"))
+                except smtplib.SMTPRecipientsRefused:
+                    return False
+                return True
+
+        wait_until(accepted, 30, "smtpd to take the new mailbox")
+        wait_until(lambda: delivered(engine, "return"), 30, "the delivery")
+    assert subjects(engine, "return") == ["after"]
