@@ -236,3 +236,24 @@ def test_reload_adds_an_incoming_domain(tmp_path) -> None:
         wait_until(accepted, 30, "smtpd to take the new mailbox")
         wait_until(lambda: delivered(engine, "return"), 30, "the delivery")
     assert subjects(engine, "return") == ["after"]
+
+
+def test_incoming_mail_is_filed_as_received(tmp_path) -> None:
+    """No SimpleMH (even with a default Mail Class) and no X-GreenArrow-* processing."""
+    conf = INCOMING + "general {\n    default_mail_class news\n}\n"
+    engine = Engine(tmp_path, conf=conf)
+    no_relay_for_loopback(engine)
+    sent = (b"From: MAILER-DAEMON@remote.test\r\nTo: x@bounces.example.com\r\n"
+            b"Subject: complaint\r\nX-GreenArrow-MailClass: news\r\n\r\n"
+            b"see https://shop.example.com/p/1\r\n")
+    with engine:
+        with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+            smtp.sendmail("", [f"fbl@{DOMAIN}"], sent)
+        wait_until(lambda: delivered(engine, "fbl"), 60, "the delivery")
+        (record,) = engine.records()
+    (data,) = delivered(engine, "fbl")
+    assert data.startswith(f"Return-Path: <>\nDelivered-To: fbl@{DOMAIN}\nReceived: from "
+                           .encode())
+    assert data.endswith(sent.replace(b"\r\n", b"\n"))  # the message as it came
+    assert b"X-Mailer-Info" not in data and b"Message-ID" not in data
+    assert record["mailclass"] == "" and record["sender"] == ""

@@ -5,7 +5,10 @@ allowed only for clients whose `control/smtp.tcp` rule sets RELAYCLIENT;
 everyone else is refused at RCPT and nothing is queued. Mail for the
 engine's own mailboxes (greenarrow.lib.config.incoming) is taken from
 anyone, and other local parts of those domains are refused with 550, for
-every client (incoming_recipient). The message goes
+every client (incoming_recipient). A message whose every recipient is
+such a mailbox is queued as received (after its Received field): no
+X-GreenArrow-* processing, no SimpleMH, so the bounce and complaint
+processors see what the remote host sent. The message goes
 through the same processing as command-line injection
 (greenarrow.lib.injection), and the queue commit happens before the 250
 reply to DATA.
@@ -224,6 +227,7 @@ class InjectionPolicy(SessionPolicy):
         settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
+        ours = [incoming_recipient(settings, r)[0] for r in transaction.recipients]
         try:
             trace = b""
             if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
@@ -237,7 +241,7 @@ class InjectionPolicy(SessionPolicy):
                 self.trigger,
                 msglib.to_crlf(data),
                 transaction.sender,
-                [incoming_recipient(settings, r)[0] or r for r in transaction.recipients],
+                [mine or r for mine, r in zip(ours, transaction.recipients, strict=True)],
                 env,
                 settings.me,
                 source_ip=session.peer_ip,
@@ -245,6 +249,7 @@ class InjectionPolicy(SessionPolicy):
                 databytes=settings.databytes,
                 limit=settings.limit,
                 count_file=settings.count_file,
+                as_received=all(ours),
             )
         except injection.InjectionError as e:
             code = "554 5.6.0" if e.permanent else "451 4.3.0"
