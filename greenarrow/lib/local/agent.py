@@ -31,6 +31,7 @@ import asyncio
 import glob
 import logging
 import os
+import threading
 import time
 
 from greenarrow.lib import queue_entry, remote_link
@@ -82,6 +83,7 @@ class LocalAgent:
         self.tasks: set[asyncio.Task] = set()
         self.batches: set[remote_link.LineBatch] = set()
         self.maildirs: dict[str, Maildir] = {}  # one per folder: its file-name counter
+        self.maildirs_lock = threading.Lock()  # the writer threads share them
 
     async def start(self) -> None:
         removed = await asyncio.to_thread(clean_stale_tmp, str(self.root.maildata))
@@ -141,9 +143,10 @@ class LocalAgent:
             return {"status": remote_link.BAD, "text": str(e)}
         head = delivery_header(envelope["sender"], envelope["recipient"])
         try:
-            maildir = self.maildirs.get(maildir_path)
-            if maildir is None:
-                maildir = self.maildirs[maildir_path] = Maildir(maildir_path, durable=True)
+            with self.maildirs_lock:
+                maildir = self.maildirs.get(maildir_path)
+                if maildir is None:
+                    maildir = self.maildirs[maildir_path] = Maildir(maildir_path, durable=True)
             name = maildir.deliver([head, maildir_bytes(message)])
         except OSError as e:
             self.maildirs.pop(maildir_path, None)  # made again (folders and all) next time
