@@ -21,7 +21,8 @@ Decisions (GreenArrow's documentation is silent on them):
 * `postmaster@<domain>` exists for every incoming domain (RFC 5321 4.5.1):
   the configured mailbox of that name, else an implicit plain mailbox
   `maildata/<domain>/postmaster/`. The bare `postmaster` (no domain) is
-  the postmaster of the first incoming domain in the file; with no incoming
+  the postmaster of the first `incoming_email_domain` in the file (else of
+  the first lite processor address's domain); with no incoming
   domain at all, `postmaster@<me>` (the `me` control file) is the one
   local address, so that the engine still takes mail for its postmaster.
 * A bounce mailbox `return` also takes the encoded SimpleMH bounce
@@ -197,7 +198,9 @@ def _index(root: str, conf: conflib.Block) -> _Index:
 
 
 def mailboxes(root: str, conf: conflib.Block) -> list[Mailbox]:
-    """Every mailbox of `conf` (implicit postmasters included), in the order of the file.
+    """Every mailbox of `conf`: the incoming_email_domain blocks' in the order of the file,
+    then the lite processor addresses (top level, then `general`), then the implicit
+    postmasters.
 
     Raises conf.ConfError (with its line) for a local part configured twice.
     """
