@@ -506,6 +506,13 @@ throttle_program careful {
     window 5m
     min_attempts 20
 }
+incoming_email_domain bounces.example.com {
+    bounce_mailbox return
+    spam_complaint_mailbox fbl
+    mailbox postmaster
+}
+lite_bounce_processor_address lite-bounces@bounces.example.com
+lite_fbl_processor_address lite-fbl@bounces.example.com
 """
 
 

@@ -230,6 +230,7 @@ def test_processed_logfile_prints_raw_lines(root: Root) -> None:
 def test_json_shape(root: Root) -> None:
     data = report("-q", "ram")
     assert data["attempts"] == 5
+    assert data["by_channel"] == {"remote": 5}
     assert data["by_status"] == {
         "success": 2,
         "failure": 1,

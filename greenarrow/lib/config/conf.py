@@ -492,6 +492,41 @@ EVENT_TYPE_NAMES = Args("TYPE[, TYPE...]|all", parse_name, max=None)
 RANDOMIZATION = one_of("fully_random", "message_constant", "email_address_constant")
 
 
+def parse_domain(text: str) -> str:
+    """An exact domain name (no pattern), returned in lower-case ASCII form."""
+    kind, domain = parse_domain_pattern(text)
+    if kind != EXACT:
+        raise ValueError(f"expected a domain name, not a pattern: {text!r}")
+    return domain
+
+
+_LOCAL_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                         "!#$%&'*+/=?^_`{|}~-")
+
+
+def parse_local_part(text: str) -> str:
+    """An unquoted local part (RFC 5321 dot-atom, at most 64 octets, no `/`), lower-cased."""
+    if (not text or len(text) > 64 or text.startswith(".") or text.endswith(".")
+            or ".." in text or not all(c in _LOCAL_ATEXT or c == "." for c in text)):
+        raise ValueError(f"bad local part {text!r}: expected a dot-atom of at most 64 characters")
+    if "/" in text:  # it names a Maildir folder under maildata/
+        raise ValueError(f"bad local part {text!r}: '/' is not allowed")
+    return text.lower()
+
+
+def parse_address(text: str) -> str:
+    """`local@domain` with a dot-atom local part and an exact domain, lower-cased."""
+    local, at, domain = text.rpartition("@")
+    if not at:
+        raise ValueError(f"bad address {text!r}: expected local@domain")
+    return f"{parse_local_part(local)}@{parse_domain(domain)}"
+
+
+DOMAIN = Args("DOMAIN", parse_domain)
+LOCAL_PART = Args("LOCAL_PART", parse_local_part)
+ADDRESS = Args("LOCAL@DOMAIN", parse_address)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One known block or directive: where it may appear and what it takes.
@@ -531,6 +566,7 @@ SCHEMA: tuple[Rule, ...] = (
     block("routing_rule", ROOT, VMTA_NAME),
     block("throttle_template", ROOT, NAME),
     block("throttle_program", ROOT, NAME),
+    block("incoming_email_domain", ROOT, DOMAIN),  # greenarrow.lib.routing.incoming
     # general
     directive("system_max_smtp_connections", "general", INT),
     directive("queue_lifetime", ("general", "domain"), DURATION),
@@ -586,6 +622,12 @@ SCHEMA: tuple[Rule, ...] = (
     directive("statistic_report_grouping", "mail_class", STRING),
     directive("track_text_links", "mail_class", YES_NO),
     directive("handle_bounce_and_fbl", "mail_class", YES_NO),
+    # incoming mail: greenarrow.lib.routing.incoming
+    directive("bounce_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
+    directive("spam_complaint_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
+    directive("mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
+    directive("lite_bounce_processor_address", (ROOT, "general"), ADDRESS, multiple=True),
+    directive("lite_fbl_processor_address", (ROOT, "general"), ADDRESS, multiple=True),
 )
 
 

@@ -102,6 +102,10 @@ class Root:
     def service_pid(self, service: str) -> Path:
         return self.path.__class__(service_pid_path(str(self.path), service))
 
+    def local_socket(self) -> Path:
+        """The Unix socket on which the `local` delivery agent takes deliveries."""
+        return self.var / "local.sock"
+
 
 def root_path_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
     """The install root named by `HVMAIL_ROOT` (or the default), as a string."""

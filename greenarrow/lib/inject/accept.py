@@ -250,8 +250,13 @@ def accept(
     limit: int = 0,
     count_file: str = "",
     root: str | None = None,
+    as_received: bool = False,
 ) -> str:
     """Validate, process and commit a CRLF message; return its msguid.
+
+    `as_received`: queue the message unchanged after `trace` (mail for the
+    engine's own mailboxes: no X-GreenArrow-* processing, no SimpleMH, no
+    added Message-ID or Date), so a bounce or complaint is filed as it came.
 
     `limit` (control/queue.ram.limit.messages) is checked against the count
     the queue's scheduler publishes in `count_file`; over it the answer is a
@@ -269,7 +274,10 @@ def accept(
     msguid = queue_entry.new_msguid(now)
     if root is None:  # queue_dir is ROOT/queue/ram
         root = os.path.dirname(os.path.dirname(os.path.abspath(queue_dir)))
-    prepared = prepare(message, env, me, msguid, now, trace, root)
+    if as_received:
+        prepared = Prepared(trace + message, {})
+    else:
+        prepared = prepare(message, env, me, msguid, now, trace, root)
     envs = envelopes(prepared, sender, recipients, msguid, now, source_ip)
     try:
         if prepared.simplemh is None:

@@ -2,7 +2,13 @@
 
 ESMTP with PIPELINING, SIZE (`control/databytes`) and 8BITMIME. Relaying is
 allowed only for clients whose `control/smtp.tcp` rule sets RELAYCLIENT;
-everyone else is refused at RCPT and nothing is queued. The message goes
+everyone else is refused at RCPT and nothing is queued. Mail for the
+engine's own mailboxes (greenarrow.lib.routing.incoming) is taken from
+anyone, and other local parts of those domains are refused with 550, for
+every client (incoming_recipient). A message whose every recipient is
+such a mailbox is queued as received (after its Received field): no
+X-GreenArrow-* processing, no SimpleMH, so the bounce and complaint
+processors see what the remote host sent. The message goes
 through the same processing as command-line injection
 (greenarrow.lib.inject.accept), and the queue commit happens before the 250
 reply to DATA.
@@ -30,17 +36,20 @@ import socket
 import ssl
 from pathlib import Path
 
+from greenarrow.lib.config import conf as conflib
 from greenarrow.lib.config import control, tcprules
 from greenarrow.lib.core import listen_sockets
 from greenarrow.lib.core import message as msglib
 from greenarrow.lib.core.paths import Root, count_path
 from greenarrow.lib.inject import accept as injection
 from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.routing import incoming
 from greenarrow.lib.smtp.server import SessionPolicy, SmtpSession, Transaction
 
 log = logging.getLogger("smtpd")
 
 RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+NO_MAILBOX = "550 5.1.1 sorry, no mailbox here by that name (#5.1.1)"
 
 
 class Settings:
@@ -60,6 +69,9 @@ class Settings:
         self.queue_dir = str(root.queue("ram"))
         self.fifo = str(root.trigger("ram"))
         self.tls_context = tls_context(root.control)
+        self.conf = conflib.load_root(root)  # incoming_email_domain: incoming_recipient()
+        incoming.mailboxes(str(root.path), self.conf)  # a local part twice: refuse the start
+        self.incoming_domains = incoming.incoming_domains(self.conf)
 
 
 def tls_context(control_dir: Path) -> ssl.SSLContext | None:
@@ -101,6 +113,24 @@ def tls_context(control_dir: Path) -> ssl.SSLContext | None:
             problem = f"{cert_path} / {key_path}: not a usable certificate and key: {e}"
         raise control.ControlError(problem) from None
     return context
+
+
+def incoming_recipient(settings: Settings, address: str) -> tuple[str | None, str | None]:
+    """For an address at one of the engine's incoming domains (or the bare `postmaster`,
+    RFC 5321 4.5.1): (the recipient to queue, None), or (None, the refusal) when no
+    mailbox has that name there. (None, None) for any other address: the relay rule decides.
+    """
+    box = incoming.find(str(settings.root.path), settings.conf, address)
+    if box is not None:
+        if "@" not in address:
+            return box.address, None
+        try:
+            return injection.check_address(address, "recipient"), None
+        except injection.InjectionError as e:
+            return None, f"553 5.1.3 {e.text}"
+    if address.rpartition("@")[2].lower().rstrip(".") in settings.incoming_domains:
+        return None, NO_MAILBOX
+    return None, None
 
 
 class SessionCount:
@@ -182,6 +212,9 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def check_recipient(self, session: SmtpSession, address: str) -> str | None:
+        local, refusal = incoming_recipient(self.settings, address)
+        if local is not None or refusal is not None:
+            return refusal
         rule = self._rule(session)
         if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
             return RELAY_DENIED
@@ -195,6 +228,7 @@ class InjectionPolicy(SessionPolicy):
         settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
+        ours = [incoming_recipient(settings, r)[0] for r in transaction.recipients]
         try:
             trace = b""
             if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
@@ -208,7 +242,7 @@ class InjectionPolicy(SessionPolicy):
                 self.trigger,
                 msglib.to_crlf(data),
                 transaction.sender,
-                list(transaction.recipients),
+                [mine or r for mine, r in zip(ours, transaction.recipients, strict=True)],
                 env,
                 settings.me,
                 source_ip=session.peer_ip,
@@ -216,6 +250,7 @@ class InjectionPolicy(SessionPolicy):
                 databytes=settings.databytes,
                 limit=settings.limit,
                 count_file=settings.count_file,
+                as_received=all(ours),
             )
         except injection.InjectionError as e:
             code = "554 5.6.0" if e.permanent else "451 4.3.0"
@@ -260,11 +295,12 @@ class SmtpServer:
             log.info("STARTTLS offered")
 
     def reload(self) -> None:
-        """Re-read smtp.tcp, databytes, me and the TLS files; an error keeps the old settings."""
+        """Re-read smtp.tcp, databytes, me, the TLS files and greenarrow.conf's incoming
+        mailboxes; an error keeps the old settings."""
         try:
             old, self.policy = self.policy, InjectionPolicy(Settings(self.root), self.sessions)
             old.trigger.close()
-        except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
+        except (control.ControlError, tcprules.TcpRulesError, conflib.ConfError, OSError) as e:
             log.error("reload failed, keeping the previous settings: %s", e)
         else:
             log.info("reloaded control files")

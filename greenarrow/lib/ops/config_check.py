@@ -22,6 +22,7 @@ class ConfigProblem(Exception):
 
 def check_conf(conf: conflib.Block) -> None:
     """Build what queue-send and the injectors build from greenarrow.conf."""
+    from greenarrow.lib.routing import incoming
     from greenarrow.lib.routing.domain_rules import DomainRules
     from greenarrow.lib.routing.throttle_config import throttle_programs
     from greenarrow.lib.routing.virtual_mta import VirtualMtas
@@ -30,6 +31,7 @@ def check_conf(conf: conflib.Block) -> None:
     DomainRules(conf)
     VirtualMtas(conf)
     throttle_programs(conf)
+    incoming.mailboxes("", conf)  # a local part configured twice
     try:
         mail_class.compile_conf(conf)
     except mail_class.MailClassConfigError as e:

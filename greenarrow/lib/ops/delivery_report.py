@@ -199,6 +199,7 @@ class Summary:
         self.first: float | None = None
         self.last: float | None = None
         self.by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        self.by_channel: dict[str, int] = {}  # `remote` (SMTP) or `local` (a Maildir)
         self._by_sendid: dict[str, tuple[str, dict[str, int]]] = {}
 
     def add(self, record: dict[str, str]) -> None:
@@ -211,6 +212,8 @@ class Summary:
             self.last = stamp
         status = record["status"]
         self.by_status[status] = self.by_status.get(status, 0) + 1
+        channel = record.get("channel") or "remote"
+        self.by_channel[channel] = self.by_channel.get(channel, 0) + 1
         sendid = record["sendid"]
         key = sendid.lower()
         entry = self._by_sendid.get(key)
@@ -238,6 +241,7 @@ class Summary:
             "last": self.last,
             "attempts": self.attempts,
             "by_status": dict(self.by_status),
+            "by_channel": dict(sorted(self.by_channel.items())),
             "by_sendid": self.by_sendid(),
         }
 
@@ -250,6 +254,9 @@ class Summary:
         if self.first is not None and self.last is not None:
             lines.append(f"Attempts found from {_when(self.first, '')} to {_when(self.last, '')}")
         lines.append(f"Total attempts: {self.attempts}")
+        if self.by_channel:
+            lines.append("By channel: " + ", ".join(
+                f"{channel} {count}" for channel, count in sorted(self.by_channel.items())))
         lines.append("")
         status_rows = [[status, str(count)] for status, count in self.by_status.items()]
         lines.extend(_table(["Status", "Attempts"], status_rows))

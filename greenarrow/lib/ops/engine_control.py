@@ -134,9 +134,12 @@ def database_ready(root: Root, services: list[dict]) -> bool:
 
 
 def listeners_ready(root: Root) -> bool:
-    """Every remote worker socket and SMTP listener answers (services take a moment to bind)."""
+    """Every remote worker socket, the local agent's and each SMTP listener answers
+    (services take a moment to bind)."""
     workers = control.read_int(root.control, "remote.workers")
     if not all(root.remote_socket(n).exists() for n in range(workers)):
+        return False
+    if not root.local_socket().exists():
         return False
     for host, port in control.read(root.control, "smtp.listen"):
         target = "127.0.0.1" if host == "0.0.0.0" else ("::1" if host == "::" else host)

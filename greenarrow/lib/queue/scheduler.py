@@ -18,6 +18,14 @@ at a time, and applies each result:
   again; the entry was never removed, so nothing is lost (a duplicate
   delivery is possible, as in qmail).
 
+A recipient at one of the engine's own mailboxes (greenarrow.lib.config.
+incoming: `incoming_email_domain`, the lite processor addresses) goes to the
+`local` agent (greenarrow.lib.local.agent) on `var/local.sock` instead of a
+remote worker, with the same link and results. Its deferrals are retried
+in place in this queue, never moved to the disk-queue (GreenArrow:
+"deliveries to local domain names are not moved to the disk-queue"). An
+entry whose kind of agent has no link up waits (parked) until one connects.
+
 An entry whose envelope fails queue_entry.check_envelope (read here before
 each attempt, or by the worker, which answers `bad`) is moved to the
 queue's `bad/` folder with one log line naming it; nothing else stops.
@@ -46,6 +54,7 @@ from greenarrow.lib.core.remote_link import CONNMAXOUT, FAILURE_TOOLONG, RETRIED
 from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.lib.queue import moves as queue_moves
 from greenarrow.lib.queue import retry_schedule
+from greenarrow.lib.routing import incoming
 from greenarrow.lib.routing.plan import Planner
 from greenarrow.pyx.queue_scan import scan
 
@@ -55,16 +64,19 @@ STALE_TMP_SECONDS = 3600
 TOOLONG_TEXT = "I'm not going to try again; this message has been in the queue too long."
 CONNMAXOUT_RETRY = 60  # seconds before a throttled attempt is tried again (at most)
 MOVES_TO_DISK = ("ram", "bounce")  # first-attempt queues; the disk-queue retries in place
+REMOTE, LOCAL = "remote", "local"  # delivery channels: the log's `channel` column
 LEARNED_MX_MAX = 100_000  # domains whose MX host is remembered for mx: patterns
 STATUS_INTERVAL = 0.5  # seconds between two publications of the queue's count and status
 _FIFO_READ = 65536
 
 
 class WorkerLink:
-    """The connection to one remote worker."""
+    """The connection to one remote worker, or (channel LOCAL) to the local agent."""
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, path: str = "", channel: str = REMOTE) -> None:
         self.number = number
+        self.path = path
+        self.channel = channel
         self.writer: asyncio.StreamWriter | None = None
         self.jobs: remote_link.LineBatch | None = None
         self.inflight: set[str] = set()
@@ -88,6 +100,8 @@ class Scheduler:
         self.waiting: list[tuple[int, str]] = []
         self.inflight: dict[str, tuple[WorkerLink, dict, float]] = {}
         self.links: list[WorkerLink] = []
+        self.local_link: WorkerLink | None = None
+        self.parked: dict[str, list[str]] = {REMOTE: [], LOCAL: []}  # waiting for a link
         self.wake = asyncio.Event()
         self.stopping = False
         self.changed = True
@@ -116,6 +130,7 @@ class Scheduler:
         bounce_limit = control.read_int(c, "queue.bounce.limit.messages")
         disk_limit = control.read_int(c, "queue.disk.limit.messages")
         conf = conflib.load_root(self.root)
+        incoming.mailboxes(str(self.root.path), conf)  # a ConfError now, not at dispatch
         planner = Planner(conf)
         general = conf.block("general")
         system_max = general.get_int("system_max_smtp_connections", 0) if general else 0
@@ -124,6 +139,7 @@ class Scheduler:
         self.me, self.bouncemaxbytes, self.doublebounceto = me, bouncemaxbytes, doublebounceto
         self.bounce_limit, self.disk_limit = bounce_limit, disk_limit
         self.planner = planner
+        self.conf = conf
         # The global cap, shared out: each worker enforces its part.
         self.system_max_share = -(-system_max // max(1, workers)) if system_max else 0
 
@@ -227,10 +243,31 @@ class Scheduler:
         plan = self.planner.plan(recipient, envelope["mtaid"], envelope["msguid"] or name, mx)
         return plan.job(name, path, self.system_max_share), plan.log_fields()
 
+    def local_job(self, name: str, path: str, envelope: dict) -> tuple[dict, dict] | None:
+        """The job for the local agent when the recipient is one of our mailboxes, else None."""
+        box = incoming.find(str(self.root.path), self.conf, envelope["recipient"])
+        if box is None:
+            return None
+        vmta = self.planner.vmtas.lookup(envelope["mtaid"])
+        fields = {"mtaid_id": vmta.id, "mtaid_name": vmta.name, "outmtaid": "",
+                  "outmtaid_ip": "", "outmtaid_name": ""}
+        return {"id": name, "path": path, "maildir": box.path}, fields
+
+    def _links_up(self) -> bool:
+        local = self.local_link
+        return any(link.up for link in self.links) or (local is not None and local.up)
+
+    def unpark(self, channel: str) -> None:
+        """A link of `channel` is up: the entries that waited for one go first."""
+        names, self.parked[channel] = self.parked[channel], []
+        self.ready.extendleft(reversed(names))
+        if names:
+            self.wake.set()
+
     def dispatch(self) -> None:
         self._promote_due()
         while self.ready and len(self.inflight) < self.concurrency and not self.stopping:
-            if not any(link.up for link in self.links):
+            if not self._links_up():
                 return
             name = self.ready.popleft()
             if name not in self.known or name in self.inflight:
@@ -249,16 +286,21 @@ class Scheduler:
                 self.known.discard(name)
                 continue
             try:
-                job, fields = self.job_for(name, path, envelope)
+                local = self.local_job(name, path, envelope)
+                job, fields = local if local is not None else self.job_for(name, path, envelope)
             except Exception:  # a checked envelope should not get here; the queue goes on
                 log.exception("cannot schedule queue entry %s, left in place", name)
                 self.known.discard(name)
                 continue
-            link = self._pick_link(job.get("worker_key"))
+            if local is not None:
+                link = self.local_link if self.local_link and self.local_link.up else None
+            else:
+                link = self._pick_link(job.get("worker_key"))
             if link is None:
-                self.ready.appendleft(name)
-                return
+                self.parked[LOCAL if local is not None else REMOTE].append(name)
+                continue
             envelope["_log"] = fields
+            envelope["_channel"] = link.channel
             self.inflight[name] = (link, envelope, self.clock())
             link.inflight.add(name)
             link.jobs.write(remote_link.encode(job))
@@ -314,7 +356,8 @@ class Scheduler:
                                               now, scale=self.retry_scale)
                 if status == CONNMAXOUT:  # the receiver did not refuse: try again soon
                     due = min(due, int(now + CONNMAXOUT_RETRY * self.retry_scale) + 1)
-                target = moves if self.queue in MOVES_TO_DISK else retries
+                local = envelope.get("_channel") == LOCAL  # local deliveries never move
+                target = moves if self.queue in MOVES_TO_DISK and not local else retries
                 target.append((name, attempts + 1, due))
             else:
                 if status != remote_link.SUCCESS:
@@ -423,7 +466,7 @@ class Scheduler:
                 status: str, text: str) -> dict:
         return {
             "timestamp": started,
-            "channel": "remote",
+            "channel": envelope.get("_channel", REMOTE),
             "status": status,
             # An overflowed bounce makes its first attempt from the disk-queue: a retry there.
             "is_retry": 1 if attempts > 0 or self.queue == "disk" else 0,
@@ -451,18 +494,22 @@ class Scheduler:
             self.ready.appendleft(name)
         if link.inflight:
             log.warning(
-                "remote %d went away with %d attempts under way; they will be retried",
-                link.number,
+                "%s went away with %d attempts under way; they will be retried",
+                self._link_name(link),
                 len(link.inflight),
             )
         link.inflight.clear()
         self.wake.set()
 
+    @staticmethod
+    def _link_name(link: WorkerLink) -> str:
+        return "local" if link.channel == LOCAL else f"remote {link.number}"
+
     # -- the loops -------------------------------------------------------
 
     async def link_loop(self, link: WorkerLink) -> None:
         """Keep a connection to one worker and read its results, reconnecting with back-off."""
-        path = str(self.root.remote_socket(link.number))
+        path = link.path or str(self.root.remote_socket(link.number))
         delay = 0.05
         while not (self.stopping and not link.inflight):
             try:
@@ -474,7 +521,8 @@ class Scheduler:
             delay = 0.05
             link.writer = writer
             link.jobs = remote_link.LineBatch(writer)
-            log.info("connected to remote %d", link.number)
+            log.info("connected to %s", self._link_name(link))
+            self.unpark(link.channel)
             self.wake.set()
             try:
                 while True:
@@ -524,8 +572,11 @@ class Scheduler:
         loop.add_reader(fifo, on_trigger)
         self.rescan()
         log.info("%s-queue: %d entries at start", self.queue, len(self.known))
-        self.links = [WorkerLink(n) for n in range(self.worker_count)]
-        link_tasks = [asyncio.create_task(self.link_loop(link)) for link in self.links]
+        self.links = [WorkerLink(n, str(self.root.remote_socket(n)))
+                      for n in range(self.worker_count)]
+        self.local_link = WorkerLink(-1, str(self.root.local_socket()), LOCAL)
+        link_tasks = [asyncio.create_task(self.link_loop(link))
+                      for link in [*self.links, self.local_link]]
         last_scan = last_publish = time.monotonic()
         self.publish()
         watches = [self._wake_on(stop), self._wake_on(reload)]
