@@ -38,7 +38,7 @@ setup(
     description="A GreenArrow-compatible high-volume email delivery engine",
     python_requires=">=3.11",
     packages=find_packages(include=["greenarrow", "greenarrow.*"]),
-    package_data={"greenarrow": ["sql/*.sql", "client/*.c"]},
+    package_data={"greenarrow": ["sql/*.sql", "client/*.c", "lib/feedback/bounce_rules.txt"]},
     ext_modules=cythonize(extensions, language_level=3),
     cmdclass={"build_py": build_py_with_data},
     install_requires=[

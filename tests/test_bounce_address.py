@@ -29,7 +29,7 @@ def test_full_form_shape() -> None:
     addr = ba.encode(BOX, "t100", "news0901220005", "r@d.example", C)
     local, domain = addr.split("@")
     assert domain == "bounces.example.com"
-    assert local.startswith("bounce-t100-news0901220005-r=40d.example-1")
+    assert local.startswith("bounce-t100-news0901220005-r=40d.example-5")
     assert len(local.rpartition("-")[2]) == 1 + ba.TAG_CHARS
     d = ba.decode(addr, C)
     assert (d.mailbox, d.listid, d.sendid, d.recipient, d.short, d.unsubscribe) == (
@@ -64,7 +64,7 @@ def test_short_form_when_too_long() -> None:
     addr = ba.encode(BOX, "t100", "newsletter-0901220005", rcpt, C)
     local = addr.rpartition("@")[0]
     assert len(local) <= 64
-    assert local.startswith("bounce-t100-2")
+    assert local.startswith("bounce-t100-6")
     assert not ba.is_full(addr)
     with pytest.raises(ba.BounceAddressError, match="X-Mailer-Info"):
         ba.decode(addr, C)
@@ -90,7 +90,7 @@ def test_short_form_without_room_for_the_listid() -> None:
     box = "b" * 40 + "@bounces.example.com"
     addr = ba.encode(box, "L" * 20, "s", "r" * 70 + "@x.example", C)
     local = addr.rpartition("@")[0]
-    assert len(local) <= 64 and "--2" in local
+    assert len(local) <= 64 and "--6" in local
     d = ba.decode(addr, C, mailer_info=mailer_info("r" * 70 + "@x.example", "L" * 20, "s"))
     assert d.listid == "L" * 20
 
@@ -102,7 +102,7 @@ def test_unsubscribe_purpose() -> None:
     assert addr != bounce
     # the version digit is signed: a bounce cannot be turned into an unsubscribe request
     local, _, domain = bounce.rpartition("@")
-    forged = local[: -ba.TAG_CHARS - 1] + "3" + local[-ba.TAG_CHARS:] + "@" + domain
+    forged = local[: -ba.TAG_CHARS - 1] + ba.UNSUBSCRIBE + local[-ba.TAG_CHARS:] + "@" + domain
     with pytest.raises(ba.BounceAddressError):
         ba.decode(forged, C)
 
@@ -193,3 +193,103 @@ def test_escape_remembered_is_escape(text: str) -> None:
     """escape() remembers recent fields (a message's ListID and SendID, each recipient twice)."""
     assert ba.escape(text) == ba._escape(text) == ba.escape(text)
     assert len(ba._escaped) <= 4096
+
+
+# --------------------------------------------------------------------------- the domain (issue 10)
+
+LONG_RECIPIENT = "a-very-long-recipient-local-part-that-does-not-fit@d.example"
+# Made by the encoder of versions 1-4 (before the domain was signed), kept as they were
+# sent: mail out before an upgrade bounces to these for days.
+LEGACY = {
+    "full": "bounce-t100-news0901220005-r=40d.example-1v2kjwmsm@bounces.example.com",
+    "unsubscribe": "bounce-t100-news0901220005-r=40d.example-3w24hvgu2@bounces.example.com",
+    "short": "bounce-t100-2j6kwfhy3@bounces.example.com",
+}
+
+
+@pytest.mark.parametrize("unsubscribe", [False, True])
+@pytest.mark.parametrize("recipient", ["r@d.example", LONG_RECIPIENT])
+def test_domain_is_signed(recipient: str, unsubscribe: bool) -> None:
+    """The tag covers the bounce domain: the same local part at another domain is refused;
+    the domain's case and a final dot do not matter."""
+    addr = ba.encode(BOX, "t100", "news0901220005", recipient, C, unsubscribe)
+    info = mailer_info(recipient, "t100", "news0901220005")
+    local, _, domain = addr.rpartition("@")
+    decoded = ba.decode(addr, C, mailer_info=info)
+    assert decoded.domain_bound and decoded.mailbox == BOX and decoded.recipient == recipient
+    for other in ("attacker.example", "bounces.example.com.evil.example", "example.com"):
+        with pytest.raises(ba.BounceAddressError, match="verification"):
+            ba.decode(f"{local}@{other}", C, mailer_info=info)
+    assert ba.decode(f"{local}@{domain.upper()}.", C, mailer_info=info).recipient == recipient
+
+
+def test_legacy_versions_still_decode() -> None:
+    """Addresses of versions 1-4 decode as before, marked as not binding their domain."""
+    d = ba.decode(LEGACY["full"], C)
+    assert (d.listid, d.sendid, d.recipient, d.unsubscribe, d.short) == (
+        "t100", "news0901220005", "r@d.example", False, False)
+    assert (d.version, d.domain_bound) == ("1", False)
+    assert ba.decode(LEGACY["unsubscribe"], C).unsubscribe
+    info = mailer_info(LONG_RECIPIENT, "t100", "news0901220005")
+    d = ba.decode(LEGACY["short"], C, mailer_info=info)
+    assert (d.recipient, d.short, d.version, d.domain_bound) == (LONG_RECIPIENT, True, "2", False)
+    # not signed, so another domain decodes too: the caller checks domain_bound
+    assert ba.decode(LEGACY["full"].replace("bounces.example.com", "x.example"), C).mailbox \
+        == "bounce@x.example"
+    # new addresses never use versions 1-4
+    assert ba.encode(BOX, "t100", "news0901220005", "r@d.example", C).rpartition("-")[2][0] == "5"
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=120), info=st.one_of(st.none(), st.binary(max_size=80)))
+def test_decode_bytes_fuzz(data: bytes, info: bytes | None) -> None:
+    """Any bytes, as address and X-Mailer-Info: BounceAddressError and nothing else."""
+    with pytest.raises(ba.BounceAddressError):
+        ba.decode(data, C, mailer_info=info)
+
+
+def _valid_addresses() -> list[tuple[str, str, bool]]:
+    """(address, the X-Mailer-Info that decodes it, unsubscribe) of every version."""
+    out = []
+    for box, listid, sendid in ((BOX, "t100", "news0901220005"), ("b-x@Bounce.Example", "", "s")):
+        for recipient in ("r@d.example", "Alice.B@Example.com", LONG_RECIPIENT):
+            for unsub in (False, True):
+                out.append((ba.encode(box, listid, sendid, recipient, C, unsub),
+                            mailer_info(recipient, listid, sendid), unsub))
+    info = mailer_info(LONG_RECIPIENT, "t100", "news0901220005")
+    out.extend((addr, info, what == "unsubscribe") for what, addr in LEGACY.items())
+    return out
+
+
+VALID = _valid_addresses()
+
+
+@settings(max_examples=600, deadline=None)
+@given(pick=st.integers(0, len(VALID) - 1), pos=st.integers(0, 200),
+       action=st.sampled_from(["replace", "insert", "delete", "swapcase", "truncate", "repeat"]),
+       char=st.characters(max_codepoint=0x2FF), info_cut=st.integers(0, 3))
+def test_decode_near_valid_mutations(pick, pos, action, char, info_cut) -> None:
+    """Valid addresses changed by one character (or cut, or their X-Mailer-Info cut): either
+    BounceAddressError, or (for changes of case) the same fields as the original."""
+    addr, info, unsubscribe = VALID[pick]
+    original = ba.decode(addr, C, mailer_info=info)
+    assert original.unsubscribe == unsubscribe
+    pos = pos % (len(addr) + 1)
+    mutated = {
+        "replace": addr[:pos] + char + addr[pos + 1:],
+        "insert": addr[:pos] + char + addr[pos:],
+        "delete": addr[:pos] + addr[pos + 1:],
+        "swapcase": addr[:pos] + addr[pos:].swapcase(),
+        "truncate": addr[:pos],
+        "repeat": addr + addr[pos:],
+    }[action]
+    info = info[: len(info) * info_cut // 4] if info_cut else info
+    try:
+        got = ba.decode(mutated, C, mailer_info=info)
+    except ba.BounceAddressError:
+        return
+    assert (got.listid, got.sendid, got.recipient, got.unsubscribe, got.short) == (
+        original.listid, original.sendid, original.recipient, original.unsubscribe,
+        original.short)
+    if got.domain_bound:
+        assert got.mailbox.lower().rstrip(".") == original.mailbox.lower()

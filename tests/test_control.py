@@ -150,7 +150,10 @@ def test_defaults_when_missing(cdir: Path) -> None:
     for name, spec in control.SPECS.items():
         if spec.default is not None:
             assert control.read(cdir, name) == spec.default, name
-    assert control.read(cdir, "databytes") == 0
+    # 10 MB, Postfix's message_size_limit: a message without a limit could take smtpd's memory
+    assert control.read(cdir, "databytes") == 10 * 1024 * 1024
+    assert control.read(cdir, "smtp.sessions.max") == 200
+    assert control.read(cdir, "smtp.sessions.per_ip") == 50
     assert control.read(cdir, "smtp.listen") == [("127.0.0.1", 25)]
     assert control.read(cdir, "log.delivery.maxbytes") == 16 * 1024 * 1024
     assert control.read(cdir, "smtp.tcp") == ""
@@ -163,6 +166,8 @@ def test_defaults_for_empty_files(cdir: Path) -> None:
     put(cdir, "databytes", "")
     put(cdir, "me", "# no name\n")
     assert control.read(cdir, "concurrencyremote") == 20
+    assert control.read(cdir, "databytes") == 10 * 1024 * 1024
+    put(cdir, "databytes", "0\n")  # said explicitly: no limit
     assert control.read(cdir, "databytes") == 0
     assert control.read(cdir, "me") == (os.uname().nodename or "localhost")
 

@@ -3,14 +3,15 @@
 500 messages through the `sendmail` entry point with GREENARROW_SENDID and
 500 over SMTP with the X-GreenArrow-SendID header, all delivered to an
 aiosmtpd receiver that is not the engine's code; each arrives byte-identical
-to what was injected apart from the headers the engine adds (Received, for
-SMTP) or strips (X-GreenArrow-*); `hvmail_report` counts 1000 successes for
+to what was injected apart from the headers the engine adds (Received: the
+SMTP client's, or the uid that ran `sendmail`) or strips (X-GreenArrow-*); `hvmail_report` counts 1000 successes for
 that SendID; `hvmail_init stop` leaves no process behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 
 from engine import Engine, route_conf, wait_until
@@ -62,7 +63,9 @@ def test_thousand_messages_end_to_end(tmp_path):
             assert len(received) == 2 * N  # no duplicates, nothing missing
             for n in range(N):
                 cli = received[f"user{n}@dest.test|cli"].content
-                assert cli == message(n, "cli")
+                trace = b"Received: by engine.test (GreenArrow, from userid %d);\r\n\t" % os.getuid()
+                assert cli.startswith(trace)
+                assert cli[cli.index(b"\r\nFrom: ") + 2:] == message(n, "cli")
                 smtp_msg = received[f"user{n}@dest.test|smtp"].content
                 assert smtp_msg.startswith(b"Received: from ")
                 first_header_end = smtp_msg.index(b"\r\nFrom: ") + 2

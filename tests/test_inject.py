@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from email.utils import parsedate_to_datetime
@@ -52,11 +53,20 @@ def entries(root: Root) -> list[Path]:
     return sorted((root.queue("ram") / "entries").iterdir())
 
 
+# Command-line injection puts the submitter's trace field first (Postfix's form).
+TRACE = re.compile(rb"Received: by [^ ]+ \(GreenArrow, from userid (\d+)\);\r\n\t[^\r\n]+\r\n")
+
+
 def queued(root: Root) -> list[tuple[str, dict, bytes]]:
-    """(file name, envelope, message) of every entry of the ram-queue, by recipient index."""
+    """(file name, envelope, message) of every entry of the ram-queue, by recipient index;
+    the message without the command line's Received field (its uid checked here)."""
     out = []
     for path in entries(root):
         env, msg = queue_entry.read_entry(path)
+        trace = TRACE.match(msg)
+        if trace:
+            assert int(trace.group(1)) == os.getuid(), msg[:200]
+            msg = msg[trace.end():]
         out.append((path.name, env, msg))
     out.sort(key=lambda t: queue_entry.split_name(t[0])[0])
     return out
@@ -227,13 +237,37 @@ def test_cut_at_dot(data: bytes, expected: bytes) -> None:
 
 
 def test_F_adds_from_when_missing(root: Root, environ: dict[str, str]) -> None:
-    """-F NAME adds `From: "NAME" <sender>` when the message has no From."""
-    inject(["-F", 'Ann "Q" Smith', "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
+    """-F NAME adds `From: "NAME" <sender>` when the message has no From; quotes and
+    backslashes in the name are kept, escaped (RFC 5322 quoted-string)."""
+    inject(["-F", 'Ann "Q" Sm\\ith', "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
     _, msg = only_entry(root)
     headers, _ = msglib.split_headers(msg)
     h = msglib.find(headers, b"from")
     assert h is not None
-    assert msglib.header_value(msg, h) == '"Ann Q Smith" <ann@example.com>'
+    assert msglib.header_value(msg, h) == '"Ann \\"Q\\" Sm\\\\ith" <ann@example.com>'
+    from email.parser import BytesParser
+    from email.policy import default
+
+    parsed = BytesParser(policy=default).parsebytes(msg)
+    assert parsed["From"].addresses[0].display_name == 'Ann "Q" Sm\\ith'
+
+
+@pytest.mark.parametrize("name", ["José Ñandú", "名前" * 30, 'Zoë "Q" \\ x'])
+def test_F_non_ascii_name_is_encoded(root: Root, environ: dict[str, str], name: str) -> None:
+    """A non-ASCII -F name goes out as RFC 2047 encoded words: a 7-bit header that reads
+    back as the name (RFC 2047 6.2: the space between two encoded words is not shown)."""
+    from email.header import decode_header, make_header
+
+    inject(["-F", name, "-f", "ann@example.com", "r@example.com"], NOFROM, environ)
+    _, msg = only_entry(root)
+    headers, _ = msglib.split_headers(msg)
+    h = msglib.find(headers, b"from")
+    assert h is not None and msg[h.start:h.end].isascii()
+    value = msglib.header_value(msg, h)
+    words, _, address = value.rpartition(" ")
+    assert address == "<ann@example.com>"
+    assert all(len(w) <= 75 and w.startswith("=?utf-8?b?") for w in words.split())
+    assert str(make_header(decode_header(words))) == name
 
 
 def test_F_keeps_existing_from(root: Root, environ: dict[str, str]) -> None:
@@ -442,6 +476,18 @@ def test_invalid_identifier_refused(
 
 
 # --------------------------------------------------------------------------- Message-ID, Date, CRLF
+
+
+def test_received_names_the_uid_that_injected(root: Root, environ: dict[str, str]) -> None:
+    """Command-line injection puts first a Received field with the uid that ran it
+    (Postfix's `from userid`), whatever USER says; injectd passes its client's uid."""
+    inject(["-f", "s@example.com", "r@example.com"], b"Subject: x\n\nb\n", environ)
+    inject_mod.inject(["r@example.com"], b"Subject: y\n\nb\n", environ, uid=4321)
+    raw = sorted((queue_entry.read_entry(path)[1] for path in entries(root)), key=len)
+    uids = sorted(int(TRACE.match(msg).group(1)) for msg in raw)
+    assert uids == sorted([os.getuid(), 4321])
+    assert all(msg.startswith(f"Received: by {ME} (GreenArrow, from userid ".encode())
+               for msg in raw)
 
 
 def test_message_id_and_date_added(root: Root, environ: dict[str, str]) -> None:
@@ -803,3 +849,15 @@ def test_envelope_line_refuses_other_types(value: object) -> None:
     """Envelope values are strings and integers only; anything else (bool too) is a TypeError."""
     with pytest.raises(TypeError):
         queue_entry.envelope_line({"sender": value})
+
+
+def test_header_field_refuses_line_breaks_and_nul() -> None:
+    """message.header_field, which makes every header the engine writes: CR, LF or NUL in
+    any part is HeaderValueError naming the header; parts after the first are folded."""
+    assert msglib.header_field("Received", "from a ([1.2.3.4])", "by b; date") == (
+        b"Received: from a ([1.2.3.4])\r\n\tby b; date\r\n")
+    for bad in ("a\rb", "a\nb", "a\r\nb", "a\0b", "\n.\nMAIL FROM:<x@y>"):
+        with pytest.raises(msglib.HeaderValueError, match="Received"):
+            msglib.header_field("Received", "from ok", bad)
+        with pytest.raises(msglib.HeaderValueError, match="From"):
+            msglib.header_field("From", bad)

@@ -158,7 +158,7 @@ def test_seed_bounce_queue_tuning_commands_then_restart(tmp_path):
             assert "bounce-queue: tmpfs of 200 MB, 50000 inodes" in status
             assert "ram-queue: plain folder" in status
             assert os.path.ismount(bounce_dir)
-            assert sorted(os.listdir(bounce_dir)) == ["entries", "hold", "tmp"]
+            assert sorted(os.listdir(bounce_dir)) == ["bad", "entries", "hold", "tmp"]
             queue_status = json.loads((engine.root.var / "queue.bounce.status").read_text())
             assert queue_status["known"] == 0
     finally:

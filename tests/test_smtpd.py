@@ -10,6 +10,8 @@ matched by different `control/smtp.tcp` rules. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import smtplib
 import socket
 import threading
@@ -571,3 +573,176 @@ def test_idle_session_is_closed_with_421_but_activity_keeps_it_open() -> None:
     assert active > timeout  # still open after more than one timeout of activity
     assert replies[5].startswith(b"421 4.4.2")
     assert idle >= timeout * 0.9
+
+
+# --------------------------------------------------------------------------- bounds (issue 10)
+
+
+def test_default_size_limit_advertised_and_enforced(root: Root, start_server) -> None:
+    """Without control/databytes the limit is 10 MB (Postfix's message_size_limit): EHLO
+    advertises it, a larger SIZE= is refused at MAIL and a larger DATA after its end."""
+    (root.control / "databytes").unlink()
+    start_server()
+    limit = 10 * 1024 * 1024
+    with client(root) as c:
+        c.ehlo("client.example")
+        assert c.esmtp_features["size"] == str(limit)
+        assert c.mail("s@example.com", [f"SIZE={limit + 1}"])[0] == 552
+        c.rset()
+        assert c.mail("s@example.com", [f"SIZE={limit}"])[0] == 250
+        assert c.rcpt("r@example.com")[0] == 250
+        code, _ = c.data(MESSAGE + (b"y" * 998 + b"\r\n") * (limit // 1000 + 10))
+        assert code == 552
+        assert c.noop()[0] == 250
+    assert nothing_queued(root)
+
+
+def test_data_over_limit_is_not_kept(root: Root, server: ServerThread) -> None:
+    """Once a DATA is over databytes its bytes are dropped as they arrive (a few kept for the
+    final dot): the session's buffer stays tiny however much more comes, then 552."""
+    with RawClient(root) as c:
+        assert c.reply()[0] == 220
+        c.send(b"EHLO big.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.com>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        sent = 0
+        for _ in range(50):  # 50 x 10 KB, fifty times databytes
+            c.send((b"z" * 998 + b"\r\n") * 10)
+            sent += 10000
+        session = server.sessions[-1]
+        deadline = time.monotonic() + WAIT
+        while server.in_loop(lambda: session._received) < sent:
+            assert time.monotonic() < deadline, "smtpd did not read what was sent"
+            time.sleep(0.01)
+        assert server.in_loop(lambda: len(session.buffer)) < 64
+        c.send(b".\r\n")
+        assert c.reply()[0] == 552
+    assert nothing_queued(root)
+
+
+def test_sessions_capped_in_total_and_per_address(root: Root, start_server) -> None:
+    """smtp.sessions.per_ip and smtp.sessions.max: the session over either gets 421 and is
+    closed; a freed place is taken again."""
+    control.write(root.control, "smtp.sessions.per_ip", 2)
+    control.write(root.control, "smtp.sessions.max", 3)
+    server = start_server()
+    opened = [RawClient(root, "127.0.0.1"), RawClient(root, "127.0.0.1")]
+    try:
+        assert [c.reply()[0] for c in opened] == [220, 220]
+        with RawClient(root, "127.0.0.1") as third:
+            code, text = third.reply()
+            assert code == 421 and "smtp.sessions.per_ip" in text
+            assert third.file.readline() == b""  # closed
+        opened.append(RawClient(root, "127.0.0.2"))
+        assert opened[-1].reply()[0] == 220
+        with RawClient(root, "127.0.0.3") as fourth:
+            code, text = fourth.reply()
+            assert code == 421 and "smtp.sessions.max" in text
+        opened.pop(0).close()
+        deadline = time.monotonic() + WAIT
+        while server.in_loop(lambda: server.server.sessions.by_address.get("127.0.0.1")) != 1:
+            assert time.monotonic() < deadline, "the closed session was not counted out"
+            time.sleep(0.01)
+        opened.append(RawClient(root, "127.0.0.1"))
+        assert opened[-1].reply()[0] == 220
+        server.reload()  # the count outlives a reload
+        with RawClient(root, "127.0.0.3") as fifth:
+            assert fifth.reply()[0] == 421
+    finally:
+        for c in opened:
+            c.close()
+    server.wait_sessions_done()
+    assert server.in_loop(lambda: (server.server.sessions.total,
+                                   server.server.sessions.by_address)) == (0, {})
+
+
+def trickle(c: RawClient, data: bytes, pause: float) -> tuple[int, str] | None:
+    """Send `data` a byte every `pause` seconds; the reply that came before the last byte
+    was sent, if any (None: all of it went out with no reply)."""
+    for i in range(len(data)):
+        try:
+            c.sock.sendall(data[i:i + 1])
+        except OSError:
+            break
+        readable, _, _ = select.select([c.sock], [], [], pause)
+        if readable and i < len(data) - 1:
+            return c.reply()
+    return None
+
+
+def test_trickled_command_is_cut(root: Root, start_server) -> None:
+    """A command line sent a byte at a time is cut with 421 once smtp.timeout has passed since
+    the last reply: a byte does not reset the timer."""
+    control.write(root.control, "smtp.timeout", 1.0)
+    start_server()
+    with RawClient(root) as c:
+        assert c.reply()[0] == 220
+        got = trickle(c, b"HELO " + b"a" * 60 + b"\r\n", 0.1)  # 6.7 s in all
+        assert got is not None and got[0] == 421, got
+
+
+def test_trickled_data_is_cut_but_a_steady_one_is_not(root: Root, start_server) -> None:
+    """After smtp.timeout, a DATA must average smtp.data.minrate bytes a second: one that
+    trickles is cut with 421, one that keeps up is accepted however long it takes."""
+    control.write(root.control, "smtp.timeout", 1.0)
+    control.write(root.control, "smtp.data.minrate", 1024)
+    control.write(root.control, "databytes", 0)
+    start_server()
+    with RawClient(root) as c:
+        assert c.reply()[0] == 220
+        c.send(b"EHLO slow.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.com>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        got = trickle(c, MESSAGE + b"x" * 60 + b"\r\n.\r\n", 0.1)
+        assert got is not None and got[0] == 421, got
+    with RawClient(root) as c:
+        assert c.reply()[0] == 220
+        c.send(b"EHLO steady.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.com>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        c.send(MESSAGE)
+        for _ in range(6):  # 3 s, three times the timeout, at about 8 KB a second
+            time.sleep(0.5)
+            c.send((b"y" * 398 + b"\r\n") * 10)
+        c.send(b".\r\n")
+        assert c.reply()[0] == 250
+    assert len(entries(root)) == 1
+
+
+def test_client_without_address_is_unknown(root: Root, start_server) -> None:
+    """A client with no peer address (here a Unix socket) is not 127.0.0.1: only the default
+    rule of smtp.tcp applies, so the loopback rule's RELAYCLIENT does not."""
+    import tempfile
+
+    server = start_server(RELAY_RULES)  # 127.0.0.1 relays, the default denies
+    folder = tempfile.mkdtemp(prefix="smtpd-")
+    path = f"{folder}/smtp.sock"
+
+    async def listen() -> asyncio.AbstractServer:
+        return await asyncio.get_running_loop().create_unix_server(server.server._factory, path)
+
+    unix = server.call(listen())
+    try:
+        def talk() -> tuple[int, int]:
+            with smtplib.SMTP(timeout=WAIT) as c:
+                c.sock = socket.socket(socket.AF_UNIX)
+                c.sock.settimeout(WAIT)
+                c.sock.connect(path)
+                c.file = None
+                assert c.getreply()[0] == 220
+                c.ehlo("unix.example")
+                assert c.mail("s@example.com")[0] == 250
+                rcpt = c.rcpt("r@example.com")[0]
+                data = c.data(MESSAGE)[0] if rcpt == 250 else 0
+                return rcpt, data
+
+        assert talk()[0] == 553
+        assert nothing_queued(root)
+        (root.control / "smtp.tcp").write_text(':allow,RELAYCLIENT=""\n')
+        server.reload()
+        assert talk() == (250, 250)
+        [(_, env, msg)] = queued(root)
+        assert env["source_ip"] == ""
+        assert msg.startswith(b"Received: from unix.example (unknown)\r\n")
+    finally:
+        unix.close()
+        server.call(unix.wait_closed())
+        os.unlink(path)
+        os.rmdir(folder)

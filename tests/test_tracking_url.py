@@ -160,6 +160,61 @@ def test_any_byte_change_in_the_blob_rejected(pos: int, flip: int) -> None:
         tu.decode(tu.b64url(bytes(blob)), C)
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), kinds=st.sampled_from([None, {tu.CLICK}, tu.KINDS]))
+def test_decode_bytes_fuzz(data: bytes, kinds) -> None:
+    """Any bytes (or bytearray): TrackingDataError, and nothing else."""
+    for value in (data, bytearray(data)):
+        with pytest.raises(tu.TrackingDataError):
+            tu.decode(value, C, kinds=kinds)
+
+
+VALID_DATA = [make(), make(kind=tu.MAILER_INFO, url=b""), make(kind=tu.OPEN, recipient="",
+                                                              url=b"", stateless=False)]
+
+
+@settings(max_examples=600, deadline=None)
+@given(pick=st.integers(0, len(VALID_DATA) - 1), pos=st.integers(0, 400),
+       action=st.sampled_from(["replace", "insert", "delete", "truncate", "repeat", "swapcase"]),
+       char=st.characters(max_codepoint=0x2FF), as_bytes=st.booleans())
+def test_decode_near_valid_mutations(pick, pos, action, char, as_bytes) -> None:
+    """Valid DATA changed by one character, cut, repeated or with its case changed:
+    TrackingDataError, or (a change that leaves the bytes as they were) the same fields."""
+    data = VALID_DATA[pick]
+    pos = pos % (len(data) + 1)
+    mutated = {
+        "replace": data[:pos] + char + data[pos + 1:],
+        "insert": data[:pos] + char + data[pos:],
+        "delete": data[:pos] + data[pos + 1:],
+        "truncate": data[:pos],
+        "repeat": data + data[pos:],
+        "swapcase": data[:pos] + data[pos:].swapcase(),
+    }[action]
+    value = mutated.encode("utf-8") if as_bytes else mutated
+    try:
+        got = tu.decode(value, C)
+    except tu.TrackingDataError:
+        return
+    assert mutated == data
+    assert got.recipient == tu.decode(data, C).recipient
+
+
+@settings(max_examples=300, deadline=None)
+@given(url=st.one_of(st.text(max_size=200),
+                     st.builds(lambda a, b: f"{BASE}/{a}?{b}", st.text(max_size=20),
+                               st.text(max_size=60))))
+def test_data_from_url_fuzz(url: str) -> None:
+    """data_from_url: a (path, DATA) pair of strings or ValueError, for any text; what it
+    finds then decodes to TrackingDataError unless it was made with the constants."""
+    try:
+        path, data = tu.data_from_url(url)
+    except ValueError:
+        return
+    assert isinstance(path, str) and isinstance(data, str)
+    with pytest.raises(tu.TrackingDataError):
+        tu.decode(data, C)
+
+
 # --------------------------------------------------------------------------- the compiled signer
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from greenarrow.bin.bounce import bounce_command
 from greenarrow.bin.queue import queue_command
 from greenarrow.bin.sink import sink_command
 from greenarrow.lib.install_root import init_root
@@ -95,6 +96,7 @@ def events_status_command() -> None:
 
 main.add_command(sink_command)
 main.add_command(queue_command)
+main.add_command(bounce_command)
 
 
 if __name__ == "__main__":

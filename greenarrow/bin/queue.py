@@ -71,7 +71,8 @@ def status_command(queue: str, top: int, as_json: bool) -> None:
         age = "-" if q["oldest_age"] is None else f"{q['oldest_age']:.0f}s"
         flight = "?" if q["in_flight"] is None else q["in_flight"]
         click.echo(f"{name}-queue: {q['messages']} messages, oldest {age}, {q['due_now']} due now, "
-                   f"{flight} in flight, {q['deferred']} deferred, {q['held']} held")
+                   f"{flight} in flight, {q['deferred']} deferred, {q['held']} held, "
+                   f"{q['bad']} bad")
         for domain, count in q["top_domains"]:
             click.echo(f"    {count:>8}  {domain}")
     from greenarrow.lib.explain import throttle_states
@@ -84,18 +85,24 @@ def status_command(queue: str, top: int, as_json: bool) -> None:
 @queue_command.command("list")
 @filters
 @click.option("--held", is_flag=True, help="List held entries only.")
+@click.option("--bad", is_flag=True,
+              help="List the entries queue-send set aside in bad/ (their envelope is not "
+                   "valid): queue, file, size, what is wrong. Only --queue applies.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def list_command(held: bool, as_json: bool, **opts) -> None:
+def list_command(held: bool, bad: bool, as_json: bool, **opts) -> None:
     """List matching entries: queue, id, age, attempts, next attempt, sender, recipient, ids."""
+    if bad:
+        _list_bad(opts, held, as_json)
+        return
     queues, selected = _select(**opts, held=True if held else None)
     now = time.time()
     for entry, path in selected:
         if entry.envelope is None:
-            try:
-                from greenarrow.lib.queue_entry import read_envelope
+            from greenarrow.lib.queue_entry import BadEntry, read_envelope
 
+            try:
                 entry.envelope = read_envelope(path)
-            except (FileNotFoundError, ValueError):
+            except (OSError, BadEntry):
                 continue
         env = entry.envelope
         row = {"queue": entry.queue, "entry": entry.name, "held": entry.held,
@@ -107,6 +114,20 @@ def list_command(held: bool, as_json: bool, **opts) -> None:
             click.echo(json.dumps(row))
         else:
             click.echo("\t".join(str(row[k]) for k in row))
+
+
+def _list_bad(opts: dict, held: bool, as_json: bool) -> None:
+    if held or any(opts[k] for k in ("domains", "sendids", "listids", "recipients",
+                                     "older_than", "newer_than")):
+        raise click.UsageError("--bad takes no filter but --queue (bad entries have no "
+                               "valid envelope to filter on)")
+    for bad in Queues(root_from_env()).bad_entries(queue_names(opts["queue"])):
+        row = {"queue": bad.queue, "entry": bad.name, "bad": True, "size": bad.size,
+               "problem": bad.problem}
+        if as_json:
+            click.echo(json.dumps(row))
+        else:
+            click.echo("\t".join(str(row[k]) for k in ("queue", "entry", "size", "problem")))
 
 
 def _action(name: str, help_text: str):

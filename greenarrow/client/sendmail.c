@@ -9,15 +9,22 @@
  * pickup daemon.
  *
  * The install root is the parent of the folder this binary sits in
- * ($HVMAIL_ROOT/bin/sendmail). When the daemon is not running (no socket,
+ * ($HVMAIL_ROOT/bin/sendmail). The message is read first, then the client
+ * connects, so a slow producer on standard input never holds one of the
+ * daemon's few client slots. When the daemon is not running (no socket,
  * refused), the Python program `bin/<name>.py` of the same root does the
- * work instead, so injection never depends on the daemon.
+ * work instead, the message handed to it in memory (memfd), so injection
+ * never depends on the daemon.
  *
  * Request on var/inject.sock, as netstrings ("<length>:<bytes>,"):
  *   the program name, the number of arguments, each argument, the number of
- *   environment variables passed (GREENARROW_*, QMAILUSER, QMAILHOST,
- *   LOGNAME, USER), each as NAME=VALUE, then the message; then the client
- *   shuts down its sending side.
+ *   environment variables passed, each as NAME=VALUE, then the message; then
+ *   the client shuts down its sending side. The variables are those
+ *   command-line injection reads (greenarrow.lib.command_line.client_variable:
+ *   GREENARROW_*, QMAILUSER, QMAILHOST, LOGNAME, USER); the daemon drops any
+ *   other. The daemon may answer before it has read everything (a message
+ *   over control/databytes is refused from its length): the client then
+ *   stops sending and reads the answer.
  * Reply: "<exit code>\n" followed by what to print on standard error.
  */
 #define _GNU_SOURCE
@@ -27,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -43,9 +51,28 @@ static void fallback(char **argv, const char *name) {
     exit(111);
 }
 
+/* The message on standard input of the Python program, which reads it there. */
+static void fallback_with(char **argv, const char *name, const char *msg, size_t len) {
+    int fd = memfd_create("message", 0);
+    size_t done = 0;
+    while (fd >= 0 && done < len) {
+        ssize_t w = write(fd, msg + done, len - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) break;
+        done += (size_t)w;
+    }
+    if (fd < 0 || done < len || lseek(fd, 0, SEEK_SET) < 0 || dup2(fd, 0) < 0) {
+        fprintf(stderr, "%s: fatal: temporary failure: cannot hand the message on: %s\n", name,
+                strerror(errno));
+        exit(111);
+    }
+    fallback(argv, name);
+}
+
+/* send() without SIGPIPE: a daemon that answered early has closed its side. */
 static int write_all(int fd, const char *p, size_t n) {
     while (n > 0) {
-        ssize_t w = write(fd, p, n);
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR) continue;
             return -1;
@@ -85,8 +112,7 @@ int main(int argc, char **argv) {
     if (snprintf(addr.sun_path, sizeof addr.sun_path, "%s/var/inject.sock", root) >=
         (int)sizeof addr.sun_path)
         fallback(argv, name);
-    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) fallback(argv, name);
+    if (access(addr.sun_path, F_OK) < 0) fallback(argv, name); /* stopped: stdin still unread */
 
     size_t cap = 65536, len = 0;
     char *msg = malloc(cap);
@@ -107,6 +133,10 @@ int main(int argc, char **argv) {
         len += (size_t)r;
     }
 
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)
+        fallback_with(argv, name, msg, len);
+
     char count[32];
     int bad = netstring(fd, name, strlen(name));
     snprintf(count, sizeof count, "%d", argc - 1);
@@ -119,10 +149,7 @@ int main(int argc, char **argv) {
     for (char **e = environ; *e; e++)
         if (passed(*e)) bad |= netstring(fd, *e, strlen(*e));
     bad |= netstring(fd, msg, len);
-    if (bad || shutdown(fd, SHUT_WR) < 0) {
-        fprintf(stderr, "%s: fatal: temporary failure: lost the injection daemon\n", name);
-        return 111;
-    }
+    if (!bad) shutdown(fd, SHUT_WR);
 
     char reply[8192];
     size_t got = 0;
@@ -136,7 +163,8 @@ int main(int argc, char **argv) {
     reply[got] = 0;
     char *nl = strchr(reply, '\n');
     if (!nl) {
-        fprintf(stderr, "%s: fatal: temporary failure: no answer from the injection daemon\n", name);
+        fprintf(stderr, "%s: fatal: temporary failure: %s\n", name,
+                bad ? "lost the injection daemon" : "no answer from the injection daemon");
         return 111;
     }
     *nl = 0;

@@ -19,10 +19,14 @@ right.
 
 The last field is a version digit and an 8-character tag: 40 bits of
 HMAC-SHA256 (key derived from the secret constants) over the version, the
-mailbox local part lower-cased, the ListID, the SendID and the recipient,
-in base32 (a-z, 2-7), so any change to the address is detected. Versions:
-1 bounce (full), 2 bounce (short), 3 unsubscribe request (full, the mailto:
-of List-Unsubscribe), 4 unsubscribe request (short).
+mailbox local part lower-cased, the bounce domain lower-cased, the ListID,
+the SendID and the recipient, in base32 (a-z, 2-7), so any change to the
+address, its domain included, is detected. Versions (VERSIONS):
+5 bounce (full), 6 bounce (short), 7 unsubscribe request (full, the mailto:
+of List-Unsubscribe), 8 unsubscribe request (short). Versions 1 to 4 are
+the same four made before the domain was signed: decode() still accepts
+them (mail sent before an upgrade bounces for days), with `domain_bound`
+False, so the caller may check their domain against its bounce domains.
 
 When the full form would make the local part longer than 64 octets
 (RFC 5321), the short form is used: it keeps the ListID (when it fits)
@@ -41,9 +45,17 @@ from greenarrow.lib import secret_constants, tracking_url
 MAX_LOCAL = 64
 MAX_MAILBOX_LOCAL = 40  # leaves room for the short form: 40 + 1 + 0 + 1 + 9 <= 64
 TAG_CHARS = 8
-BOUNCE, BOUNCE_SHORT, UNSUBSCRIBE, UNSUBSCRIBE_SHORT = "1", "2", "3", "4"
-_FULL = (BOUNCE, UNSUBSCRIBE)
-_SHORT = (BOUNCE_SHORT, UNSUBSCRIBE_SHORT)
+BOUNCE, BOUNCE_SHORT, UNSUBSCRIBE, UNSUBSCRIBE_SHORT = "5", "6", "7", "8"
+# version digit: (short form, unsubscribe request, domain signed); encode() makes 5-8,
+# decode() reads them all. A new format takes new digits and keeps these decoding.
+VERSIONS = {
+    "1": (False, False, False), "2": (True, False, False),
+    "3": (False, True, False), "4": (True, True, False),
+    "5": (False, False, True), "6": (True, False, True),
+    "7": (False, True, True), "8": (True, True, True),
+}
+_FULL = tuple(v for v, (short, _, _) in VERSIONS.items() if not short)
+_SHORT = tuple(v for v, (short, _, _) in VERSIONS.items() if short)
 
 _LITERAL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_+.")
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
@@ -141,8 +153,17 @@ def _digest(key: bytes, msg: bytes) -> bytes:
     return (_signers.get(key) or _signer(key)).digest(msg)
 
 
-def _tag(key: bytes, version: str, box: str, listid: str, sendid: str, recipient: str) -> str:
-    msg = "\0".join((version, box.lower(), listid, sendid, recipient)).encode("utf-8")
+def _domain_key(domain: str) -> str:
+    """The bounce domain as signed: lower-cased, without a final dot."""
+    return domain.lower().rstrip(".")
+
+
+def _tag(key: bytes, version: str, box: str, domain: str | None, listid: str, sendid: str,
+         recipient: str) -> str:
+    """The tag; `domain` None for versions 1-4, which did not sign it."""
+    fields = (version, box.lower(), listid, sendid, recipient) if domain is None else (
+        version, box.lower(), _domain_key(domain), listid, sendid, recipient)
+    msg = "\0".join(fields).encode("utf-8")
     n = int.from_bytes(_digest(key, msg)[:5], "big")
     pairs = _B32_PAIRS
     return pairs[n >> 30] + pairs[(n >> 20) & 1023] + pairs[(n >> 10) & 1023] + pairs[n & 1023]
@@ -180,7 +201,8 @@ def _send(mailbox: str, listid: str, sendid: str, constants: tuple[str, str]) ->
     box, _, domain = mailbox.rpartition("@")
     lid = escape(listid)
     setup = (_signer(derive_key(constants)), box, domain, f"{box}-{lid}-{escape(sendid)}-",
-             f"{box}-{lid}-", f"\0{box.lower()}\0{listid}\0{sendid}\0".encode())
+             f"{box}-{lid}-",
+             f"\0{box.lower()}\0{_domain_key(domain)}\0{listid}\0{sendid}\0".encode())
     if len(_sends) >= 1024:
         _sends.clear()
     _sends[mailbox, listid, sendid, constants] = setup
@@ -218,13 +240,18 @@ def is_full(address: str) -> bool:
 
 
 class BounceAddress:
-    """A verified bounce address: what the bounce processor records the bounce against."""
+    """A verified bounce address: what the bounce processor records the bounce against.
+
+    `domain_bound`: the tag covers the domain (versions 5-8); False for an
+    address of versions 1-4, whose domain anyone could have changed.
+    """
 
     __slots__ = ("mailbox", "listid", "sendid", "recipient", "short", "unsubscribe",
-                 "mailclass", "instanceid", "click_tracking_id")
+                 "mailclass", "instanceid", "click_tracking_id", "version", "domain_bound")
 
     def __init__(self, mailbox: str, listid: str, sendid: str, recipient: str, short: bool,
-                 unsubscribe: bool, extra: tuple[str, str, str] = ("", "", "")) -> None:
+                 unsubscribe: bool, extra: tuple[str, str, str] = ("", "", ""),
+                 version: str = BOUNCE) -> None:
         self.mailbox = mailbox
         self.listid = listid
         self.sendid = sendid
@@ -232,21 +259,29 @@ class BounceAddress:
         self.short = short
         self.unsubscribe = unsubscribe
         self.mailclass, self.instanceid, self.click_tracking_id = extra
+        self.version = version
+        self.domain_bound = VERSIONS[version][2]
 
     def __repr__(self) -> str:
         return (f"BounceAddress(mailbox={self.mailbox!r}, listid={self.listid!r}, "
                 f"sendid={self.sendid!r}, recipient={self.recipient!r}, short={self.short})")
 
 
-def decode(address: str, constants: tuple[str, str],
-           mailer_info: str | None = None) -> BounceAddress:
+def decode(address: str | bytes, constants: tuple[str, str],
+           mailer_info: str | bytes | None = None) -> BounceAddress:
     """Verify and unpack an encoded address (the RCPT TO of a bounce the engine receives).
 
     `mailer_info` is the X-Mailer-Info value found in the returned message
     (or the DATA from the subject of an unsubscribe request): the short form
-    needs it, the full form ignores it. Raises BounceAddressError for
-    anything that was not made with these secret constants.
+    needs it, the full form ignores it. Raises BounceAddressError, and only
+    that, for any address or mailer_info that was not made with these secret
+    constants (as text or bytes). Versions 1-4 decode too (see the module
+    docstring): check `domain_bound`.
     """
+    if isinstance(address, (bytes, bytearray)):
+        address = bytes(address).decode("latin-1")  # not ASCII: refused below
+    if isinstance(mailer_info, (bytes, bytearray)):
+        mailer_info = bytes(mailer_info).decode("latin-1")
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
@@ -256,12 +291,12 @@ def decode(address: str, constants: tuple[str, str],
     low = local.lower()
     last = low.rpartition("-")[2]
     version, tag = last[:1], last[1:]
-    if len(tag) != TAG_CHARS or version not in _FULL + _SHORT:
+    if len(tag) != TAG_CHARS or version not in VERSIONS:
         raise BounceAddressError(f"not an encoded bounce address: {address!r}")
     key = derive_key(constants)
-    unsubscribe = version in (UNSUBSCRIBE, UNSUBSCRIBE_SHORT)
+    short, unsubscribe, domain_bound = VERSIONS[version]
     extra = ("", "", "")
-    if version in _FULL:
+    if not short:
         parts = low.rsplit("-", 4)
         if len(parts) != 5 or not parts[0]:
             raise BounceAddressError(f"malformed bounce address: {address!r}")
@@ -286,8 +321,9 @@ def decode(address: str, constants: tuple[str, str],
             raise BounceAddressError("bounce address and X-Mailer-Info disagree on the ListID")
         sendid, recipient = info.sendid, info.recipient
         extra = (info.mailclass, info.instanceid, info.click_tracking_id)
-    expected = _tag(key, version, box, listid, sendid, recipient)
+    expected = _tag(key, version, box, domain if domain_bound else None, listid, sendid,
+                    recipient)
     if not hmac.compare_digest(tag, expected):
         raise BounceAddressError(f"bounce address failed verification: {address!r}")
-    return BounceAddress(f"{box}@{domain}", listid, sendid, recipient,
-                         version in _SHORT, unsubscribe, extra)
+    return BounceAddress(f"{box}@{domain}", listid, sendid, recipient, short, unsubscribe,
+                         extra, version)

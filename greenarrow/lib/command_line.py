@@ -27,10 +27,30 @@ Reads a message on standard input and queues it for delivery.
   -t                take recipients from the To, Cc and Bcc headers (Bcc is removed)
   -i, -oi           a line with a single dot does not end the message
   -bm               deliver mail (the default and only mode)
-Other sendmail flags are accepted and ignored. Environment: HVMAIL_ROOT,
-GREENARROW_SENDID, GREENARROW_LISTID, GREENARROW_MTAID, GREENARROW_MAILCLASS.
+Other sendmail flags are accepted and ignored. Environment: GREENARROW_SENDID,
+GREENARROW_LISTID, GREENARROW_MTAID, GREENARROW_MAILCLASS; QMAILUSER or LOGNAME
+or USER, and QMAILHOST, for the default sender (`greenarrow inject`: also HVMAIL_ROOT).
 Exit: 0 queued, 100 permanent error, 111 temporary error.
 """
+
+# The environment variables command-line injection reads, besides HVMAIL_ROOT: the
+# identifiers' defaults and who the default sender is. `injectd` takes exactly these from
+# a client and nothing else (greenarrow/client/sendmail.c sends the same list; a test
+# holds the two together). The root is never a client's to choose.
+CLIENT_VARIABLE_PREFIX = "GREENARROW_"
+IDENTITY_VARIABLES = ("QMAILUSER", "QMAILHOST", "LOGNAME", "USER")
+
+
+def client_variable(name: str) -> bool:
+    """Whether command-line injection reads the variable `name` (HVMAIL_ROOT aside)."""
+    return name.startswith(CLIENT_VARIABLE_PREFIX) or name in IDENTITY_VARIABLES
+
+
+def received(me: str, uid: int, now: float | None = None) -> bytes:
+    """The trace field naming the submitting user, as Postfix's sendmail writes it."""
+    return f"Received: by {me} (GreenArrow, from userid {uid});\r\n\t{msglib.rfc5322_date(now)}\r\n".encode(
+        "ascii", "replace")
+
 
 # sendmail options that take a value (attached or as the next argument) and are ignored.
 _IGNORED_WITH_VALUE = set("BCLNOpqRVXh")
@@ -141,21 +161,71 @@ def default_sender(me: str, environ: dict[str, str] | None = None) -> str:
     return f"{user}@{host}"
 
 
+def check_fullname(fullname: str) -> str:
+    """The -F full name, or a permanent InjectionError when it cannot go into a header."""
+    problem = msglib.header_value_problem(fullname)
+    if problem:
+        raise injection.InjectionError(True, f"option -F: the full name {fullname!r} {problem}")
+    return fullname
+
+
 def add_from(message: bytes, sender: str, fullname: str) -> bytes:
-    """Add a From header when the message has none (qmail-inject does the same)."""
+    """Add a From header when the message has none (qmail-inject does the same).
+
+    The name is a quoted string (RFC 5322 3.2.4): its quotes and backslashes
+    are kept, escaped with a backslash. A name that is not ASCII is written
+    as RFC 2047 encoded words instead, so the header stays 7-bit.
+    """
     headers, _ = msglib.split_headers(message)
     if msglib.find(headers, b"from") is not None or not sender:
         return message
-    name = fullname.replace('"', "").replace("\\", "")
-    value = f'"{name}" <{sender}>' if name else sender
-    line = f"From: {value}\r\n".encode()
+    name = display_name(check_fullname(fullname))
+    value = f"{name} <{sender}>" if name else sender
+    line = msglib.header_field("From", value)
     return msglib.rebuild(message, headers, set(), append=line)
 
 
-def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject: bool = False) -> str:
-    """Queue one message; return its msguid. Raises UsageError or InjectionError."""
+def display_name(name: str) -> str:
+    """A full name as the display name of an address: a quoted string, or encoded words."""
+    if not name:
+        return ""
+    if name.isascii():
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    from binascii import b2a_base64  # only a non-ASCII name pays for it
+
+    # RFC 2047: base64 words of at most 75 characters (45 octets of UTF-8 each, whole
+    # characters), not inside quotes; a space between two words is not displayed.
+    words, chunk = [], b""
+    for c in name:
+        octets = c.encode("utf-8", "replace")
+        if len(chunk) + len(octets) > 45:
+            words.append(chunk)
+            chunk = b""
+        chunk += octets
+    words.append(chunk)
+    return " ".join(f"=?utf-8?b?{b2a_base64(w, newline=False).decode()}?=" for w in words)
+
+
+def sender_source(opts: Options, environ: dict[str, str]) -> str:
+    """Where the envelope sender came from, for error messages: the option or the variables."""
+    if opts.sender is not None:
+        return "option -f"
+    user = next((v for v in ("QMAILUSER", "LOGNAME", "USER") if environ.get(v)), "")
+    host = "QMAILHOST" if environ.get("QMAILHOST") else ""
+    names = " and ".join(f"${v}" for v in (user, host) if v)
+    return f"default sender (no -f) from {names or 'control/me'}"
+
+
+def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject: bool = False,
+           uid: int | None = None, root: str | None = None) -> str:
+    """Queue one message; return its msguid. Raises UsageError or InjectionError.
+
+    `uid` is the submitting user (default: this process's), recorded in a
+    Received field; `root` the install root (default: HVMAIL_ROOT of `environ`).
+    """
     opts = parse_args(argv, qmail_inject)
-    root = root_path_from_env(environ)  # strings, not pathlib: start-up time
+    if root is None:
+        root = root_path_from_env(environ)  # strings, not pathlib: start-up time
     try:
         me = control.read(control_dir(root), "me")
         databytes = control.read(control_dir(root), "databytes")
@@ -170,21 +240,27 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
         found, message = header_recipients(message)
         recipients.extend(found)
     sender = default_sender(me, environ) if opts.sender is None else opts.sender
-    sender = injection.check_sender(sender)
+    try:
+        sender = injection.check_sender(sender)
+    except injection.InjectionError as e:
+        raise injection.InjectionError(True, f"{sender_source(opts, environ)}: {e.text}") from None
     recipients = [injection.check_address(r, "recipient") for r in recipients]
+    check_fullname(opts.fullname)
     message = add_from(message, sender, opts.fullname)
-    env = {k: v for k, v in environ.items() if k.startswith("GREENARROW_")}
+    env = {k: v for k, v in environ.items() if k.startswith(CLIENT_VARIABLE_PREFIX)}
     return injection.accept(
         queue_dir(root, "ram"), trigger_path(root, "ram"), message, sender, recipients, env, me,
+        trace=received(me, os.getuid() if uid is None else uid),
         databytes=databytes, limit=limit, count_file=queue_entry.count_path(root, "ram"),
     )
 
 
 def outcome(argv: list[str], stdin: bytes, environ: dict[str, str], program: str,
-            qmail_inject: bool = False) -> tuple[int, str]:
+            qmail_inject: bool = False, uid: int | None = None,
+            root: str | None = None) -> tuple[int, str]:
     """Inject one message; (exit code, what to print on stderr) as qmail-inject would."""
     try:
-        inject(argv, stdin, environ, qmail_inject)
+        inject(argv, stdin, environ, qmail_inject, uid, root)
     except UsageError as e:
         return EXIT_PERMANENT, f"{program}: fatal: {e}\n{USAGE}"
     except injection.InjectionError as e:

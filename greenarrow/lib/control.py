@@ -50,7 +50,19 @@ SPECS: dict[str, ControlSpec] = _specs(
      " (empty: no STARTTLS)"),
     ("smtp.tls.key", "text", "", True,
      "PEM private key of smtp.tls.cert, relative to control/ (empty: in the smtp.tls.cert file)"),
-    ("databytes", "size", 0, True, "largest message accepted, in bytes (0: no limit)"),
+    ("databytes", "size", 10 * 1024 * 1024, True,
+     "largest message accepted, in bytes (0: no limit; default 10 MB, as Postfix's"
+     " message_size_limit)"),
+    ("smtp.sessions.max", "int", 200, True,
+     "most SMTP injection sessions at once; more are refused with 421 (0: no limit)"),
+    ("smtp.sessions.per_ip", "int", 50, True,
+     "most SMTP injection sessions at once from one client address; more get 421 (0: no limit)"),
+    ("smtp.timeout", "float", 300.0, True,
+     "seconds an SMTP injection client has for each command line, from the previous reply"
+     " (a client that sends a byte now and then is cut all the same)"),
+    ("smtp.data.minrate", "int", 1024, True,
+     "bytes per second a DATA must average once smtp.timeout has passed; slower is cut"
+     " (0: no floor)"),
     ("concurrencyremote", "int", 20, True, "most simultaneous remote attempts per queue"),
     (
         "queue.ram.concurrencyremote",

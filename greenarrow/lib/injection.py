@@ -70,6 +70,13 @@ def check_sender(sender: str) -> str:
     return "" if sender == "" else check_address(sender, "sender")
 
 
+def check_size(size: int, databytes: int) -> None:
+    """A permanent InjectionError for a message of `size` bytes over `databytes` (0: no limit)."""
+    if databytes and size > databytes:
+        raise InjectionError(
+            True, f"message is {size} bytes, over the limit of {databytes} (control/databytes)")
+
+
 def recipient_domain(recipient: str) -> str:
     return recipient.rpartition("@")[2].lower()
 
@@ -146,10 +153,13 @@ def prepare(
                 ids["mtaid"] = validate_identifier(
                     "mtaid", msglib.header_value(message, h), "header X-Virtual-MTA")
     added = []
-    if msglib.find(headers, b"message-id") is None:
-        added.append(f"Message-ID: <{msguid}@{me}>\r\n".encode("ascii", "replace"))
-    if msglib.find(headers, b"date") is None:
-        added.append(f"Date: {msglib.rfc5322_date(now)}\r\n".encode("ascii"))
+    try:
+        if msglib.find(headers, b"message-id") is None:
+            added.append(msglib.header_field("Message-ID", f"<{msguid}@{me}>"))
+        if msglib.find(headers, b"date") is None:
+            added.append(msglib.header_field("Date", msglib.rfc5322_date(now)))
+    except msglib.HeaderValueError as e:  # `me` comes from control/me
+        raise InjectionError(False, f"{e} (control/me)") from None
     if classes.classes and (ids.get("mailclass") or classes.default):
         simplemh = sys.modules.get("greenarrow.lib.simplemh")
         if simplemh is None:
@@ -244,11 +254,7 @@ def accept(
     """
     if not recipients:
         raise InjectionError(True, "no recipients")
-    if databytes and len(message) > databytes:
-        raise InjectionError(
-            True,
-            f"message is {len(message)} bytes, over the limit of {databytes} (control/databytes)",
-        )
+    check_size(len(message), databytes)
     if limit and queue_entry.read_count(count_file) + len(recipients) > limit:
         raise InjectionError(False, f"queue is full ({limit} messages, "
                                     "control/queue.ram.limit.messages); try again later")

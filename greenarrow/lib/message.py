@@ -71,6 +71,39 @@ def split_headers(msg: bytes) -> tuple[list[Header], int]:
     return headers, n
 
 
+class HeaderValueError(ValueError):
+    """A value for a header the engine writes holds CR, LF or NUL."""
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot go into a header the engine writes, or None when it can.
+
+    A CR or LF would end the header line early and start another, and at a
+    receiver that takes a bare CR or LF for a line end, `CR . CR` ends the
+    DATA and smuggles in a second message (CVE-2023-51764); NUL is cut or
+    mishandled by many receivers.
+    """
+    if "\r" in value or "\n" in value or "\0" in value:
+        return "contains a line break (CR or LF) or NUL"
+    return None
+
+
+def header_field(name: str, *parts: str) -> bytes:
+    """One header field the engine writes: `Name: part1 CRLF TAB part2 ... CRLF`.
+
+    Every header the engine adds (Received, From, Message-ID, Date) is made
+    here, so none of them can carry a value with CR, LF or NUL:
+    HeaderValueError names the header. Parts after the first are folded onto
+    continuation lines. ASCII (a character outside it becomes `?`; callers
+    encode text first, as RFC 2047 words for a display name).
+    """
+    for part in parts:
+        if "\r" in part or "\n" in part or "\0" in part:
+            raise HeaderValueError(f"{name} header: {part!r} {header_value_problem(part)}")
+    value = "\r\n\t".join(parts)
+    return f"{name}: {value}\r\n".encode("ascii", "replace")
+
+
 def header_value(msg: bytes, header: Header) -> str:
     """The unfolded value of a header, stripped, decoded as Latin-1 (lossless)."""
     raw = msg[header.colon + 1 : header.end]

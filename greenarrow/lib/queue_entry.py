@@ -14,7 +14,12 @@ directory scan (greenarrow.pyx.queue_scan) without opening a file.
 
 Commit: the file is written under `queue/<q>/tmp/`, then renamed into
 `entries/`. In a durable queue (the disk-queue) the file is fsync'd before the
-rename and the folder after it. Nothing under `tmp/` is ever delivered.
+rename and the folder after it. Nothing under `tmp/` is ever delivered; a
+write that fails part-way removes its file at once.
+
+Reading: every reader of an envelope goes through `check_envelope` (by way of
+`read_envelope`, `read_entry` or `decode_entry`); an entry that fails it is a
+`BadEntry`, which queue-send moves to the queue's `bad/` folder.
 
 Command-line injection imports this module: it imports nothing heavy.
 """
@@ -24,11 +29,13 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import time
 
 ENTRIES = "entries"
 TMP = "tmp"
 HOLD = "hold"
+BAD = "bad"  # entries whose envelope failed check_envelope; never scheduled
 
 # Keys of the envelope line, in the order they are written.
 ENVELOPE_KEYS = (
@@ -45,12 +52,43 @@ ENVELOPE_KEYS = (
     "source_ip",
 )
 
+REQUIRED = "required"
+# The envelope as readers see it: key -> (type, default). A key with default
+# None is added only when written (bounce_level, dkim: readers of those take
+# absent as 0 and ""). Unknown keys are ignored (a newer writer may add
+# some); values of the wrong type make the entry bad.
+ENVELOPE_FIELDS: dict[str, tuple[type, object]] = {
+    "sender": (str, REQUIRED),
+    "recipient": (str, REQUIRED),
+    "msguid": (str, ""),
+    "sendid": (str, ""),
+    "listid": (str, ""),
+    "mtaid": (str, ""),
+    "mailclass": (str, ""),
+    "instanceid": (str, ""),
+    "click_tracking_id": (str, ""),
+    "injected_time": (int, 0),  # 0: unknown (readers count from now)
+    "source_ip": (str, ""),
+    "bounce_level": (int, None),
+    "dkim": (str, None),
+}
+ADDRESS_KEYS = ("sender", "recipient")
+MAX_ENVELOPE_LINE = 65536  # bytes, newline excluded
+MAX_ADDRESS = 1000  # characters of sender or recipient (an SMTP command line holds 512)
+MAX_VALUE = 4096  # characters of any other string
+MAX_INTEGER = 2**53  # what every JSON reader keeps exact
+
 _PIPE_BUF = 4096
 _sequence = itertools.count()
 
 
 class QueueWriteError(Exception):
     """The queue could not take the message now (temporary: exit 111, SMTP 451)."""
+
+
+class BadEntry(ValueError):
+    """A queue entry that can never be delivered as it is: its envelope line is
+    missing, not JSON, or not an envelope. The text says what is wrong."""
 
 
 def new_msguid(now: float | None = None) -> str:
@@ -109,38 +147,135 @@ def encode_entry(envelope: dict, message: bytes) -> bytes:
     return envelope_line(envelope) + b"\n" + message
 
 
-def decode_entry(data: bytes) -> tuple[dict, bytes]:
-    """(envelope, message) of an entry file's bytes."""
+def check_envelope(value: object) -> dict:
+    """The envelope with its known keys checked and defaulted; BadEntry if it is not one.
+
+    Returns a new dict of the keys of ENVELOPE_FIELDS only (those with default
+    None only when present). Addresses may not
+    hold control characters (an address with CR LF would smuggle SMTP commands).
+    """
+    if not isinstance(value, dict):
+        raise BadEntry(f"envelope is a JSON {_json_kind(value)}, not an object")
+    envelope = {}
+    for key, (kind, default) in ENVELOPE_FIELDS.items():
+        if key not in value:
+            if default is REQUIRED:
+                raise BadEntry(f"envelope has no {key!r}")
+            if default is not None:
+                envelope[key] = default
+            continue
+        item = value[key]
+        if isinstance(item, bool) or not isinstance(item, kind):
+            raise BadEntry(f"envelope {key!r} is a JSON {_json_kind(item)}, "
+                           f"not {'a string' if kind is str else 'an integer'}")
+        if kind is str:
+            limit = MAX_ADDRESS if key in ADDRESS_KEYS else MAX_VALUE
+            if len(item) > limit:
+                raise BadEntry(f"envelope {key!r} is {len(item)} characters long "
+                               f"(at most {limit})")
+            if key in ADDRESS_KEYS and not item.isprintable():
+                raise BadEntry(f"envelope {key!r} holds a control character")
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate such as "\\udc80"
+                    raise BadEntry(f"envelope {key!r} is not valid Unicode") from None
+        elif not 0 <= item <= MAX_INTEGER:
+            raise BadEntry(f"envelope {key!r} is out of range (0 to 2**53)")
+        envelope[key] = item
+    if not envelope["recipient"]:
+        raise BadEntry("envelope 'recipient' is empty")
+    return envelope
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number",
+            float: "number"}.get(type(value), type(value).__name__)
+
+
+def parse_envelope(line: bytes) -> dict:
+    """The checked envelope of an envelope line (without its newline); BadEntry if bad."""
     import json  # not at module level: see envelope_line
 
-    nl = data.find(b"\n")
+    if len(line) > MAX_ENVELOPE_LINE:
+        raise BadEntry(f"envelope line is {len(line)} bytes long (at most {MAX_ENVELOPE_LINE})")
+    try:
+        value = json.loads(line)
+    except RecursionError:
+        raise BadEntry("envelope line is not JSON: nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise BadEntry(f"envelope line is not UTF-8: {e.reason} at byte {e.start}") from None
+    except ValueError as e:  # json.JSONDecodeError, and integers too long to convert
+        raise BadEntry(f"envelope line is not JSON: {e}") from None
+    return check_envelope(value)
+
+
+def decode_entry(data: bytes) -> tuple[dict, bytes]:
+    """(envelope, message) of an entry file's bytes; BadEntry if the envelope is bad."""
+    nl = data.find(b"\n", 0, MAX_ENVELOPE_LINE + 1)
     if nl < 0:
-        raise ValueError("queue entry has no envelope line")
-    return json.loads(data[:nl]), data[nl + 1 :]
+        raise BadEntry(_no_line(len(data)))
+    return parse_envelope(data[:nl]), data[nl + 1 :]
+
+
+def _no_line(size: int) -> str:
+    if size == 0:
+        return "queue entry is empty"
+    if size > MAX_ENVELOPE_LINE:
+        return f"envelope line is longer than {MAX_ENVELOPE_LINE} bytes (or has no newline)"
+    return "queue entry has no envelope line (no newline)"
+
+
+def _open_entry(path: str | os.PathLike) -> int:
+    """Open an entry to read; BadEntry if it is not a regular file.
+
+    An entry is always a file renamed into place: a symbolic link (which
+    could make a worker send any file the engine can read) or a FIFO (which
+    would block the reader) is refused without being followed or waited on.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadEntry("queue entry is a symbolic link") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadEntry("queue entry is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_envelope(path: str | os.PathLike) -> dict:
-    """The envelope line alone, without reading the message."""
-    import json
-
+    """The checked envelope alone, without reading the message; BadEntry if it is bad."""
     # os.read rather than a file object: queue-send reads one per attempt.
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_entry(path)
     try:
         head = os.read(fd, 4096)
         nl = head.find(b"\n")
-        while nl < 0:
+        while nl < 0 and len(head) <= MAX_ENVELOPE_LINE:
             more = os.read(fd, 65536)
             if not more:
-                raise ValueError(f"{path}: queue entry has no envelope line")
+                break
+            start = len(head)
             head += more
-            nl = head.find(b"\n")
+            nl = head.find(b"\n", start)
     finally:
         os.close(fd)
-    return json.loads(head[:nl])
+    if nl < 0 or nl > MAX_ENVELOPE_LINE:
+        raise BadEntry(_no_line(len(head)))
+    return parse_envelope(head[:nl])
 
 
 def read_entry(path: str | os.PathLike) -> tuple[dict, bytes]:
-    fd = os.open(path, os.O_RDONLY)
+    """(checked envelope, message) of an entry file; BadEntry if the envelope is bad."""
+    fd = _open_entry(path)
     try:
         chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
         while chunks[-1]:  # the file grew, or a short read: read to the end
@@ -151,22 +286,56 @@ def read_entry(path: str | os.PathLike) -> tuple[dict, bytes]:
 
 
 def ensure_queue_dirs(queue_dir: str | os.PathLike) -> None:
-    for sub in (ENTRIES, TMP, HOLD):
+    for sub in (ENTRIES, TMP, HOLD, BAD):
         os.makedirs(os.path.join(queue_dir, sub), exist_ok=True)
 
 
+def move_to_bad(queue_dir: str | os.PathLike, name: str) -> str:
+    """Move entry `name` from entries/ to bad/ (created if missing); return its name there.
+
+    Never replaces a file already in bad/: a second bad entry of the same
+    name gets a `.1`, `.2`... suffix. FileNotFoundError if the entry is gone.
+    """
+    src = os.path.join(queue_dir, ENTRIES, name)
+    bad_dir = os.path.join(queue_dir, BAD)
+    os.makedirs(bad_dir, exist_ok=True)
+    target = name
+    for n in range(1, 1000):
+        try:
+            os.link(src, os.path.join(bad_dir, target))
+            break
+        except FileExistsError:
+            target = f"{name}.{n}"
+    else:
+        raise FileExistsError(f"{name}: too many entries of this name in {bad_dir}")
+    os.unlink(src)
+    return target
+
+
 def _write_file(path: str, chunks: list[bytes], durable: bool) -> None:
+    """Write a new file; if anything fails part-way, the file is removed before raising."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        total = sum(len(c) for c in chunks)
-        written = os.writev(fd, chunks)
-        while written < total:  # a short write: finish it chunk by chunk
-            data = b"".join(chunks)[written:]
-            written += os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            total = sum(len(c) for c in chunks)
+            written = os.writev(fd, chunks)
+            while written < total:  # a short write: finish it chunk by chunk
+                data = b"".join(chunks)[written:]
+                written += os.write(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:  # ENOSPC, EIO, EFBIG, a signal: no partial file stays in tmp/
+        _remove(path)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -200,13 +369,12 @@ def place(queue_dir: str | os.PathLike, files: list[tuple[str, list[bytes]]],
         if durable:
             fsync_dir(entries_dir)
         return [name for _, name in written]
-    except OSError as e:
+    except BaseException as e:
         for tmp_path, name in written:
-            for path in (tmp_path, os.path.join(entries_dir, name)):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            _remove(tmp_path)
+            _remove(os.path.join(entries_dir, name))
+        if not isinstance(e, OSError):
+            raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise QueueWriteError("queue is full (no space left)") from e
         raise QueueWriteError(f"cannot write to the queue: {e.strerror}") from e

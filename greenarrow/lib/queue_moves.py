@@ -51,7 +51,8 @@ def move_entries(root: str, moves: list[tuple[str, str]], dest: str = "disk") ->
 
 def make_bounce_entry(me: str, envelope: dict, path: str, reason: str, max_bytes: int,
                       doublebounceto: str) -> tuple[dict, bytes] | None:
-    """The envelope and message of the bounce for a failed entry, or None (nobody to tell)."""
+    """The envelope and message of the bounce for a failed entry, or None (nobody to tell,
+    or the entry is gone). BadEntry if the entry file no longer holds a valid envelope."""
     target = bounce_message.bounce_recipient(envelope, doublebounceto)
     if target is None:
         return None

@@ -4,7 +4,10 @@ Every action is a rename or an unlink of whole entry files, so it is atomic
 and never blocks a scheduler: `hold` moves entries to the queue's `hold/`
 folder (schedulers never look there), `release` moves them back, due at
 once, `retry-now` renames an entry to be due at once, `delete` removes it,
-`bounce` queues a bounce to its sender and removes it. After a rename the
+`bounce` queues a bounce to its sender and removes it. Entries whose
+envelope is bad (queue-send moved them to `bad/`) are counted by `status`
+and listed, with what is wrong, by `bad_entries`; no action touches them.
+After a rename the
 queue's scheduler is told through its trigger FIFO; an entry that vanished
 under it (deleted, held) is simply dropped when its turn comes. An entry
 acted on while an attempt is under way may still be delivered by that
@@ -44,6 +47,16 @@ class Entry:
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.injected)
+
+
+@dataclass
+class BadFile:
+    """A file in a queue's bad/ folder, and what is wrong with it."""
+
+    queue: str
+    name: str
+    size: int
+    problem: str
 
 
 def injected_from_name(name: str) -> float:
@@ -122,8 +135,8 @@ class Queues:
                     if with_envelope:
                         try:
                             entry.envelope = queue_entry.read_envelope(path)
-                        except (FileNotFoundError, ValueError):
-                            continue
+                        except (OSError, queue_entry.BadEntry):
+                            continue  # gone, or bad: queue-send moves it to bad/
                     yield entry, path
 
     def select(self, queues: list[str], flt: Filter, held: bool | None = None,
@@ -131,6 +144,36 @@ class Queues:
         now = time.time() if now is None else now
         return [(e, p) for e, p in self.entries(queues, held, flt.needs_envelope)
                 if flt.matches(e, now)]
+
+    def bad_entries(self, queues: list[str]) -> list[BadFile]:
+        """The files of each queue's bad/ folder, with what is wrong with each."""
+        found = []
+        for queue in queues:
+            folder = os.path.join(str(self.root.queue(queue)), queue_entry.BAD)
+            try:
+                names = sorted(os.listdir(folder))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                path = os.path.join(folder, name)
+                try:
+                    size = os.lstat(path).st_size
+                    queue_entry.read_envelope(path)
+                    problem = "its envelope passes the check now: move it back to entries/"
+                except queue_entry.BadEntry as e:
+                    problem = str(e)
+                except OSError as e:
+                    if isinstance(e, FileNotFoundError):
+                        continue
+                    problem, size = f"cannot read it: {e.strerror}", 0
+                found.append(BadFile(queue, name, size, problem))
+        return found
+
+    def _bad_count(self, queue: str) -> int:
+        try:
+            return len(os.listdir(os.path.join(str(self.root.queue(queue)), queue_entry.BAD)))
+        except FileNotFoundError:
+            return 0
 
     # -- status ------------------------------------------------------------
 
@@ -158,6 +201,7 @@ class Queues:
             report[queue] = {
                 "messages": counts["messages"],
                 "held": counts["held"],
+                "bad": self._bad_count(queue),
                 "due_now": counts["due"],
                 "deferred": counts["deferred"],
                 "in_flight": live.get("inflight") if live else None,
@@ -228,10 +272,13 @@ class Queues:
         for entry, path in selected:
             try:
                 envelope = entry.envelope or queue_entry.read_envelope(path)
-            except (FileNotFoundError, ValueError):
+            except (OSError, queue_entry.BadEntry):
                 continue
-            bounce = queue_moves.make_bounce_entry(me, envelope, path, OPERATOR_BOUNCE_TEXT,
-                                                   max_bytes, doublebounceto)
+            try:
+                bounce = queue_moves.make_bounce_entry(me, envelope, path, OPERATOR_BOUNCE_TEXT,
+                                                       max_bytes, doublebounceto)
+            except queue_entry.BadEntry:
+                continue
             if bounce is not None:
                 queue_moves.commit_bounces(root, [bounce], 0)
             done += _unlink(path)

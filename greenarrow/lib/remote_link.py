@@ -11,12 +11,14 @@ any order. One line of JSON each way:
              "throttle": {"key", "max_conn", "max_hour", "program"} (optional)
              "reuse": {"max_messages", "idle_timeout"}             (optional)
              "worker_key": KEY, "system_max": N}
-    result  {"id": NAME, "status": "success"|"failure"|"deferral"|"connmaxout"|"missing",
+    result  {"id": NAME, "status": "success"|"failure"|"deferral"|"connmaxout"|"missing"|"bad",
              "text": TEXT, "mx_hostname": H, "mx_ip": IP, "smtp_code": N | null,
              "outmtaid_hostname": NAME}
 
 `missing` means the entry file was gone when the worker opened it (deleted by
-an operator): nothing was attempted. `connmaxout`: a throttle held the
+an operator): nothing was attempted. `bad`: its envelope failed
+greenarrow.lib.queue_entry.check_envelope (`text` says why); nothing was
+attempted, and queue-send moves it to the queue's `bad/` folder. `connmaxout`: a throttle held the
 attempt back (greenarrow.lib.throttle); nothing was attempted either. The worker reads the message from
 `path` itself, so message bytes never cross the socket.
 """
@@ -27,6 +29,7 @@ import asyncio
 import json
 
 SUCCESS, FAILURE, DEFERRAL, MISSING = "success", "failure", "deferral", "missing"
+BAD = "bad"
 
 
 def encode(obj: dict) -> bytes:

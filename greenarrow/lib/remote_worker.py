@@ -172,6 +172,8 @@ class RemoteWorker:
             envelope, message = queue_entry.read_entry(job["path"])
         except FileNotFoundError:
             return {"status": remote_link.MISSING, "text": "queue entry is gone"}
+        except queue_entry.BadEntry as e:
+            return {"status": remote_link.BAD, "text": str(e)}
         throttle = job.get("throttle")
         key = throttle["key"] if throttle else None
         if key is not None:

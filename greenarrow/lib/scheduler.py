@@ -18,6 +18,10 @@ at a time, and applies each result:
   again; the entry was never removed, so nothing is lost (a duplicate
   delivery is possible, as in qmail).
 
+An entry whose envelope fails queue_entry.check_envelope (read here before
+each attempt, or by the worker, which answers `bad`) is moved to the
+queue's `bad/` folder with one log line naming it; nothing else stops.
+
 One writer per file: this process alone renames and removes the entries of
 its queue and writes its delivery log.
 """
@@ -221,8 +225,8 @@ class Scheduler:
         """The job for a worker, and the log fields that describe how it is sent."""
         recipient = envelope["recipient"]
         domain = recipient.rpartition("@")[2].lower()
-        vmta = self.vmtas.lookup(envelope.get("mtaid", ""))
-        sender = self.vmtas.resolve(vmta, envelope.get("msguid", name), recipient)
+        vmta = self.vmtas.lookup(envelope["mtaid"])
+        sender = self.vmtas.resolve(vmta, envelope["msguid"] or name, recipient)
         mx = self.learned_mx.get(domain, "") if self.rules.has_mx_rules else ""
         settings = self.rules.settings(domain, sender.name if sender.kind == "ip" else None, mx)
         job: dict = {"id": name, "path": path, "route": settings.smtp_route,
@@ -263,11 +267,19 @@ class Scheduler:
             except FileNotFoundError:
                 self.known.discard(name)
                 continue
-            except ValueError as e:
-                log.error("unreadable queue entry %s left in place: %s", name, e)
+            except queue_entry.BadEntry as e:
+                self.set_aside(name, str(e))
+                continue
+            except OSError as e:  # EACCES, EIO...: perhaps passing; the next rescan tries again
+                log.error("cannot read queue entry %s, left in place: %s", name, e)
                 self.known.discard(name)
                 continue
-            job, fields = self.job_for(name, path, envelope)
+            try:
+                job, fields = self.job_for(name, path, envelope)
+            except Exception:  # a checked envelope should not get here; the queue goes on
+                log.exception("cannot schedule queue entry %s, left in place", name)
+                self.known.discard(name)
+                continue
             link = self._pick_link(job.get("worker_key"))
             if link is None:
                 self.ready.appendleft(name)
@@ -276,6 +288,21 @@ class Scheduler:
             self.inflight[name] = (link, envelope, self.clock())
             link.inflight.add(name)
             link.jobs.write(remote_link.encode(job))
+
+    def set_aside(self, name: str, problem: str) -> None:
+        """Move a bad entry to bad/ (never scheduled) with one log line naming it."""
+        self.known.discard(name)
+        self.changed = True
+        try:
+            kept_as = queue_entry.move_to_bad(self.queue_dir, name)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.error("bad queue entry %s (%s) left in place: cannot move it to bad/: %s",
+                      name, problem, e)
+            return
+        where = "bad/" if kept_as == name else f"bad/{kept_as}"
+        log.error("bad queue entry %s moved to %s: %s", name, where, problem)
 
     # -- results ---------------------------------------------------------
 
@@ -300,13 +327,16 @@ class Scheduler:
             if status == remote_link.MISSING:
                 self.known.discard(name)
                 continue
+            if status == remote_link.BAD:
+                self.set_aside(name, result.get("text", ""))
+                continue
             _, attempts, _ = queue_entry.split_name(name)
             text = result.get("text", "")
             if status in RETRIED and self._expired(envelope, now):
                 status, text = FAILURE_TOOLONG, f"{text} {TOOLONG_TEXT}".strip()
             records.append(self._record(envelope, result, started, attempts, status, text))
             if status in RETRIED:
-                due = retry_schedule.next_due(envelope.get("injected_time", now), attempts + 1,
+                due = retry_schedule.next_due(envelope["injected_time"] or now, attempts + 1,
                                               now, scale=self.retry_scale)
                 if status == CONNMAXOUT:  # the receiver did not refuse: try again soon
                     due = min(due, int(now + CONNMAXOUT_RETRY * self.retry_scale) + 1)
@@ -339,13 +369,13 @@ class Scheduler:
         queue-send never waits on DNS)."""
         if len(self.learned_mx) > LEARNED_MX_MAX:
             self.learned_mx.clear()
-        domain = envelope.get("recipient", "").rpartition("@")[2].lower()
+        domain = envelope["recipient"].rpartition("@")[2].lower()
         self.learned_mx[domain] = mx_hostname.lower()
 
     def _expired(self, envelope: dict, now: float) -> bool:
-        domain = envelope.get("recipient", "").rpartition("@")[2].lower()
+        domain = envelope["recipient"].rpartition("@")[2].lower()
         lifetime = self.rules.settings(domain).queue_lifetime or self.queuelifetime
-        return now - float(envelope.get("injected_time", now)) >= lifetime
+        return now - (envelope["injected_time"] or now) >= lifetime
 
     async def _bounce(self, failed: list[tuple[dict, str, str]]) -> bool:
         """Create the bounces of permanent failures before their entries are removed.
@@ -356,24 +386,31 @@ class Scheduler:
         """
         root = str(self.root.path)
 
-        def work() -> None:
-            bounces = []
+        def work() -> list[tuple[str, str]]:
+            bounces, bad = [], []
             for envelope, name, reason in failed:
                 path = os.path.join(self.entries_dir, name)
-                bounce = queue_moves.make_bounce_entry(self.me, envelope, path, reason,
-                                                       self.bouncemaxbytes, self.doublebounceto)
+                try:
+                    bounce = queue_moves.make_bounce_entry(self.me, envelope, path, reason,
+                                                           self.bouncemaxbytes, self.doublebounceto)
+                except queue_entry.BadEntry as e:  # the file changed since it was read
+                    bad.append((name, str(e)))
+                    continue
                 if bounce is not None:
                     bounces.append(bounce)
             if bounces:
                 queue_moves.commit_bounces(root, bounces, self.bounce_limit)
+            return bad
 
         try:
-            await asyncio.to_thread(work)
+            bad = await asyncio.to_thread(work)
         except queue_entry.QueueWriteError as e:
             log.error("cannot queue bounces now (%s); the failed entries stay queued", e)
             for _, name, _ in failed:
                 self.known.discard(name)
             return False
+        for name, problem in bad:
+            self.set_aside(name, problem)
         return True
 
     async def _move(self, moves: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
@@ -420,7 +457,7 @@ class Scheduler:
             "sender": envelope.get("sender", ""),
             "mtaid": envelope.get("mtaid", ""),
             **envelope.get("_log", {}),
-            "injected_time": envelope.get("injected_time", ""),
+            "injected_time": envelope["injected_time"] or "",
             "message": text,
             "outmtaid_hostname": result.get("outmtaid_hostname", ""),
             "email": envelope.get("recipient", ""),

@@ -12,6 +12,14 @@ STARTTLS is offered when `control/smtp.tls.cert` names a certificate file
 The TLS context is built once, at start and at each reload, so a session
 pays only for its handshake; a bad file stops the start with an error
 naming it, and a bad file at reload keeps the context in use.
+
+Bounds: `databytes` (10 MB by default, advertised in SIZE); at most
+`smtp.sessions.max` sessions at once, `smtp.sessions.per_ip` from one client
+address (more get 421 and are closed; the count outlives a reload);
+`smtp.timeout` per command and `smtp.data.minrate` for DATA
+(greenarrow.lib.smtp_protocol). A client without an address (a Unix socket,
+a failed getpeername) is "unknown": only the default rule of smtp.tcp
+applies to it, never a loopback rule.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession, Transaction
 
 log = logging.getLogger("smtpd")
 
-IDLE_TIMEOUT = 300.0  # seconds a session may wait for its next command (RFC 5321 4.5.3.2.7)
 RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
 
 
@@ -40,6 +47,10 @@ class Settings:
         self.root = root
         self.me = str(control.read(root.control, "me"))
         self.databytes = int(control.read(root.control, "databytes"))
+        self.sessions_max = int(control.read(root.control, "smtp.sessions.max"))
+        self.sessions_per_ip = int(control.read(root.control, "smtp.sessions.per_ip"))
+        self.timeout = float(control.read(root.control, "smtp.timeout"))
+        self.data_rate = int(control.read(root.control, "smtp.data.minrate"))
         self.limit = int(control.read(root.control, "queue.ram.limit.messages"))
         self.count_file = queue_entry.count_path(str(root.path), "ram")
         path = root.control / "smtp.tcp"
@@ -91,19 +102,75 @@ def tls_context(control_dir: Path) -> ssl.SSLContext | None:
     return context
 
 
+class SessionCount:
+    """The open SMTP sessions, in total and per client address.
+
+    Owned by the SmtpServer, so it outlives a reload (which makes a new
+    policy); the limits are the policy's of the moment.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_address: dict[str, int] = {}
+
+    def admit(self, address: str, most: int, per_address: int) -> str | None:
+        """Count a new session in, or the 421 reply that refuses it (0: no limit)."""
+        if most and self.total >= most:
+            return f"421 4.7.0 too many connections ({most}, control/smtp.sessions.max); " \
+                   "try again later"
+        here = self.by_address.get(address, 0)
+        if per_address and here >= per_address:
+            return (f"421 4.7.0 too many connections from {address or 'an unknown address'} "
+                    f"({per_address}, control/smtp.sessions.per_ip); try again later")
+        self.total += 1
+        self.by_address[address] = here + 1
+        return None
+
+    def release(self, address: str) -> None:
+        self.total -= 1
+        left = self.by_address[address] - 1
+        if left:
+            self.by_address[address] = left
+        else:
+            del self.by_address[address]
+
+
 class InjectionPolicy(SessionPolicy):
     """The engine's side of an SMTP session: relay check at RCPT, queue commit at DATA."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sessions: SessionCount | None = None) -> None:
         self.settings = settings
+        self.sessions = SessionCount() if sessions is None else sessions
         self.hostname = settings.me
         self.databytes = settings.databytes
+        self.data_rate = settings.data_rate
         self.tls_context = settings.tls_context
         self.trigger = queue_entry.Trigger(settings.fifo)
 
+    def connected(self, session: SmtpSession) -> str | None:
+        settings = self.settings
+        refusal = self.sessions.admit(session.peer_ip, settings.sessions_max,
+                                      settings.sessions_per_ip)
+        if refusal is not None:
+            log.warning("refused a connection from %s: %s",
+                        session.peer_ip or "an unknown address", refusal[10:])
+            return refusal
+        session.state["counted"] = True
+        return None
+
+    def closed(self, session: SmtpSession) -> None:
+        """The session is gone: count it out (once, and only if it was counted in)."""
+        if session.state.pop("counted", False):
+            self.sessions.release(session.peer_ip)
+        if session.state.get("timed_out"):
+            log.info("cut a session from %s: timeout (control/smtp.timeout, smtp.data.minrate)",
+                     session.peer_ip or "an unknown address")
+
     def _rule(self, session: SmtpSession) -> tcprules.TcpRule | None:
         if "rule" not in session.state:  # once per connection
-            session.state["rule"] = self.settings.rules.match(session.peer_ip or "127.0.0.1")
+            # No peer address (a Unix socket, getpeername failed): unknown, so only the
+            # default rule can apply; never a loopback rule, which may allow relaying.
+            session.state["rule"] = self.settings.rules.match(session.peer_ip)
         return session.state["rule"]
 
     def check_sender(self, session: SmtpSession, address: str) -> str | None:
@@ -127,14 +194,14 @@ class InjectionPolicy(SessionPolicy):
         settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
-        trace = b""
-        if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
-            trace = (
-                f"Received: from {session.helo or 'unknown'} ([{session.peer_ip}])\r\n"
-                f"\tby {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
-                f" {msglib.rfc5322_date()}\r\n"
-            ).encode("ascii", "replace")
         try:
+            trace = b""
+            if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
+                peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
+                trace = msglib.header_field(
+                    "Received", f"from {session.helo or 'unknown'} ({peer})",
+                    f"by {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
+                    f" {msglib.rfc5322_date()}")
             msguid = injection.accept(
                 settings.queue_dir,
                 self.trigger,
@@ -152,6 +219,9 @@ class InjectionPolicy(SessionPolicy):
         except injection.InjectionError as e:
             code = "554 5.6.0" if e.permanent else "451 4.3.0"
             return f"{code} {e.text}"
+        except msglib.HeaderValueError as e:  # the HELO check keeps CR and NUL out; `me` too
+            log.error("%s", e)
+            return f"554 5.6.0 {e}"
         except OSError as e:
             log.error("queue write failed: %s", e)
             return "451 4.3.0 temporary failure writing to the queue"
@@ -163,11 +233,13 @@ class SmtpServer:
 
     def __init__(self, root: Root) -> None:
         self.root = root
-        self.policy = InjectionPolicy(Settings(root))
+        self.sessions = SessionCount()
+        self.policy = InjectionPolicy(Settings(root), self.sessions)
         self.servers: list[asyncio.AbstractServer] = []
 
     def _factory(self) -> SmtpSession:
-        return SmtpSession(self.policy, idle_timeout=IDLE_TIMEOUT)
+        policy = self.policy
+        return SmtpSession(policy, idle_timeout=policy.settings.timeout, on_close=policy.closed)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,7 +256,7 @@ class SmtpServer:
     def reload(self) -> None:
         """Re-read smtp.tcp, databytes, me and the TLS files; an error keeps the old settings."""
         try:
-            old, self.policy = self.policy, InjectionPolicy(Settings(self.root))
+            old, self.policy = self.policy, InjectionPolicy(Settings(self.root), self.sessions)
             old.trigger.close()
         except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
             log.error("reload failed, keeping the previous settings: %s", e)

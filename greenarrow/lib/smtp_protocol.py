@@ -14,7 +14,19 @@ a TLS context), MAIL (SIZE=, BODY=; SMTPUTF8 is refused with 555), RCPT, DATA,
 RSET, NOOP, VRFY (252), HELP, QUIT, STARTTLS. Limits: command lines of 512
 octets, data lines of 1000 octets (RFC 5321 4.5.3.1: a longer line gets 500
 after the data, nothing is accepted), the message size (552 after the data),
-1000 recipients per message (452), an idle timeout.
+1000 recipients per message (452), and time (below).
+
+Time: each command line must arrive whole within `timeout` seconds of the
+previous reply (or the greeting); bytes trickling in do not extend it, so a
+client cannot hold a session by sending a byte now and then. A DATA may take
+longer, but once `timeout` has passed since the 354 it must have averaged
+`policy.data_rate` bytes a second. Either way the session gets 421 and is
+closed. Only one timer per session, moved when it fires, and one clock read
+per read that completes a command: nothing per byte.
+
+Size: once a DATA is over `policy.databytes`, its bytes are no longer kept
+(only the last few, where the final dot may start); it is read to its end
+and refused with 552, so a large message costs no memory.
 """
 
 from __future__ import annotations
@@ -27,6 +39,10 @@ from collections.abc import Callable
 MAX_COMMAND = 512
 MAX_LINE = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
 MAX_RECIPIENTS = 1000
+# The HELO argument goes into the Received header: a CR (a bare LF already ends the
+# command line) or a NUL there would let a client smuggle header lines, or a whole
+# message at a receiver that takes a bare CR for a line end.
+HELO_CONTROL = "501 5.5.4 the HELO/EHLO host name may not contain control characters"
 
 
 class Transaction:
@@ -45,6 +61,7 @@ class SessionPolicy:
 
     hostname = "localhost"
     databytes = 0  # 0: no limit
+    data_rate = 0  # bytes a second a DATA must average after the timeout; 0: no floor
     tls_context: ssl.SSLContext | None = None
 
     def connected(self, session: SmtpSession) -> str | None:
@@ -106,7 +123,9 @@ class SmtpSession(asyncio.Protocol):
         self.tls_pending = False
         self.state: dict = {}  # for the policy (its per-connection notes)
         self._timer: asyncio.TimerHandle | None = None
-        self._active = 0.0  # time.monotonic() of the last input
+        self._active = 0.0  # time.monotonic() of the last reply: the current command's start
+        self._received = 0  # bytes read in this session
+        self._data_from = 0  # _received when the current DATA began
 
     # -- connection ---------------------------------------------------------
 
@@ -132,6 +151,7 @@ class SmtpSession(asyncio.Protocol):
             self.on_close(self)
 
     def _touch(self) -> None:
+        """A command is complete (or the session starts): the next one's time begins."""
         # One timer per connection, moved only when it fires: re-arming a timer
         # for every command cost a twentieth of smtpd's time.
         self._active = time.monotonic()
@@ -139,12 +159,23 @@ class SmtpSession(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.idle_timeout, self._idle)
 
+    def _deadline(self) -> float:
+        """When the session is cut unless it completes a command (or its DATA) first."""
+        deadline = self._active + self.idle_timeout
+        if self.in_data:
+            rate = self.policy.data_rate
+            if not rate:
+                return float("inf")
+            deadline += (self._received - self._data_from) / rate
+        return deadline
+
     def _idle(self) -> None:
-        left = self._active + self.idle_timeout - time.monotonic()
+        left = self._deadline() - time.monotonic()
         if left > 0:
             self._timer = asyncio.get_running_loop().call_later(left, self._idle)
             return
         self._timer = None
+        self.state["timed_out"] = True
         self._write(f"421 4.4.2 {self.policy.hostname} timeout, closing")
         self._close()
 
@@ -163,9 +194,11 @@ class SmtpSession(asyncio.Protocol):
         if self.closing or self.tls_pending:
             return
         self.buffer += data
-        self._touch()
+        self._received += len(data)
         replies: list[str] = []
         self._process(replies)
+        if replies:
+            self._touch()
         if replies and self.transport is not None and not self.transport.is_closing():
             self.transport.write(("\r\n".join(replies) + "\r\n").encode("utf-8", "surrogateescape"))
         if self.closing and self.transport is not None:
@@ -204,9 +237,12 @@ class SmtpSession(asyncio.Protocol):
         if self.in_data:
             self.data_start -= pos
             self.data_scan = max(self.data_start, self.data_scan - pos)
-            if self.policy.databytes and len(buf) - self.data_start > self.policy.databytes + 4096:
-                # Over the size limit: keep only the tail, where the end of the data
-                # may begin; the sentinel byte stops it passing for an empty message.
+            if self.policy.databytes and (
+                    len(buf) - self.data_start > self.policy.databytes + 4096
+                    or "too_big" in self.state):
+                # Over the size limit: from now on keep only the tail, where the end of
+                # the data may begin (4 bytes: the longest partial CRLF.CRLF); the
+                # sentinel byte stops it passing for an empty message.
                 self.buffer = bytearray(b"\x00" + buf[-4:])
                 self.data_start = 0
                 self.data_scan = 0
@@ -241,12 +277,16 @@ class SmtpSession(asyncio.Protocol):
     def smtp_HELO(self, arg: str) -> str:
         if not arg:
             return "501 5.5.4 HELO needs a host name"
+        if not arg.isprintable() and _has_control(arg):
+            return HELO_CONTROL
         self.helo, self.esmtp, self.transaction = arg, False, None
         return f"250 {self.policy.hostname}"
 
     def smtp_EHLO(self, arg: str) -> str:
         if not arg:
             return "501 5.5.4 EHLO needs a host name"
+        if not arg.isprintable() and _has_control(arg):
+            return HELO_CONTROL
         self.helo, self.esmtp, self.transaction = arg, True, None
         lines = [self.policy.hostname, "PIPELINING", "8BITMIME"]
         lines.append(f"SIZE {self.policy.databytes}" if self.policy.databytes else "SIZE")
@@ -307,6 +347,7 @@ class SmtpSession(asyncio.Protocol):
         if arg:
             return "501 5.5.4 syntax: DATA"
         self.in_data = True
+        self._data_from = self._received
         self.state.pop("too_big", None)
         return "354 end data with <CR><LF>.<CR><LF>"
 
@@ -368,6 +409,11 @@ class SmtpSession(asyncio.Protocol):
         # pipelined after STARTTLS (`leftover`), which it must not do.
         del leftover
         self.helo, self.esmtp, self.transaction = None, False, None
+
+
+def _has_control(text: str) -> bool:
+    """Whether `text` holds an ASCII control character (C0 or DEL)."""
+    return any(c < " " or c == "\x7f" for c in text)
 
 
 def _longest_line(data: bytes) -> int:

@@ -105,7 +105,11 @@ class TcpRules:
 
         `ip` is the textual peer address as the socket reports it: dotted
         IPv4, or IPv6 in any valid spelling (IPv4-mapped IPv6 counts as IPv4).
+        An empty `ip` (a client without an address, e.g. on a Unix socket) is
+        unknown: only the default rule applies to it.
         """
+        if not ip:
+            return self._default
         keys = self._keys
         if ":" in ip:
             try:
