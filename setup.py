@@ -49,6 +49,7 @@ setup(
         "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
         "psycopg>=3.1,<4",  # the events store (PostgreSQL)
+        "aiohttp>=3.9,<4",  # the event processor's HTTP destinations
     ],
     extras_require={
         "test": [
@@ -57,6 +58,7 @@ setup(
             "hypothesis>=6.100,<7",
             "dnslib>=0.9.24,<1",
             "ruff>=0.5",
+            "standardwebhooks>=1.0,<2",  # checks the event processor's signatures
         ],
     },
     entry_points={

@@ -24,12 +24,15 @@ def check_conf(conf: conflib.Block) -> None:
     """Build what queue-send and the injectors build from greenarrow.conf."""
     from greenarrow.lib import mail_class
     from greenarrow.lib.domain_rules import DomainRules
+    from greenarrow.lib.events import destinations, settings
     from greenarrow.lib.throttle_config import throttle_programs
     from greenarrow.lib.virtual_mta import VirtualMtas
 
     DomainRules(conf)
     VirtualMtas(conf)
     throttle_programs(conf)
+    settings.recorded_types(conf)
+    destinations.load(conf)
     try:
         mail_class.compile_conf(conf)
     except mail_class.MailClassConfigError as e:
