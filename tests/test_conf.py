@@ -502,6 +502,18 @@ throttle_program careful {
     window 5m
     min_attempts 20
 }
+event_delivery_destination primary {
+    event_delivery_url "https://app.example.com/greenarrow-events"
+    event_delivery_events all
+    event_delivery_max_batch_size 100
+    event_delivery_timeout 30s
+    event_delivery_signing_secret "whsec_MDEyMzQ1Njc4OWFiY2RlZg=="
+    event_delivery_new_destination leave_in_queue
+}
+event_delivery_destination archive {
+    event_delivery_logfile events-archive
+    event_delivery_events delivery_attempt bounce_all
+}
 """
 
 

@@ -424,6 +424,7 @@ class Processor:
         self.prune_seconds = prune_seconds
         self.destinations: list[Destination] = []
         self.workers: list[DestinationWorker] = []
+        self._idle_logged = False
 
     def configure(self) -> None:
         """Read the destinations from greenarrow.conf (ConfError if one is bad)."""
@@ -455,8 +456,11 @@ class Processor:
         """Deliver with the current destinations until `stop` is set."""
         info = self.conninfo(self.root)
         if info is None:
-            log.warning("no events database configured; not delivering events")
+            if not self._idle_logged:
+                log.warning("no events database configured; not delivering events")
+                self._idle_logged = True
             return
+        self._idle_logged = False
         if not await self.prepare(info, stop):
             return
         if not self.destinations:
