@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -372,3 +373,17 @@ def test_an_unreachable_database_at_start_is_logged_and_retried(tmp_path, own_cl
                 wait_until(lambda: receiver.received() >= 10, 60, "delivery once it is up")
         assert "events database reached after" in caplog.text
     assert emails(receiver.batches) == expected(0, 10)
+
+
+def test_the_bench_runs_on_tiny_inputs(pg_conninfo):
+    """bench/events_processor_bench.py end to end on a few hundred events (no figures)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from bench import events_processor_bench as bench
+
+    said: list[str] = []
+    drained = bench.drain(300, 50, pg_conninfo, say=said.append)
+    timed = bench.latency(400, 0.5, 50, pg_conninfo, say=said.append)
+    assert drained["drain_events_per_s"] > 0 and timed["latency_p99_s"] >= 0
+    assert "processor drain: 300 events" in said[0] and "p99" in said[1]
