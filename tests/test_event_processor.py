@@ -387,3 +387,30 @@ def test_the_bench_runs_on_tiny_inputs(pg_conninfo):
     timed = bench.latency(400, 0.5, 50, pg_conninfo, say=said.append)
     assert drained["drain_events_per_s"] > 0 and timed["latency_p99_s"] >= 0
     assert "processor drain: 300 events" in said[0] and "p99" in said[1]
+
+
+def test_a_running_engine_delivers_its_attempts_to_the_destination(tmp_path, pg_conninfo):
+    """hvmail_init starts the processor after the recorder; a destination alone
+    (no record_events) turns delivery_attempt recording on."""
+    from engine import Engine, route_conf
+    from smtp_receivers import Receiver as SmtpReceiver
+
+    with SmtpReceiver("127.0.0.1") as rx, Receiver() as events:
+        conf = ("general {\n  server_id e2e\n}\n" + route_conf({"dest.test": rx.port})
+                + destination("app", events.url, "delivery_attempt"))
+        engine = Engine(tmp_path, conf=conf)
+        (engine.root.control / DATABASE_URL_FILE).write_text(pg_conninfo + "\n")
+        with engine:
+            status = engine.program("hvmail_init", "status").stdout.decode()
+            assert "event-recorder" in status and "event-processor" in status
+            for n in range(5):
+                result = engine.sendmail("-f", "a@origin.test", f"u{n}@dest.test",
+                                         message=f"Subject: {n}\n\nbody\n".encode())
+                assert result.returncode == 0, result.stderr
+            wait_until(lambda: {e["email"] for b in events.batches for e in b
+                                if e["status"] == "success"} >= set(expected(0, 5)), 120,
+                       "every attempt at the events receiver")
+            shown = engine.program("greenarrow", "events", "status")
+            assert shown.returncode == 0 and "app" in shown.stdout.decode()
+    assert all(e["event_type"] == "delivery_attempt" and e["server_id"] == "e2e"
+               for b in events.batches for e in b)
