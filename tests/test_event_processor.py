@@ -414,3 +414,18 @@ def test_a_running_engine_delivers_its_attempts_to_the_destination(tmp_path, pg_
             assert shown.returncode == 0 and "app" in shown.stdout.decode()
     assert all(e["event_type"] == "delivery_attempt" and e["server_id"] == "e2e"
                for b in events.batches for e in b)
+
+
+def test_a_second_processor_started_by_mistake_sends_nothing_twice(tmp_path, pg_conninfo,
+                                                                    caplog):
+    with Receiver() as receiver:
+        root = make_root(tmp_path, pg_conninfo,
+                         destination("primary", receiver.url, event_delivery_max_batch_size="3"))
+        with caplog.at_level(logging.WARNING, "greenarrow.events.processor"):
+            with Running(root), Running(root):
+                for start in range(0, 60, 6):
+                    insert(pg_conninfo, start, 6)
+                wait_until(lambda: receiver.received() >= 60, 60, "delivery")
+                wait_until(lambda: "another event processor is delivering" in caplog.text, 30,
+                           "the second one waiting")
+    assert sorted(receiver.unique_ids().values()) == [1] * 60

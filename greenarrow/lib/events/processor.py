@@ -65,6 +65,9 @@ PRUNE_SECONDS = 2.0
 PRUNE_CHUNK = 10_000
 RECONNECT_SECONDS = (0.5, 1.0, 2.0, 5.0)  # waits between connection attempts
 DOWN_LOG_SECONDS = 60.0
+STOP_GRACE_SECONDS = 5.0  # a POST under way when asked to stop gets this long
+# pg_try_advisory_lock(DESTINATION_LOCK, hashtext(name)): one sender per destination.
+DESTINATION_LOCK = 0x67616576  # "gaev"
 ERROR_TEXT_LIMIT = 500  # characters of an error kept in the tables
 
 
@@ -211,11 +214,22 @@ class DestinationWorker:
         attempts = 0
         down_since: float | None = None
         last_down_log = 0.0
+        busy_logged = False
         try:
             while not self.stop.is_set():
                 conn = None
                 try:
                     conn = await connect(self.info, self.destination.name)
+                    if not await self.lock(conn):
+                        if not busy_logged:
+                            log.warning("%s: another event processor is delivering to this "
+                                        "destination; waiting", self.destination.name)
+                            busy_logged = True
+                        await conn.close()
+                        conn = None
+                        await _wait(self.stop, RECONNECT_SECONDS[-1])
+                        continue
+                    busy_logged = False
                     row = await (await conn.execute(
                         "SELECT cursor FROM event_destinations WHERE name = %s",
                         (self.destination.name,))).fetchone()
@@ -240,11 +254,23 @@ class DestinationWorker:
                     await _wait(self.stop,
                                 RECONNECT_SECONDS[min(attempts, len(RECONNECT_SECONDS) - 1)])
                     attempts += 1
+                except (psycopg.Error, RuntimeError) as exc:
+                    # Not an outage (a schema or data problem): say so, and try again
+                    # later rather than stop the other destinations.
+                    log.error("%s: %s; trying again in %.0fs", self.destination.name,
+                              str(exc).strip(), RECONNECT_SECONDS[-1])
+                    await _wait(self.stop, RECONNECT_SECONDS[-1])
                 finally:
                     if conn is not None:
                         await conn.close()
         finally:
             await sender.close()
+
+    async def lock(self, conn: psycopg.AsyncConnection) -> bool:
+        """Take this destination's session lock (released when the connection ends)."""
+        row = await (await conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                                        (DESTINATION_LOCK, self.destination.name))).fetchone()
+        return bool(row[0])
 
     async def deliver(self, conn: psycopg.AsyncConnection,
                       sender: HttpSender | LogfileSender) -> None:
@@ -440,7 +466,10 @@ class Processor:
             round_stop.set()
             for watcher in watchers:
                 watcher.cancel()
-            await task
+            try:
+                await asyncio.wait_for(task, STOP_GRACE_SECONDS)
+            except TimeoutError:
+                log.info("stopped with a delivery under way (it is sent again at the next start)")
             if reload.is_set() and not stop.is_set():
                 reload.clear()
                 try:
