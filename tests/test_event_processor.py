@@ -356,7 +356,13 @@ def test_events_status_per_destination(tmp_path, pg_conninfo):
                 text = format_status(read_status(conn, root))
     row = next(line for line in text.splitlines() if line.startswith("primary"))
     assert row.split()[:3] == ["primary", "7", "5"], text
-    assert "HTTP 500" in row
+    assert "HTTP 500" in row and " in " in row  # the next retry, not due yet
+    # A destination declared but not started by the processor yet is named.
+    (root.control / "greenarrow.conf").write_text(
+        destination("primary", receiver.url) + destination("later", receiver.url))
+    with psycopg.connect(pg_conninfo) as conn:
+        text = format_status(read_status(conn, root))
+    assert "later: declared in greenarrow.conf, not started yet" in text
 
 
 def test_an_unreachable_database_at_start_is_logged_and_retried(tmp_path, own_cluster, caplog):
