@@ -435,3 +435,16 @@ def test_a_second_processor_started_by_mistake_sends_nothing_twice(tmp_path, pg_
                 wait_until(lambda: "another event processor is delivering" in caplog.text, 30,
                            "the second one waiting")
     assert sorted(receiver.unique_ids().values()) == [1] * 60
+
+
+def test_the_service_refuses_a_bad_destination_with_its_line(tmp_path):
+    import os
+    import subprocess
+
+    root = make_root(tmp_path, None, destination("x", "http://127.0.0.1:9/", "nonsense"))
+    result = subprocess.run([sys.executable, "-m", "greenarrow.bin.event_processor"],
+                            env=dict(os.environ, HVMAIL_ROOT=str(root.path)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 111
+    assert "greenarrow.conf:3: event_delivery_events: unknown event type 'nonsense'" in \
+        result.stderr
