@@ -448,3 +448,20 @@ def test_the_service_refuses_a_bad_destination_with_its_line(tmp_path):
     assert result.returncode == 111
     assert "greenarrow.conf:3: event_delivery_events: unknown event type 'nonsense'" in \
         result.stderr
+
+
+def test_lite_events_carry_their_row_id(tmp_path, pg_conninfo):
+    with Receiver() as receiver:
+        root = make_root(tmp_path, pg_conninfo, destination("lite", receiver.url))
+        insert(pg_conninfo, 0, 2)
+        with psycopg.connect(pg_conninfo) as conn, conn.transaction():
+            store.insert_events(conn, [make_event("bounce_lite", 1_700_000_000, "s1", "lite 1",
+                                                  bounce_code=10)])
+            lite_id = conn.execute("SELECT id FROM events WHERE event_type = 'bounce_lite'"
+                                   ).fetchone()[0]
+        with Running(root):
+            wait_until(lambda: receiver.received() >= 3, 60, "delivery")
+    events = [e for b in receiver.batches for e in b]
+    assert [e.get("id") for e in events] == [None, None, lite_id]
+    assert "id" not in events[0]
+    assert list(events[2]) == list(make_event("bounce_lite", 0, "s", "k"))  # field order kept

@@ -37,6 +37,7 @@ deletes on success too). With no destination nothing is deleted.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -49,7 +50,7 @@ import psycopg
 
 from greenarrow.lib import conf as conf_file
 from greenarrow.lib.events import destinations as destinations_mod
-from greenarrow.lib.events import schema
+from greenarrow.lib.events import schema, store
 from greenarrow.lib.events.destinations import DROP_FROM_QUEUE, Destination, signature_headers
 from greenarrow.lib.events.stand_in_database import conninfo as stand_in_conninfo
 from greenarrow.lib.paths import Root
@@ -69,6 +70,9 @@ STOP_GRACE_SECONDS = 5.0  # a POST under way when asked to stop gets this long
 # pg_try_advisory_lock(DESTINATION_LOCK, hashtext(name)): one sender per destination.
 DESTINATION_LOCK = 0x67616576  # "gaev"
 ERROR_TEXT_LIMIT = 500  # characters of an error kept in the tables
+# Types whose `id` field is the events table's row id, filled in when delivered
+# (greenarrow.lib.events.types: the Lite bounce and complaint events).
+ROW_ID_TYPES = frozenset({"bounce_lite", "scomp_lite"})
 
 
 def backoff_delay(failures: int, first: float = BACKOFF_FIRST, cap: float = BACKOFF_CAP,
@@ -76,6 +80,22 @@ def backoff_delay(failures: int, first: float = BACKOFF_FIRST, cap: float = BACK
     """Seconds to wait after the `failures`-th consecutive failure (1 or more)."""
     base = min(cap, first * 2 ** min(max(failures, 1) - 1, 40))
     return base * (0.5 + 0.5 * (rng or random).random())
+
+
+def delivered_text(row_id: int, event_type: str, text: str) -> str:
+    """The JSON text delivered for a stored event: as stored, except that the
+    Lite types get their row id in `id`."""
+    if event_type not in ROW_ID_TYPES:
+        return text
+    event = json.loads(text)
+    event["id"] = row_id
+    return store.event_json(event)
+
+
+def batch_of(rows: list[tuple], from_retries: bool, end: int = 0) -> Batch:
+    """A batch from rows (id, event_unique_id, event_type, event text)."""
+    return Batch([r[0] for r in rows], [r[1] for r in rows],
+                 [delivered_text(r[0], r[2], r[3]) for r in rows], from_retries, end)
 
 
 @dataclass
@@ -297,13 +317,13 @@ class DestinationWorker:
 
     async def due_retries(self, conn: psycopg.AsyncConnection) -> Batch | None:
         rows = await (await conn.execute(
-            "SELECT e.id, e.event_unique_id, e.event::text FROM event_retries r "
+            "SELECT e.id, e.event_unique_id, e.event_type, e.event::text FROM event_retries r "
             "JOIN events e ON e.id = r.event_id "
             "WHERE r.destination = %s AND r.due <= now() ORDER BY r.due, r.event_id LIMIT %s",
             (self.destination.name, self.destination.max_batch_size))).fetchall()
         if not rows:
             return None
-        return Batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], True)
+        return batch_of(rows, True)
 
     async def new_events(self, conn: psycopg.AsyncConnection) -> Batch | None:
         """The next events after the cursor, or None (the cursor moved past any
@@ -315,11 +335,11 @@ class DestinationWorker:
             return None
         limit = self.destination.max_batch_size
         if self._types is None:
-            query = ("SELECT id, event_unique_id, event::text FROM events "
+            query = ("SELECT id, event_unique_id, event_type, event::text FROM events "
                      "WHERE id > %s AND id <= %s ORDER BY id LIMIT %s")
             params: tuple = (self.cursor, top, limit)
         else:
-            query = ("SELECT id, event_unique_id, event::text FROM events "
+            query = ("SELECT id, event_unique_id, event_type, event::text FROM events "
                      "WHERE id > %s AND id <= %s AND event_type = ANY (%s) ORDER BY id LIMIT %s")
             params = (self.cursor, top, self._types, limit)
         rows = await (await conn.execute(query, params)).fetchall()
@@ -327,8 +347,7 @@ class DestinationWorker:
         if not rows:
             await self.move_cursor(conn, end)
             return None
-        return Batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                     False, end)
+        return batch_of(rows, False, end)
 
     async def move_cursor(self, conn: psycopg.AsyncConnection, end: int,
                           success: bool = False) -> None:
