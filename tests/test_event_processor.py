@@ -465,3 +465,11 @@ def test_lite_events_carry_their_row_id(tmp_path, pg_conninfo):
     assert [e.get("id") for e in events] == [None, None, lite_id]
     assert "id" not in events[0]
     assert list(events[2]) == list(make_event("bounce_lite", 0, "s", "k"))  # field order kept
+
+
+def test_greenarrows_one_line_example_parses():
+    tree = conflib.parse('event_delivery_destination primary { event_delivery_url '
+                         '"https://app.example.com/greenarrow-events"; event_delivery_events all }\n')
+    (primary,) = destinations.load(tree)
+    assert primary.url == "https://app.example.com/greenarrow-events"
+    assert primary.event_types is None
