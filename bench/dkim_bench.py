@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from bench.machine import describe, loadavg
-from greenarrow.lib.dkim_signing import DkimKeys, DkimSigner
+from greenarrow.lib.dkim.signing import DkimKeys, DkimSigner
 
 
 def make_message(size: int) -> bytes:

@@ -23,13 +23,12 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from greenarrow.lib.delivery_log import DeliveryLogWriter
+from greenarrow.lib.core.delivery_log import DeliveryLogWriter
+from greenarrow.lib.core.paths import Root
 from greenarrow.lib.events import schema, store
 from greenarrow.lib.events.delivery_attempt import event_of_line
 from greenarrow.lib.events.recorder import Recorder
-from greenarrow.lib.events.stand_in_database import DATABASE_URL_FILE
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.ops.install_root import init_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +60,10 @@ def run(n: int, conninfo: str, say=print) -> dict[str, float]:
             for start in range(0, n, 1000):
                 writer.write([attempt(i) for i in range(start, min(start + 1000, n))])
         recorder_db = fresh_database(conninfo, "events_bench_recorder")
-        (root.control / DATABASE_URL_FILE).write_text(recorder_db + "\n")
+        fields = dict(part.split("=", 1) for part in recorder_db.split())
+        url = f"postgresql://{fields['user']}@/{fields['dbname']}?host={fields['host']}"
+        with open(root.control / "greenarrow.conf", "a") as conf:
+            conf.write(f'general {{ events_database_url "{url}" }}\n')
         recorder = Recorder(root)
         recorder.configure()
         conn = recorder.connect()

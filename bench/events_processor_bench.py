@@ -34,12 +34,11 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from greenarrow.lib.core.paths import Root
 from greenarrow.lib.events import schema, store
 from greenarrow.lib.events.processor import Processor
-from greenarrow.lib.events.stand_in_database import DATABASE_URL_FILE
 from greenarrow.lib.events.types import make_event
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.ops.install_root import init_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,6 +96,18 @@ def fresh_database(conninfo: str, name: str) -> str:
     return make_conninfo(conninfo, dbname=name)
 
 
+def database_url(conninfo: str) -> str:
+    """`events_database_url` for a conninfo: a URL as is, `key=value` words as a URL."""
+    if conninfo.startswith(("postgresql://", "postgres://")):
+        return conninfo
+    fields = dict(part.split("=", 1) for part in conninfo.split())
+    user = fields.get("user", "")
+    query = f"?host={fields['host']}" if fields.get("host", "").startswith("/") else ""
+    host = "" if query else fields.get("host", "")
+    port = f":{fields['port']}" if "port" in fields else ""
+    return f"postgresql://{user}{'@' if user else ''}{host}{port}/{fields.get('dbname', '')}{query}"
+
+
 def receiver_state(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=10) as response:
         return json.loads(response.read())
@@ -134,8 +145,8 @@ def setup_root(tmp: str, conninfo: str, port: int, batch: int) -> Root:
         "event_delivery_destination bench {\n"
         f'  event_delivery_url "http://127.0.0.1:{port}/events"\n'
         "  event_delivery_events all\n"
-        f"  event_delivery_max_batch_size {batch}\n}}\n")
-    (root.control / DATABASE_URL_FILE).write_text(conninfo + "\n")
+        f"  event_delivery_max_batch_size {batch}\n}}\n"
+        f'general {{\n  events_database_url "{database_url(conninfo)}"\n}}\n')
     return root
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from greenarrow.pyx.queue_scan import scan  # noqa: E402
 
-from greenarrow.lib import queue_entry  # noqa: E402
+from greenarrow.lib.queue import entry as queue_entry  # noqa: E402
 
 MESSAGE = (b"Subject: bench\r\n\r\n" + b"x" * 72 + b"\r\n") * 64  # about 5 KB
 

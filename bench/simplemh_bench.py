@@ -52,11 +52,14 @@ from io import BytesIO
 from pathlib import Path
 
 from bench.machine import describe, loadavg
-from greenarrow.lib import bounce_address, injection, mail_class, simplemh
-from greenarrow.lib import message as msglib
-from greenarrow.lib import tracking_url as tu
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.core import message as msglib
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject import accept as injection
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.simplemh import mail_class
+from greenarrow.lib.simplemh import processing as simplemh
+from greenarrow.lib.simplemh import return_path as bounce_address
+from greenarrow.lib.simplemh import tracking_url as tu
 
 RCPT = "subscriber.name@example.net"
 SENDER = "news@shop.example.com"

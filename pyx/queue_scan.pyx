@@ -3,7 +3,7 @@
 
 A scheduler rebuilds its whole schedule after a restart from this scan alone,
 without opening one message file (ARCHITECTURE section 5). An entry's file
-name is `<entry id>.<attempts>.<due>` (see greenarrow.lib.queue_entry); this
+name is `<entry id>.<attempts>.<due>` (see greenarrow.lib.queue.entry); this
 module reads the directory with readdir(3) and parses those names in C, so a
 queue of a million entries is scanned in about a second.
 

@@ -2,17 +2,17 @@
 """SimpleMH byte-level hot paths: header scanning, MIME transfer encodings, link finding.
 
 Everything here works on `bytes` and returns offsets into them, so the
-caller (greenarrow.lib.simplemh) can rebuild a message from slices of the
+caller (greenarrow.lib.simplemh.processing) can rebuild a message from slices of the
 original: every byte it does not rewrite stays exactly as it was. Nothing
 here builds an `email.message` tree, decodes text to `str` or imports a
 Python module at call time; that is what makes SimpleMH processing cheap
-enough to run once per injected message (ARCHITECTURE section 6).
+enough to run once per injected message (docs/ARCHITECTURE.md section 8).
 
 Python-level API (all offsets are absolute indexes into the bytes given):
 
 - split_headers(msg, start=0, end=-1) -> (fields, body_start)
       fields: list of (lower-cased name, start, end, colon offset); the same
-      rules as greenarrow.lib.message.split_headers, bounded to [start, end).
+      rules as greenarrow.lib.core.message.split_headers, bounded to [start, end).
 - header_value(msg, colon, end) -> bytes      unfolded, stripped value
 - content_type(value) -> (mime type lower-cased, {param name lower: value})
 - find_delimiters(msg, start, end, boundary) -> list of (line start,
@@ -190,7 +190,7 @@ cdef Py_ssize_t _ci_find(const unsigned char* s, Py_ssize_t n, Py_ssize_t pos, c
 def split_headers(bytes msg, Py_ssize_t start=0, Py_ssize_t end=-1):
     """The header fields of msg[start:end] (CRLF lines) and where its body starts.
 
-    Same rules as greenarrow.lib.message.split_headers: the block ends at the
+    Same rules as greenarrow.lib.core.message.split_headers: the block ends at the
     first empty line (the body starts after it) or at the first line that is
     neither a field nor a continuation (the body starts at that line).
     Returns ([(lower-cased name, start, end, colon), ...], body start).
@@ -1998,7 +1998,7 @@ cdef Py_ssize_t _stat_key(const char* path, char* buf, Py_ssize_t size) noexcept
 
 def file_key(bytes path):
     """b"<st_mtime_ns> <st_size> <st_ino>" of a file (following links), what
-    greenarrow.lib.mail_class keys its cache with, without building an
+    greenarrow.lib.simplemh.mail_class keys its cache with, without building an
     os.stat_result; OSError (FileNotFoundError...) as os.stat raises it.
     """
     cdef char buf[96]

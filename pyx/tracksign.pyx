@@ -9,7 +9,7 @@ part of the payload common to a message's links (version, kind, flags,
 recipient, identifiers) is kept, and each link costs only the SHA-256
 blocks of its URL, the outer block and a base64url encoding, all in C.
 
-The result is byte for byte what greenarrow.lib.tracking_url.encode() makes
+The result is byte for byte what greenarrow.lib.simplemh.tracking_url.encode() makes
 with `hmac` and `binascii` (tests/test_tracking_url.py checks it), so the
 tracker verifies it with the standard library.
 
@@ -25,7 +25,7 @@ Python-level API:
       the tracking URLs (or open pixel) of a part's slots, in one loop
 - Signer.link(base, kind, flags, fields, url=b"") -> bytes
       base + DATA for the payload bytes((1, kind, flags)) + fields + url
-      (tracking DATA's layout: greenarrow.lib.tracking_url)
+      (tracking DATA's layout: greenarrow.lib.simplemh.tracking_url)
 - Signer.links(kinds, targets, fields, flags, bases, pixel_open, pixel_close)
       Signer.replacements for one recipient's `fields`, without prefix
       objects: the state after each kind's prefix is computed once per call
@@ -487,7 +487,7 @@ cdef class Signer:
     def link(self, bytes base, int kind, int flags, bytes fields, bytes url=b""):
         """base + DATA, DATA being base64url(payload + HMAC(payload)[:10]) for the payload
         bytes((1, kind, flags)) + fields + url: a tracking URL (or, with base b"", the DATA
-        of X-Mailer-Info) as greenarrow.lib.tracking_url.encode() makes it."""
+        of X-Mailer-Info) as greenarrow.lib.simplemh.tracking_url.encode() makes it."""
         cdef Sha s
         cdef unsigned char head[3]
         if not 0 <= kind <= 255 or not 0 <= flags <= 255:

@@ -5,28 +5,56 @@ files a test needs (loopback ports, fast timeouts), starts the real services
 with `hvmail_init start` as a subprocess and stops them with `hvmail_init
 stop`, checking that no process is left behind. Tests inject through the
 real `bin/sendmail` script and over SMTP, and read the delivery log.
+
+As root (here and in CI) the services run as the engine's users
+(greenarrow.lib.core.users), which may not pass pytest's 0700 folders: the
+install root is then made in a folder of its own under /tmp that they may
+reach (`reachable_tmp`), removed when the tests end.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from greenarrow.lib import control, delivery_log, supervisor
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import control
+from greenarrow.lib.core import delivery_log, users
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops import supervisor
+from greenarrow.lib.ops.install_root import init_root
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def reachable_tmp(tmp_path: Path, name: str = "reachable") -> Path:
+    """`tmp_path / name`, a folder for an install root; as root, a symlink to a
+    folder under /tmp that the engine's users may reach (removed at exit)."""
+    link = tmp_path / name
+    if not users.separated():
+        link.mkdir(exist_ok=True)
+        return link
+    if link.is_symlink():  # asked again for the same test
+        return link.resolve()
+    outer = Path(tempfile.mkdtemp(prefix="ga-test-"))
+    outer.chmod(0o755)
+    atexit.register(shutil.rmtree, outer, True)
+    link.symlink_to(outer)
+    return outer
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
@@ -38,12 +66,38 @@ def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+# The user a root test run starts its own throwaway PostgreSQL as (the engine
+# drops privileges itself). It keeps CAP_DAC_READ_SEARCH (read and search, no
+# write) so it can reach pytest's temporary folders, root's own (mode 0700).
+UNPRIVILEGED = "nobody"
+
+
+def as_unprivileged(command: list[str]) -> list[str]:
+    """`command` run as UNPRIVILEGED with CAP_DAC_READ_SEARCH (util-linux setpriv)."""
+    return ["setpriv", f"--reuid={UNPRIVILEGED}", f"--regid={_group(UNPRIVILEGED)}",
+            "--clear-groups", "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search", "--", *command]
+
+
+def _group(user: str) -> int:
+    return pwd.getpwnam(user).pw_gid
+
+
+def chown_tree(path: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.lchown(name, entry.pw_uid, entry.pw_gid)
+
+
 class Engine:
     """One install root under `tmp_path` and its services."""
 
     def __init__(self, tmp_path: Path, conf: str = "", workers: int = 1,
-                 controls: dict[str, object] | None = None) -> None:
-        self.root = Root(tmp_path / "hvmail")
+                 controls: dict[str, object] | None = None, database: str = "none") -> None:
+        """`database`: `none` (no database service, the default: most tests need none),
+        `bundled` (the install root's own PostgreSQL) or a postgresql:// URL."""
+        self.root = Root(reachable_tmp(tmp_path, "engine") / "hvmail")
         init_root(self.root, me="engine.test")
         self.smtp_port = free_port()
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root.path))
@@ -59,6 +113,8 @@ class Engine:
         settings.update(controls or {})
         for name, value in settings.items():
             control.write(self.root.control, name, value)
+        if database != "bundled":
+            conf += f"\ngeneral {{\n  events_database_url {json.dumps(database)}\n}}\n"
         (self.root.control / "greenarrow.conf").write_text(conf)
         self.started = False
 

@@ -20,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
+
+# psycopg (pure Python) loads libpq: without it, skip the database tests.
+psycopg = pytest.importorskip("psycopg", reason="psycopg cannot load libpq (Debian libpq5)")
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -40,7 +42,8 @@ class Cluster:
     """One PostgreSQL server in its own temporary folder."""
 
     def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="greenarrow-pg-"))
+        # The test process id in the name: whose cluster it is, at a glance.
+        self.base = Path(tempfile.mkdtemp(prefix=f"greenarrow-pg-{os.getpid()}-"))
         self.data = self.base / "data"
         self.socket_dir = self.base
         self._as: list[str] = []
@@ -132,3 +135,14 @@ def own_cluster():
         yield cluster
     finally:
         cluster.destroy()
+
+
+def database_url(conninfo: str) -> str:
+    """The `events_database_url` (a postgresql:// URL) of one of this module's conninfos."""
+    fields = dict(part.split("=", 1) for part in conninfo.split())
+    return f"postgresql://{fields['user']}@/{fields['dbname']}?host={fields['host']}"
+
+
+def database_conf(conninfo: str) -> str:
+    """greenarrow.conf text naming that database (a second `general` block merges)."""
+    return f'\ngeneral {{\n  events_database_url "{database_url(conninfo)}"\n}}\n'

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from greenarrow.lib import tracking_url
 from greenarrow.lib.feedback.classify import SCOMP, classify_message
+from greenarrow.lib.simplemh import tracking_url
 
 CONSTANTS = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
 

@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smtp_receivers import Receiver
 
-from greenarrow.lib import queue_entry, remote_link
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
-from greenarrow.lib.remote_worker import RemoteWorker
-from greenarrow.lib.scheduler import Scheduler, WorkerLink
+from greenarrow.lib.core import remote_link
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.deliver.remote_worker import RemoteWorker
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.queue.scheduler import Scheduler, WorkerLink
 
 GOOD = 5
 
@@ -284,7 +285,7 @@ def test_queue_tools_count_and_list_bad_entries_and_skip_bad_ones_in_entries(tmp
     from click.testing import CliRunner
 
     from greenarrow.bin.queue import queue_command
-    from greenarrow.lib.explain import explain
+    from greenarrow.lib.ops.explain import explain
 
     engine = Engine(tmp_path, conf=route_conf({"dest.test": 9}))
     root = engine.root

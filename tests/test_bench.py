@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine import reachable_tmp
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -39,7 +40,7 @@ def test_simplemh_scenario_engine_tracks_and_signs(tmp_path: Path) -> None:
     from bench.peers import EnginePeer
 
     message = genmsg.message_crlf(genmsg.simplemh(genmsg.make_message(random.Random(1), 0)))
-    peer = EnginePeer(tmp_path, ramdisk_mb=0)
+    peer = EnginePeer(reachable_tmp(tmp_path), ramdisk_mb=0)
     with Receiver() as rx:
         peer.configure(rx.port, simplemh=True)
         try:
@@ -69,7 +70,8 @@ def test_quick_mode_engine_only(tmp_path: Path) -> None:
             "--quick", "--peer", "none", "--tools", "python",
             "--n", "50", "--cli-n", "10", "--cli-parallel", "2", "--backlog-n", "50", "--latency-n", "50",
             "--settle", "0.3", "--timeout", "60",
-            "--work", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"),
+            "--work", str(reachable_tmp(tmp_path) / "work"),
+            "--results-dir", str(tmp_path / "results"),
         ],
         say=lines.append,
     )
@@ -99,7 +101,8 @@ def test_direct_with_postfix_tools(tmp_path: Path) -> None:
     lines: list[str] = []
     rc = main(
         ["--quick", "--peer", "none", "--scenarios", "direct", "--n", "50", "--settle", "0.3",
-         "--work", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")],
+         "--work", str(reachable_tmp(tmp_path) / "work"),
+         "--results-dir", str(tmp_path / "results")],
         say=lines.append,
     )
     assert rc == 0, "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The encoded bounce address (greenarrow.lib.bounce_address, docs/simplemh.md).
+"""The encoded bounce address (greenarrow.lib.simplemh.return_path, docs/simplemh.md).
 
 What the bounce processor will rely on: the address decodes back to the
 ListID, SendID and recipient exactly, also after a receiver lower-cased (or
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from greenarrow.lib import bounce_address as ba
-from greenarrow.lib import tracking_url as tu
+from greenarrow.lib.simplemh import return_path as ba
+from greenarrow.lib.simplemh import tracking_url as tu
 
 C = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
 OTHER = ("0123456789abcdef0123456789abcdef", "00000000000000000000000000000000")

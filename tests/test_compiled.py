@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import queue_entry
+from greenarrow.lib.queue import entry as queue_entry
 from greenarrow.pyx import queue_scan
 
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greenarrow.bin.greenarrow_config import main
-from greenarrow.lib import conf
-from greenarrow.lib.conf import (
+from greenarrow.lib.config import conf
+from greenarrow.lib.config.conf import (
     SCHEMA,
     Block,
     ConfError,
@@ -28,7 +28,7 @@ from greenarrow.lib.conf import (
     parse_int,
     quote,
 )
-from greenarrow.lib.paths import Root
+from greenarrow.lib.core.paths import Root
 
 SHIPPED = Path(__file__).resolve().parent.parent / "control" / "greenarrow.conf"
 
@@ -428,6 +428,10 @@ FULL = """\
 general {
     system_max_smtp_connections 5000
     queue_lifetime 7d
+    events_database_url "postgresql://greenarrow:pw@db1.example.com:5432,db2.example.com/ga"
+    postgres_max_connections 80
+    postgres_listen 127.0.0.1:5432
+    postgres_bin_dir /usr/lib/postgresql/16/bin
     server_id mta1
     record_events delivery_attempt, engine_open
 }
@@ -634,10 +638,10 @@ def test_schema_table_is_consistent() -> None:
 
 
 def test_custom_schema() -> None:
-    extra = (*SCHEMA, conf.directive("postgres_max_connections", "general", conf.INT))
-    root = parse("general { postgres_max_connections 50 }", "t.conf", check=False)
+    extra = (*SCHEMA, conf.directive("made_up_setting", "general", conf.INT))
+    root = parse("general { made_up_setting 50 }", "t.conf", check=False)
     conf.validate(root, extra)
-    with pytest.raises(ConfError, match="unknown directive postgres_max_connections"):
+    with pytest.raises(ConfError, match="unknown directive made_up_setting"):
         conf.validate(root)
 
 

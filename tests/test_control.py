@@ -1,4 +1,4 @@
-"""Control files (`greenarrow.lib.control`): one setting per file, typed, with defaults.
+"""Control files (`greenarrow.lib.config.control`): one setting per file, typed, with defaults.
 
 Each kind is read from a file in a temporary control folder; a missing file
 gives the default (some derived from other settings); a bad value is a
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import control
-from greenarrow.lib.control import ControlError, ControlSpec
+from greenarrow.lib.config import control
+from greenarrow.lib.config.control import ControlError, ControlSpec
 
 
 @pytest.fixture
@@ -350,3 +350,13 @@ def test_specs_are_complete() -> None:
             assert isinstance(spec.default, float)
         elif spec.kind in ("lines", "listen"):
             assert isinstance(spec.default, list)
+
+
+def test_typed_getters_refuse_a_file_of_another_type(tmp_path) -> None:
+    (tmp_path / "databytes").write_text("2048\n")
+    assert control.read_int(tmp_path, "databytes") == 2048
+    assert control.read_text(tmp_path, "me")
+    with pytest.raises(TypeError, match="holds size"):
+        control.read_text(tmp_path, "databytes")
+    with pytest.raises(TypeError, match="holds text"):
+        control.read_int(tmp_path, "me")

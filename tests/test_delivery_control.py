@@ -12,9 +12,9 @@ from engine import Engine, wait_until
 from smtp_receivers import Receiver, self_signed_context
 
 from greenarrow.bin.queue import queue_command
-from greenarrow.lib import conf as conflib
-from greenarrow.lib.throttle import Program, Throttles
-from greenarrow.lib.virtual_mta import VirtualMtas
+from greenarrow.lib.config import conf as conflib
+from greenarrow.lib.deliver.throttle import Program, Throttles
+from greenarrow.lib.routing.virtual_mta import VirtualMtas
 
 
 def send(engine: Engine, rcpt: str, mtaid: str | None = None, header: str = "") -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import delivery_log, rotating_log
-from greenarrow.lib.delivery_log import (
+from greenarrow.lib.core import delivery_log, rotating_log
+from greenarrow.lib.core.delivery_log import (
     FIELDS,
     STATUSES,
     DeliveryLogWriter,

@@ -7,10 +7,10 @@ import os
 import pytest
 
 from greenarrow.bin.inject import inject
-from greenarrow.lib import queue_entry
-from greenarrow.lib.injection import InjectionError
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject.accept import InjectionError
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""DKIM signing (greenarrow.lib.dkim_signing), checked with dkimpy's verifier.
+"""DKIM signing (greenarrow.lib.dkim.signing), checked with dkimpy's verifier.
 
 No real DNS: every verification gets a `dnsfunc` that answers from the TXT
 records the test built from the keys (or took from the corpus). Keys are made
@@ -27,9 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import control, dkim_signing
-from greenarrow.lib.control import ControlError
-from greenarrow.lib.dkim_signing import (
+from greenarrow.lib.config import control
+from greenarrow.lib.config.control import ControlError
+from greenarrow.lib.core import users
+from greenarrow.lib.dkim import signing as dkim_signing
+from greenarrow.lib.dkim.signing import (
     DkimKeys,
     DkimSigner,
     decode_request,
@@ -88,6 +90,7 @@ def put_key(control_dir: Path, domain: str, selector: str, data: bytes) -> Path:
     path = control_dir / "dkim" / domain / f"{selector}.pem"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    users.restrict(path)  # a key other users may read is refused
     return path
 
 

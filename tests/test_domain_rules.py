@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from greenarrow.lib.conf import Block, ConfError, parse, parse_domain_pattern
-from greenarrow.lib.domain_rules import (
+from greenarrow.lib.config.conf import Block, ConfError, parse, parse_domain_pattern
+from greenarrow.lib.routing.domain_rules import (
     DEFAULT_SETTINGS,
     DomainRules,
     DomainSettings,

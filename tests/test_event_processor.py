@@ -18,15 +18,14 @@ from engine import wait_until
 from event_receiver import Receiver
 
 from greenarrow.bin.greenarrow_config import main as greenarrow_config
-from greenarrow.lib import conf as conflib
+from greenarrow.lib.config import conf as conflib
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.rotating_log import CURRENT
 from greenarrow.lib.events import destinations, schema, settings, store
 from greenarrow.lib.events.processor import Processor, backoff_delay
-from greenarrow.lib.events.stand_in_database import DATABASE_URL_FILE
 from greenarrow.lib.events.status import format_status, read_status
 from greenarrow.lib.events.types import make_event
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
-from greenarrow.lib.rotating_log import CURRENT
+from greenarrow.lib.ops.install_root import init_root
 
 pg_conninfo = pg.pg_conninfo
 own_cluster = pg.own_cluster
@@ -34,13 +33,23 @@ own_cluster = pg.own_cluster
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
 
+_DATABASES: dict[Path, str | None] = {}  # install root -> its test database
+
+
 def make_root(tmp_path: Path, conninfo: str | None, conf: str) -> Root:
     root = Root(tmp_path / "hvmail")
     init_root(root, me="processor.test")
-    (root.control / "greenarrow.conf").write_text(conf)
-    if conninfo is not None:
-        (root.control / DATABASE_URL_FILE).write_text(conninfo + "\n")
+    _DATABASES[root.path] = conninfo
+    write_conf(root, conf)
     return root
+
+
+def write_conf(root: Root, conf: str) -> None:
+    """greenarrow.conf: `conf` and the test's database (or none)."""
+    conninfo = _DATABASES[root.path]
+    database = (pg.database_conf(conninfo) if conninfo is not None
+                else "\ngeneral {\n  events_database_url none\n}\n")
+    (root.control / "greenarrow.conf").write_text(conf + database)
 
 
 def destination(name: str, url: str, events: str = "all", **more: str) -> str:
@@ -295,8 +304,8 @@ def test_a_new_destination_takes_the_queue_or_only_new_events(tmp_path, pg_conni
             first.mode = "fail"
             insert(pg_conninfo, 20, 5)
             wait_until(lambda: first.requests >= 12, 60, "the first one failing")
-            (root.control / "greenarrow.conf").write_text(
-                destination("first", first.url)
+            write_conf(
+                root, destination("first", first.url)
                 + destination("replay", replay.url,
                               event_delivery_new_destination="leave_in_queue")
                 + destination("fresh", fresh.url,
@@ -320,7 +329,7 @@ def test_a_removed_destination_releases_its_events(tmp_path, pg_conninfo, caplog
         with Running(root) as running:
             wait_until(lambda: keep.received() >= 10 and gone.requests >= 1, 60, "delivery")
             assert count_events(pg_conninfo) == 10
-            (root.control / "greenarrow.conf").write_text(destination("keep", keep.url))
+            write_conf(root, destination("keep", keep.url))
             with caplog.at_level(logging.WARNING, "greenarrow.events.processor"):
                 running.reload()
                 wait_until(lambda: count_events(pg_conninfo) == 0, 60, "pruned")
@@ -358,8 +367,7 @@ def test_events_status_per_destination(tmp_path, pg_conninfo):
     assert row.split()[:3] == ["primary", "7", "5"], text
     assert "HTTP 500" in row and " in " in row  # the next retry, not due yet
     # A destination declared but not started by the processor yet is named.
-    (root.control / "greenarrow.conf").write_text(
-        destination("primary", receiver.url) + destination("later", receiver.url))
+    write_conf(root, destination("primary", receiver.url) + destination("later", receiver.url))
     with psycopg.connect(pg_conninfo) as conn:
         text = format_status(read_status(conn, root))
     assert "later: declared in greenarrow.conf, not started yet" in text
@@ -404,8 +412,7 @@ def test_a_running_engine_delivers_its_attempts_to_the_destination(tmp_path, pg_
     with SmtpReceiver("127.0.0.1") as rx, Receiver() as events:
         conf = ("general {\n  server_id e2e\n}\n" + route_conf({"dest.test": rx.port})
                 + destination("app", events.url, "delivery_attempt"))
-        engine = Engine(tmp_path, conf=conf)
-        (engine.root.control / DATABASE_URL_FILE).write_text(pg_conninfo + "\n")
+        engine = Engine(tmp_path, conf=conf, database=pg.database_url(pg_conninfo))
         with engine:
             status = engine.program("hvmail_init", "status").stdout.decode()
             assert "event-recorder" in status and "event-processor" in status

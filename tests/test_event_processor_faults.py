@@ -18,10 +18,9 @@ import psycopg
 from engine import wait_until
 from event_receiver import Receiver
 
-from greenarrow.lib.delivery_log import DeliveryLogWriter
-from greenarrow.lib.events.stand_in_database import DATABASE_URL_FILE
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.core.delivery_log import DeliveryLogWriter
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops.install_root import init_root
 
 own_cluster = pg.own_cluster
 
@@ -112,8 +111,7 @@ def test_kill_9_of_recorder_processor_and_postgresql_loses_nothing(tmp_path: Pat
             "event_delivery_destination primary {\n"
             f'  event_delivery_url "{receiver.url}"\n'
             "  event_delivery_events delivery_attempt\n"
-            f"  event_delivery_max_batch_size {BATCH}\n}}\n")
-        (root.control / DATABASE_URL_FILE).write_text(conninfo + "\n")
+            f"  event_delivery_max_batch_size {BATCH}\n}}\n" + pg.database_conf(conninfo))
         stream = Stream(root, total)
         procs = {"event_recorder": start(root, "event_recorder"),
                  "event_processor": start(root, "event_processor")}

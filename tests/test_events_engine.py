@@ -7,9 +7,8 @@ import psycopg
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import delivery_log
-from greenarrow.lib.events.stand_in_database import DATABASE_URL_FILE
-from greenarrow.lib.paths import QUEUES
+from greenarrow.lib.core import delivery_log
+from greenarrow.lib.core.paths import QUEUES
 
 pg_conninfo = pg.pg_conninfo
 
@@ -20,8 +19,7 @@ def test_every_attempt_of_a_running_engine_is_recorded(tmp_path, pg_conninfo):
     with Receiver("127.0.0.1") as rx:
         conf = ("general {\n  server_id e2e\n  record_events delivery_attempt\n}\n"
                 + route_conf({"dest.test": rx.port}))
-        engine = Engine(tmp_path, conf=conf)
-        (engine.root.control / DATABASE_URL_FILE).write_text(pg_conninfo + "\n")
+        engine = Engine(tmp_path, conf=conf, database=pg.database_url(pg_conninfo))
         with engine:
             assert "event-recorder" in engine.program("hvmail_init", "status").stdout.decode()
             for n in range(N):

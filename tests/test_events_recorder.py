@@ -18,15 +18,14 @@ import psycopg
 import pytest
 from engine import wait_until
 
-from greenarrow.lib.delivery_log import FIELDS as LOG_FIELDS
-from greenarrow.lib.delivery_log import DeliveryLogWriter, format_line
+from greenarrow.lib.core.delivery_log import FIELDS as LOG_FIELDS
+from greenarrow.lib.core.delivery_log import DeliveryLogWriter, format_line
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.rotating_log import RotatingLog, rotated_files
 from greenarrow.lib.events import schema
 from greenarrow.lib.events.recorder import Recorder, spool_root
-from greenarrow.lib.events.stand_in_database import DATABASE_URL_FILE
 from greenarrow.lib.events.types import FIELDS, make_event
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
-from greenarrow.lib.rotating_log import RotatingLog, rotated_files
+from greenarrow.lib.ops.install_root import init_root
 
 pg_conninfo = pg.pg_conninfo
 own_cluster = pg.own_cluster
@@ -37,8 +36,7 @@ CONF = "general {\n  server_id test-server\n  record_events delivery_attempt\n}\
 def make_root(tmp_path: Path, conninfo: str, conf: str = CONF) -> Root:
     root = Root(tmp_path / "hvmail")
     init_root(root, me="recorder.test")
-    (root.control / "greenarrow.conf").write_text(conf)
-    (root.control / DATABASE_URL_FILE).write_text(conninfo + "\n")
+    (root.control / "greenarrow.conf").write_text(conf + pg.database_conf(conninfo))
     return root
 
 
@@ -159,7 +157,7 @@ def test_a_file_pruned_while_stopped_is_reported_and_reading_goes_on(tmp_path, p
     assert any("EVENTS LOST" in r.getMessage() for r in caplog.records)
     got = msguids(pg_conninfo)
     on_disk = [r["msguid"] for r in
-               __import__("greenarrow.lib.delivery_log", fromlist=["x"]).iter_records(
+               __import__("greenarrow.lib.core.delivery_log", fromlist=["x"]).iter_records(
                    root.delivery_log("ram"))]
     assert got[:5] == [f"m{i:08d}" for i in range(5)]
     assert got[5:] == on_disk  # everything still on disk, in order, once
@@ -332,7 +330,7 @@ def test_postgresql_down_during_the_stream(tmp_path, own_cluster):
 def test_no_database_configured_leaves_the_recorder_idle(tmp_path):
     root = Root(tmp_path / "hvmail")
     init_root(root, me="recorder.test")
-    (root.control / "greenarrow.conf").write_text(CONF)
+    (root.control / "greenarrow.conf").write_text(CONF + "general { events_database_url none }\n")
     proc = start_recorder(root)
     try:
         wait_until(lambda: b"no events database" in (root.path / "recorder.log").read_bytes(),
@@ -396,6 +394,7 @@ def test_events_status_shows_destinations_and_the_recorder(tmp_path, pg_conninfo
 def test_events_status_without_a_database(tmp_path):
     root = Root(tmp_path / "hvmail")
     init_root(root, me="recorder.test")
+    (root.control / "greenarrow.conf").write_text("general { events_database_url none }\n")
     result = subprocess.run([sys.executable, "-m", "greenarrow.bin.greenarrow", "events", "status"],
                             env=dict(os.environ, HVMAIL_ROOT=str(root.path)),
                             capture_output=True, text=True, timeout=60)

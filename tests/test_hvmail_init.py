@@ -6,7 +6,7 @@ import os
 
 from engine import Engine, wait_until
 
-from greenarrow.lib import supervisor
+from greenarrow.lib.ops import supervisor
 
 
 def test_start_status_crash_restart_and_stop(tmp_path):

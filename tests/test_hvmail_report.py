@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner, Result
 
 from greenarrow.bin.hvmail_report import main
-from greenarrow.lib.delivery_log import DeliveryLogWriter, format_line
-from greenarrow.lib.delivery_report import (
+from greenarrow.lib.core.delivery_log import DeliveryLogWriter, format_line
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops.delivery_report import (
     Filter,
     Summary,
     parse_period,
     parse_time,
     resolve_range,
 )
-from greenarrow.lib.paths import Root
 
 NOW = time.time()
 
@@ -153,7 +153,7 @@ def test_bad_time_and_status_are_usage_errors(root: Root) -> None:
 def test_time_range_options(root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
     # Relative times count from "now": pin it to when the records were made, so a
     # long test run does not move the boundaries under the records.
-    from greenarrow.lib import delivery_report
+    from greenarrow.lib.ops import delivery_report
 
     monkeypatch.setattr(delivery_report.time, "time", lambda: NOW + 1)
     assert msguids("-q", "ram") == ids(RAM)

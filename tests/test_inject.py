@@ -23,11 +23,12 @@ from hypothesis import strategies as st
 
 from greenarrow.bin import inject as inject_mod
 from greenarrow.bin.inject import EXIT_OK, EXIT_PERMANENT, EXIT_TEMPORARY, inject, run
-from greenarrow.lib import control, queue_entry
-from greenarrow.lib import message as msglib
-from greenarrow.lib.injection import InjectionError
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import control
+from greenarrow.lib.core import message as msglib
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject.accept import InjectionError
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
 
 ME = "mx.injector.test"
 WAIT = 30.0  # bound on a subprocess; never reached when things work

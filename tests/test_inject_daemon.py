@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import command_line, control, inject_daemon, queue_entry
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import control
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject import command_line
+from greenarrow.lib.inject import daemon as inject_daemon
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`greenarrow init` (`greenarrow.lib.install_root.init_root`): the install root layout.
+"""`greenarrow init` (`greenarrow.lib.ops.install_root.init_root`): the install root layout.
 
 init_root creates the folders, queues, trigger FIFOs, default control files,
 control/me and the injection scripts; it is idempotent and never changes a
@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from greenarrow.bin.greenarrow import main as greenarrow_main
-from greenarrow.lib import install_root
-from greenarrow.lib.install_root import data_dir, init_root
-from greenarrow.lib.paths import QUEUES, Root
+from greenarrow.lib.core.paths import QUEUES, Root
+from greenarrow.lib.ops import install_root
+from greenarrow.lib.ops.install_root import data_dir, init_root
 
 
 @pytest.fixture

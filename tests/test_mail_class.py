@@ -1,4 +1,4 @@
-"""Mail Classes in greenarrow.conf, their cache, and SendID construction (greenarrow.lib.mail_class).
+"""Mail Classes in greenarrow.conf, their cache, and SendID construction (greenarrow.lib.simplemh.mail_class).
 
 Also the promise to command-line injection: with no class applying, the
 `sendmail` fast path imports neither the greenarrow.conf parser nor `re`,
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from greenarrow.lib import conf, mail_class
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import conf
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.simplemh import mail_class
 
 CLASSES = """\
 general {
@@ -127,15 +128,12 @@ def test_edit_seen_with_either_stat(root: Root, monkeypatch: pytest.MonkeyPatch,
     key is the same, and an edit is seen by the next call either way."""
     from greenarrow.pyx import simplemh as fast
 
-    if compiled:
-        monkeypatch.setitem(sys.modules, "greenarrow.pyx.simplemh", fast)
-    else:
-        monkeypatch.delitem(sys.modules, "greenarrow.pyx.simplemh", raising=False)
+    file_key = fast.file_key if compiled else None
     write_conf(root, CLASSES)
-    first = mail_class.load(str(root.path))
-    assert mail_class.load(str(root.path)) is first  # unchanged: the memo
+    first = mail_class.load(str(root.path), file_key)
+    assert mail_class.load(str(root.path), file_key) is first  # unchanged: the memo
     write_conf(root, CLASSES.replace("listid t100", "listid t2"))
-    assert mail_class.load(str(root.path)).get("news").listid == "t2"
+    assert mail_class.load(str(root.path), file_key).get("news").listid == "t2"
     conf_path = root.control / "greenarrow.conf"
     st = os.stat(conf_path)
     assert fast.file_key(os.fsencode(conf_path)) == mail_class._stat_key(st)
@@ -235,8 +233,8 @@ def test_normalize_url_domain(text: str, expected: str | None) -> None:
     assert mail_class.normalize_url_domain(text) == expected
 
 
-FORBIDDEN = ("greenarrow.lib.conf", "re", "json", "pathlib", "email", "hmac", "hashlib",
-             "greenarrow.pyx.simplemh", "greenarrow.lib.simplemh")
+FORBIDDEN = ("greenarrow.lib.config.conf", "re", "json", "pathlib", "email", "hmac", "hashlib",
+             "greenarrow.pyx.simplemh", "greenarrow.lib.simplemh.processing")
 
 
 def _imports(root: Root, message: bytes, env: dict[str, str] | None = None) -> set[str]:
@@ -267,7 +265,7 @@ def test_fast_path_stays_light(root: Root, conf_text: str) -> None:
     # a SimpleMH message does load them
     write_conf(root, "mail_class news {\n    listid t1\n}\n")
     names = _imports(root, message, {"GREENARROW_MAILCLASS": "news"})
-    assert "greenarrow.lib.simplemh" in names
+    assert "greenarrow.lib.simplemh.processing" in names
 
 
 def test_error_elsewhere_does_not_stop_mail_classes(root: Root) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from dns_server import DnsServer, free_udp_port
 
-from greenarrow.lib.mx import TEMPORARY_TEXT, MxError, MxHost, MxResolver, no_host_text
+from greenarrow.lib.smtp.mx import TEMPORARY_TEXT, MxError, MxHost, MxResolver, no_host_text
 
 ZONE = {
     "example.test": [

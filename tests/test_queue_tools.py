@@ -14,7 +14,7 @@ from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
 from greenarrow.bin.queue import queue_command
-from greenarrow.lib import queue_entry
+from greenarrow.lib.queue import entry as queue_entry
 
 
 def run(engine: Engine, *args: str) -> str:
@@ -93,3 +93,19 @@ def test_queue_tools_while_delivery_runs(tmp_path):
             no_filter = CliRunner().invoke(queue_command, ["delete"],
                                            env={"HVMAIL_ROOT": str(engine.root.path)})
             assert no_filter.exit_code != 0 and "--all" in no_filter.output
+
+
+def test_queue_and_report_filters_read_wildcards_alike() -> None:
+    """`[` is an address character in both (it was a character class in the queue tools)."""
+    from greenarrow.lib.ops.delivery_report import Filter as ReportFilter
+    from greenarrow.lib.ops.queue_tools import Entry, Filter
+
+    entry = Entry(queue="ram", name="x-0.0.0", held=False, attempts=0, due=0, injected=0.0,
+                  envelope={"recipient": "User[1]@Example.com"})
+    for pattern, expected in (("user[1]@example.com", True), ("user?1]@*", True),
+                              ("user1@example.com", False)):
+        queue_filter = Filter(recipients=[pattern])
+        report_filter = ReportFilter(recipients=[pattern])
+        assert queue_filter.matches(entry, 0.0) is expected
+        assert report_filter({"status": "success", "sendid": "", "listid": "", "sender": "",
+                              "email": "User[1]@Example.com"}) is expected

@@ -18,7 +18,7 @@ import sys
 import pytest
 from engine import Engine, route_conf
 
-from greenarrow.lib import queue_entry
+from greenarrow.lib.queue import entry as queue_entry
 
 LIMIT = 16384  # bytes: the most a child may write to one file
 BIG = b"Subject: big\n\n" + (b"y" * 76 + b"\n") * 2600  # ~200 KB
@@ -53,7 +53,8 @@ def test_sendmail_write_failing_part_way_leaves_nothing_in_tmp(tmp_path):
 
 MOVE = """
 import sys
-from greenarrow.lib import queue_entry, queue_moves
+from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.queue import moves as queue_moves
 root, src, name = sys.argv[1:4]
 try:
     queue_moves.move_entries(root, [(src, name)])

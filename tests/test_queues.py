@@ -12,10 +12,11 @@ import pytest
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import queue_entry
-from greenarrow.lib.bounce_message import BREAK_LINE
-from greenarrow.lib.delivery_log import iter_records
-from greenarrow.lib.scheduler import Scheduler, WorkerLink
+from greenarrow.lib.core import paths
+from greenarrow.lib.core.delivery_log import iter_records
+from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.queue.failure_notice import BREAK_LINE
+from greenarrow.lib.queue.scheduler import Scheduler, WorkerLink
 
 
 def test_deferred_first_attempt_moves_to_disk_queue_and_arrives_later(tmp_path):
@@ -131,7 +132,7 @@ def test_a_full_queue_refuses_for_now_and_loses_nothing(tmp_path):
                         refused += 1
                     if n == 30:
                         wait_until(lambda: queue_entry.read_count(
-                            queue_entry.count_path(str(engine.root.path), "ram")) >= 20, 10,
+                            paths.count_path(str(engine.root.path), "ram")) >= 20, 10,
                             "the published count")
             cli = engine.sendmail("-f", "s@origin.test", "late@dest.test", message=b"Subject: l\n\nx\n")
             assert cli.returncode == 111 and b"queue is full" in cli.stderr
@@ -169,9 +170,9 @@ def test_seed_bounce_queue_tuning_commands_then_restart(tmp_path):
 def test_bounces_overflow_to_the_disk_queue_when_the_bounce_queue_is_full(tmp_path):
     """Over queue.bounce.limit.messages (as published by the bounce-queue's scheduler),
     internally created messages go to the durable disk-queue instead."""
-    from greenarrow.lib import queue_moves
-    from greenarrow.lib.install_root import init_root
-    from greenarrow.lib.paths import Root
+    from greenarrow.lib.core.paths import Root
+    from greenarrow.lib.ops.install_root import init_root
+    from greenarrow.lib.queue import moves as queue_moves
 
     root = Root(tmp_path)
     init_root(root)
@@ -179,7 +180,7 @@ def test_bounces_overflow_to_the_disk_queue_when_the_bounce_queue_is_full(tmp_pa
                "listid": "", "mtaid": "", "mailclass": "", "instanceid": "",
                "click_tracking_id": "", "injected_time": 1, "source_ip": "", "bounce_level": 1},
               b"Subject: failure notice\r\n\r\nx\r\n")
-    count_file = queue_entry.count_path(str(root.path), "bounce")
+    count_file = paths.count_path(str(root.path), "bounce")
     queue_entry.write_count(count_file, 3)
     assert queue_moves.commit_bounces(str(root.path), [bounce], bounce_limit=5) == "bounce"
     queue_entry.write_count(count_file, 5)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from greenarrow.lib import remote_link, remote_worker
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
-from greenarrow.lib.remote_worker import RemoteWorker
+from greenarrow.lib.core import remote_link
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.deliver import remote_worker
+from greenarrow.lib.deliver.remote_worker import RemoteWorker
+from greenarrow.lib.ops.install_root import init_root
 
 WAIT = 10.0  # upper bound on any wait; never reached when things work
 

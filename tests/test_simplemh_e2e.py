@@ -19,9 +19,9 @@ from email import message_from_bytes, policy
 from engine import Engine, route_conf, wait_until
 from smtp_receivers import Receiver
 
-from greenarrow.lib import bounce_address as ba
-from greenarrow.lib import secret_constants
-from greenarrow.lib import tracking_url as tu
+from greenarrow.lib.config import secret_constants
+from greenarrow.lib.simplemh import return_path as ba
+from greenarrow.lib.simplemh import tracking_url as tu
 
 CLASS = """
 mail_class news {
@@ -65,6 +65,8 @@ def test_simplemh_through_the_engine(tmp_path) -> None:
             with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
                 smtp.sendmail("news@origin.test", rcpts, smtp_msg.encode())
             wait_until(lambda: len(rx.messages) >= 4, 60, "four copies at the receiver")
+            # queue-send logs an attempt after the receiver has the message: wait for the lines
+            wait_until(lambda: len(engine.records()) >= 4, 60, "four delivery log lines")
             records = engine.records()
 
         assert len(rx.messages) == 4

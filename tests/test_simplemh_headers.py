@@ -1,4 +1,4 @@
-"""Every SimpleMH header of seed 004, through real injection (greenarrow.lib.simplemh).
+"""Every SimpleMH header of seed 004, through real injection (greenarrow.lib.simplemh.processing).
 
 Each header: its valid values and what they do, its invalid values (a
 permanent error naming the header: exit 100 on the command line, 554 over
@@ -26,13 +26,16 @@ from hypothesis import strategies as st
 from test_smtpd import port_of
 
 from greenarrow.bin.inject import EXIT_PERMANENT, EXIT_TEMPORARY, inject, run
-from greenarrow.lib import bounce_address as ba
-from greenarrow.lib import control, injection, mail_class, queue_entry, secret_constants
-from greenarrow.lib import message as msglib
-from greenarrow.lib import tracking_url as tu
-from greenarrow.lib.injection import InjectionError
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import control, secret_constants
+from greenarrow.lib.core import message as msglib
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject import accept as injection
+from greenarrow.lib.inject.accept import InjectionError
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.simplemh import mail_class
+from greenarrow.lib.simplemh import return_path as ba
+from greenarrow.lib.simplemh import tracking_url as tu
 
 start_server = test_smtpd.start_server  # the SMTP-service fixture, with this module's root
 
@@ -627,7 +630,7 @@ def test_header_bytes_outside_x_greenarrow_preserved(root: Root, block: list[byt
 def test_resolve_is_remembered_for_the_same_inputs(root: Root) -> None:
     """A long-lived injector resolves a campaign's headers once: the same inputs give the same
     Job; another header value, day, greenarrow.conf or control/ gives a new one."""
-    from greenarrow.lib import simplemh
+    from greenarrow.lib.simplemh import processing as simplemh
 
     r = str(root.path)
     classes, settings = mail_class.load(r), simplemh.root_settings(r)

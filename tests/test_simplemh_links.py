@@ -1,4 +1,4 @@
-"""Link rewriting and the open pixel over real MIME messages (greenarrow.lib.simplemh).
+"""Link rewriting and the open pixel over real MIME messages (greenarrow.lib.simplemh.processing).
 
 The messages are the raw MIME corpora of ../shared/corpus (stalwart-mail-parser
 and cpython-test-email, listed in their index.jsonl), each injected twice:
@@ -34,11 +34,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from greenarrow.lib import injection, mail_class, secret_constants
-from greenarrow.lib import message as msglib
-from greenarrow.lib import tracking_url as tu
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
+from greenarrow.lib.config import secret_constants
+from greenarrow.lib.core import message as msglib
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject import accept as injection
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.simplemh import mail_class
+from greenarrow.lib.simplemh import tracking_url as tu
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.exists():

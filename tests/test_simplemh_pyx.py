@@ -1,6 +1,6 @@
 """The compiled SimpleMH primitives (greenarrow.pyx.simplemh), checked against references.
 
-The header scanner must agree with greenarrow.lib.message.split_headers,
+The header scanner must agree with greenarrow.lib.core.message.split_headers,
 the quoted-printable decoder with binascii.a2b_qp (what the email package
 uses), and the encoder must round-trip within RFC 2045's line limits.
 Hypothesis fuzzes every function with arbitrary bytes: no crash, no hang
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from greenarrow.lib import message as msglib
+from greenarrow.lib.core import message as msglib
 from greenarrow.pyx import simplemh as fast
 
 FUZZ = settings(max_examples=400, deadline=timedelta(seconds=2))

@@ -1,4 +1,4 @@
-"""The counting SMTP sink: `greenarrow.lib.sink` and the `greenarrow sink` program.
+"""The counting SMTP sink: `greenarrow.lib.devtools.sink` and the `greenarrow sink` program.
 
 Every wait is bounded; nothing asserts on elapsed time.
 """
@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from greenarrow.bin.sink import sink_command
-from greenarrow.lib.sink import Counters, SinkOptions, SinkThread
+from greenarrow.lib.devtools.sink import Counters, SinkOptions, SinkThread
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 15.0  # upper bound on any wait; never reached when things work

@@ -9,9 +9,8 @@ import pytest
 from dns_server import DnsServer
 from smtp_receivers import Receiver, ScriptedServer, self_signed_context
 
-from greenarrow.lib.mx import MxHost, MxResolver
-from greenarrow.lib.session_pool import SessionPool
-from greenarrow.lib.smtp_client import (
+from greenarrow.lib.deliver.session_pool import SessionPool
+from greenarrow.lib.smtp.client import (
     NO_CONNECTION_TEXT,
     Attempt,
     Result,
@@ -19,6 +18,7 @@ from greenarrow.lib.smtp_client import (
     deliver,
     dot_stuff,
 )
+from greenarrow.lib.smtp.mx import MxHost, MxResolver
 
 T = Timeouts(cap=10.0)  # every wait bounded, none ever reached by a healthy receiver
 MESSAGE = (

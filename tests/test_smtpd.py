@@ -1,4 +1,4 @@
-"""SMTP injection: `greenarrow.lib.smtp_injection.SmtpServer` on loopback.
+"""SMTP injection: `greenarrow.lib.inject.smtp_injection.SmtpServer` on loopback.
 
 The server runs in a background thread with its own asyncio loop; the tests
 talk to it with smtplib, or with a raw socket where smtplib cannot say what
@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 from test_inject import entries, queued
 
-from greenarrow.lib import control, queue_entry
-from greenarrow.lib import message as msglib
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
-from greenarrow.lib.smtp_injection import SmtpServer
+from greenarrow.lib.config import control
+from greenarrow.lib.core import message as msglib
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject.smtp_injection import SmtpServer
+from greenarrow.lib.ops.install_root import init_root
+from greenarrow.lib.queue import entry as queue_entry
 
 ME = "smtp.injector.test"
 WAIT = 15.0  # upper bound on any wait; never reached when things work
@@ -544,7 +545,7 @@ def test_broken_rules_keep_old_ones(root: Root, server: ServerThread, broken: st
 
 def test_idle_session_is_closed_with_421_but_activity_keeps_it_open() -> None:
     """The idle timeout counts from the last input, not from the connection."""
-    from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession
+    from greenarrow.lib.smtp.server import SessionPolicy, SmtpSession
 
     timeout = 0.6
 

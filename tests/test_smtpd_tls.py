@@ -17,11 +17,11 @@ import pytest
 from smtp_receivers import self_signed_context
 from test_smtpd import MESSAGE, RELAY_RULES, WAIT, ServerThread, free_port, queued
 
-from greenarrow.lib import control
-from greenarrow.lib.control import ControlError
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import Root
-from greenarrow.lib.smtp_injection import SmtpServer, tls_context
+from greenarrow.lib.config import control
+from greenarrow.lib.config.control import ControlError
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.inject.smtp_injection import SmtpServer, tls_context
+from greenarrow.lib.ops.install_root import init_root
 
 NAME = "inject.tls.test"
 

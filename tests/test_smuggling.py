@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from engine import Engine, route_conf, wait_until
 
-from greenarrow.lib import command_line
+from greenarrow.lib.inject import command_line
 
 WAIT = 20.0
 
@@ -296,8 +296,8 @@ def test_smtp_helo_values(engine: Engine, lax: LaxReceiver) -> None:
 
 def test_nul_in_command_line_values(tmp_path: Path) -> None:
     """NUL (which only the injectd socket can carry) in -F, -f or QMAILUSER: exit 100."""
-    from greenarrow.lib.install_root import init_root
-    from greenarrow.lib.paths import Root
+    from greenarrow.lib.core.paths import Root
+    from greenarrow.lib.ops.install_root import init_root
 
     root = Root(tmp_path / "hvmail")
     init_root(root, me="engine.test")

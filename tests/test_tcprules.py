@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from greenarrow.lib.tcprules import TcpRule, TcpRulesError, load, parse
+from greenarrow.lib.config.tcprules import TcpRule, TcpRulesError, load, parse
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Tracking URLs and their signed DATA (greenarrow.lib.tracking_url, docs/simplemh.md).
+"""Tracking URLs and their signed DATA (greenarrow.lib.simplemh.tracking_url, docs/simplemh.md).
 
 Round trips for every kind and format, the fields of stateless mode, and
 the promise that matters to the tracker: a DATA that was changed, cut short
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from greenarrow.lib import tracking_url as tu
+from greenarrow.lib.simplemh import tracking_url as tu
 
 C = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
 OTHER = ("00000000000000000000000000000000", "fedcba9876543210fedcba9876543210")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from greenarrow.lib import secret_constants
+from greenarrow.lib.config import secret_constants
+from greenarrow.lib.core.paths import root_path_from_env
 from greenarrow.lib.feedback.bounce_rules import RuleError, load_rules
 from greenarrow.lib.feedback.classify import classify_message
-from greenarrow.lib.paths import root_path_from_env
 
 
 @click.group("bounce")

@@ -9,9 +9,9 @@ import signal
 import sys
 import threading
 
-from greenarrow.lib import service
-from greenarrow.lib.conf import ConfError
-from greenarrow.lib.paths import root_from_env
+from greenarrow.lib.config.conf import ConfError
+from greenarrow.lib.core import service
+from greenarrow.lib.core.paths import root_from_env
 
 log = logging.getLogger("greenarrow.events.processor")
 

@@ -10,8 +10,9 @@ import click
 from greenarrow.bin.bounce import bounce_command
 from greenarrow.bin.queue import queue_command
 from greenarrow.bin.sink import sink_command
-from greenarrow.lib.install_root import init_root
-from greenarrow.lib.paths import root_from_env
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.core.users import UsersError
+from greenarrow.lib.ops.install_root import init_root
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,10 +28,16 @@ def main() -> None:
 def init_command(me: str | None) -> None:
     """Create the install root: folders, default control files, bin/sendmail.
 
-    Idempotent: it never overwrites a file that already exists.
+    Idempotent: it never overwrites a file that already exists. Run as root it
+    also creates the engine's users and group (gaqueue, gasmtpd, garemote;
+    greenarrow) and gives the root their owners and modes, for services that
+    run unprivileged (docs/operations.md section 4b).
     """
     root = root_from_env()
-    created = init_root(root, me)
+    try:
+        created = init_root(root, me)
+    except UsersError as e:
+        raise click.ClickException(str(e)) from None
     for path in created:
         click.echo(f"created {path}")
     click.echo(f"install root {root.path} is ready")
@@ -56,11 +63,35 @@ def inject_command(args: tuple[str, ...]) -> None:
 def demo_command(root_path: Path, messages: int) -> None:
     """Run the engine end to end on loopback: start it, inject mail from the command
     line and over SMTP to the built-in sink, report, stop."""
-    from greenarrow.lib.demo import run_demo
+    from greenarrow.lib.devtools.demo import run_demo
 
     ok = run_demo(root_path, messages, say=click.echo)
     click.echo("demo: OK" if ok else "demo: FAILED")
     sys.exit(0 if ok else 1)
+
+
+@main.group("tracker")
+def tracker_command() -> None:
+    """The click, open and unsubscribe tracker (docs/tracker.md)."""
+
+
+@tracker_command.command("refresh-mpp-ranges")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def refresh_mpp_ranges(file: Path) -> None:
+    """Install FILE, Apple's iCloud Private Relay egress ranges (the CSV from
+    https://mask-api.icloud.com/egress-ip-ranges.csv, or one CIDR a line), as the
+    addresses whose opens are flagged is_privacy_open. The running tracker takes
+    them on `greenarrow_config reload`."""
+    from greenarrow.lib.tracker import privacy_open
+
+    root = root_from_env()
+    try:
+        count, target = privacy_open.install(root.var, file)
+    except privacy_open.RangesError as e:
+        click.echo(f"{e}\nnothing installed: the tracker keeps its ranges", err=True)
+        sys.exit(1)
+    click.echo(f"installed {count} ranges in {target}; run `greenarrow_config reload` "
+               "to use them in the running tracker")
 
 
 @main.group("events")
@@ -75,7 +106,7 @@ def events_status_command() -> None:
     import psycopg
 
     from greenarrow.lib.events import schema
-    from greenarrow.lib.events.stand_in_database import conninfo
+    from greenarrow.lib.events.database import conninfo
     from greenarrow.lib.events.status import format_status, read_status
 
     root = root_from_env()

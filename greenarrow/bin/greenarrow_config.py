@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-from greenarrow.lib import conf, supervisor
-from greenarrow.lib import secret_constants as constants
-from greenarrow.lib.config_check import ConfigProblem, check_root
-from greenarrow.lib.paths import root_from_env
+from greenarrow.lib.config import conf
+from greenarrow.lib.config import secret_constants as constants
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.ops import supervisor
+from greenarrow.lib.ops.config_check import ConfigProblem, check_root
 
 
 @click.group()

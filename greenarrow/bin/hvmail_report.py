@@ -1,7 +1,7 @@
 """`hvmail_report`: report on delivery attempts from the processed delivery log.
 
-A thin click front end; the logic lives in `greenarrow.lib.delivery_report`
-so it is testable without a command line (GREENARROW.md 5.1).
+A thin click front end; the logic lives in `greenarrow.lib.ops.delivery_report`
+so it is testable without a command line.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import sys
 
 import click
 
-from greenarrow.lib.delivery_log import STATUSES
-from greenarrow.lib.delivery_report import (
+from greenarrow.lib.core.delivery_log import STATUSES
+from greenarrow.lib.core.paths import QUEUES, root_from_env
+from greenarrow.lib.ops.delivery_report import (
     PERIOD_HELP,
     TIME_HELP,
     Filter,
@@ -22,7 +23,6 @@ from greenarrow.lib.delivery_report import (
     queue_names,
     resolve_range,
 )
-from greenarrow.lib.paths import QUEUES, root_from_env
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from greenarrow.lib.command_line import (  # noqa: F401 (the API tests and callers use)
+from greenarrow.lib.inject.command_line import (  # noqa: F401 (the API tests and callers use)
     EXIT_OK,
     EXIT_PERMANENT,
     EXIT_TEMPORARY,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from greenarrow.lib import service
-from greenarrow.lib.inject_daemon import InjectDaemon
-from greenarrow.lib.paths import root_from_env
+from greenarrow.lib.core import service
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.inject.daemon import InjectDaemon
 
 
 async def _main(stop: asyncio.Event, reload: asyncio.Event) -> None:

@@ -7,10 +7,10 @@ import time
 
 import click
 
-from greenarrow.lib import conf as conflib
-from greenarrow.lib import control
-from greenarrow.lib.paths import root_from_env
-from greenarrow.lib.queue_tools import Filter, Queues, queue_names
+from greenarrow.lib.config import conf as conflib
+from greenarrow.lib.config import control
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.ops.queue_tools import Filter, Queues, queue_names
 
 QUEUE_CHOICE = click.Choice(["ram", "bounce", "disk", "all"])
 
@@ -75,7 +75,7 @@ def status_command(queue: str, top: int, as_json: bool) -> None:
                    f"{q['bad']} bad")
         for domain, count in q["top_domains"]:
             click.echo(f"    {count:>8}  {domain}")
-    from greenarrow.lib.explain import throttle_states
+    from greenarrow.lib.ops.explain import throttle_states
 
     for key, state in sorted(throttle_states(root_from_env()).items()):
         if state.get("backoff_until"):
@@ -98,7 +98,7 @@ def list_command(held: bool, bad: bool, as_json: bool, **opts) -> None:
     now = time.time()
     for entry, path in selected:
         if entry.envelope is None:
-            from greenarrow.lib.queue_entry import BadEntry, read_envelope
+            from greenarrow.lib.queue.entry import BadEntry, read_envelope
 
             try:
                 entry.envelope = read_envelope(path)
@@ -144,9 +144,9 @@ def _action(name: str, help_text: str):
         queues, selected = _select(**opts, held=held)
         if name == "bounce":
             c = queues.root.control
-            done = queues.bounce(selected, str(control.read(c, "me")),
-                                 int(control.read(c, "bouncemaxbytes")),
-                                 str(control.read(c, "doublebounceto")))
+            done = queues.bounce(selected, control.read_text(c, "me"),
+                                 control.read_int(c, "bouncemaxbytes"),
+                                 control.read_text(c, "doublebounceto"))
         else:
             done = getattr(queues, name.replace("-", "_"))(selected)
         click.echo(f"{name}: {done} entries")
@@ -160,7 +160,7 @@ def _action(name: str, help_text: str):
 def explain_command(domain: str, mtaid: str) -> None:
     """Why is mail to DOMAIN held? Routing, throttle rule and its state, backoff, queued
     entries and the last attempts."""
-    from greenarrow.lib.explain import explain
+    from greenarrow.lib.ops.explain import explain
 
     try:
         for line in explain(root_from_env(), domain, mtaid):

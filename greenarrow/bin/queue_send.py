@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from greenarrow.lib import service
-from greenarrow.lib.paths import QUEUES, root_from_env
-from greenarrow.lib.scheduler import Scheduler
+from greenarrow.lib.core import service
+from greenarrow.lib.core.paths import QUEUES, root_from_env
+from greenarrow.lib.queue.scheduler import Scheduler
 
 
 def main() -> None:

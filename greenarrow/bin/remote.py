@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from greenarrow.lib import service
-from greenarrow.lib.paths import root_from_env
-from greenarrow.lib.remote_worker import RemoteWorker
+from greenarrow.lib.core import service
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.deliver.remote_worker import RemoteWorker
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 For the demo, the tests and the benchmarks: point delivery at it and read the
 count file (or send SIGUSR1) to learn exactly how much arrived. All the work
-is in `greenarrow.lib.sink`; this module parses the command line.
+is in `greenarrow.lib.devtools.sink`; this module parses the command line.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 from setproctitle import setproctitle
 
-from greenarrow.lib.control import parse_listen
-from greenarrow.lib.sink import SinkOptions, serve
+from greenarrow.lib.config.control import parse_listen
+from greenarrow.lib.devtools.sink import SinkOptions, serve
 
 
 def _listen(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, int]]:

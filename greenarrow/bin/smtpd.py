@@ -6,9 +6,9 @@ import asyncio
 import logging
 import sys
 
-from greenarrow.lib import service
-from greenarrow.lib.paths import root_from_env
-from greenarrow.lib.smtp_injection import SmtpServer
+from greenarrow.lib.core import service
+from greenarrow.lib.core.paths import root_from_env
+from greenarrow.lib.inject.smtp_injection import SmtpServer
 
 
 async def _main(stop: asyncio.Event, reload: asyncio.Event) -> None:

@@ -4,7 +4,7 @@
  *
  * Why: a Python process per message costs about 9 ms of interpreter start
  * before any work; this client starts in well under a millisecond and the
- * processing (the same code as the Python programs: greenarrow.lib.command_line)
+ * processing (the same code as the Python programs: greenarrow.lib.inject.command_line)
  * runs in the long-lived daemon, as Postfix's sendmail hands mail to its
  * pickup daemon.
  *
@@ -20,7 +20,7 @@
  *   the program name, the number of arguments, each argument, the number of
  *   environment variables passed, each as NAME=VALUE, then the message; then
  *   the client shuts down its sending side. The variables are those
- *   command-line injection reads (greenarrow.lib.command_line.client_variable:
+ *   command-line injection reads (greenarrow.lib.inject.command_line.client_variable:
  *   GREENARROW_*, QMAILUSER, QMAILHOST, LOGNAME, USER); the daemon drops any
  *   other. The daemon may answer before it has read everything (a message
  *   over control/databytes is refused from its length): the client then

@@ -1,6 +1,6 @@
 """The delivery_attempt event of one processed delivery log line.
 
-The log (greenarrow.lib.delivery_log) keeps every value as text; the event
+The log (greenarrow.lib.core.delivery_log) keeps every value as text; the event
 gives seed 003's types: `timestamp` a float, the ids, times and codes
 integers (None when the column is blank), the rest strings as logged. The
 fields the log does not carry (`from_address`, `headers`, `message_size`,
@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from greenarrow.lib.delivery_log import FIELDS as LOG_FIELDS
-from greenarrow.lib.delivery_log import parse_line
+from greenarrow.lib.core.delivery_log import FIELDS as LOG_FIELDS
+from greenarrow.lib.core.delivery_log import parse_line
 from greenarrow.lib.events.types import make_event
 
 EVENT_TYPE = "delivery_attempt"
@@ -23,8 +23,10 @@ INTEGER_FIELDS = frozenset(
 
 
 def _integer(text: str) -> int | None:
-    try:
+    if text.isascii() and text.isdigit():  # the usual case, without raising for blanks
         return int(text)
+    try:
+        return int(text)  # a sign, spaces
     except ValueError:
         return None
 

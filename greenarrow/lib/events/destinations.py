@@ -11,7 +11,7 @@
 
 A destination has either a URL (HTTP POST of JSON arrays) or
 `event_delivery_logfile PATH` (JSON lines in a rotating log folder). The
-parser (greenarrow.lib.conf) checks the shape of each directive; `load`
+parser (greenarrow.lib.config.conf) checks the shape of each directive; `load`
 checks the values and raises conf.ConfError naming the file and line.
 
 Signing follows the Standard Webhooks form: `webhook-id`, `webhook-timestamp`
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from greenarrow.lib.conf import Block
+from greenarrow.lib.config.conf import Block
+from greenarrow.lib.core.paths import Root
 from greenarrow.lib.events.settings import ALL
 from greenarrow.lib.events.types import EVENT_TYPES
-from greenarrow.lib.paths import Root
 
 BLOCK = "event_delivery_destination"
 DEFAULT_MAX_BATCH_SIZE = 100

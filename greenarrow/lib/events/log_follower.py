@@ -1,4 +1,4 @@
-"""Reading a rotated log folder (`current` + `@<ns>.s`, greenarrow.lib.rotating_log)
+"""Reading a rotated log folder (`current` + `@<ns>.s`, greenarrow.lib.core.rotating_log)
 line by line from a saved position, across rotations, without ever holding it up.
 
 A position names a file by its inode and the name it had when last read
@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from greenarrow.lib.rotating_log import CURRENT, rotated_files
+from greenarrow.lib.core.rotating_log import CURRENT, rotated_files
 
 log = logging.getLogger("greenarrow.events.log_follower")
 

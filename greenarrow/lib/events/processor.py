@@ -48,13 +48,13 @@ from dataclasses import dataclass
 import aiohttp
 import psycopg
 
-from greenarrow.lib import conf as conf_file
+from greenarrow.lib.config import conf as conf_file
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.rotating_log import RotatingLog
 from greenarrow.lib.events import destinations as destinations_mod
 from greenarrow.lib.events import schema, store
+from greenarrow.lib.events.database import conninfo as database_conninfo
 from greenarrow.lib.events.destinations import DROP_FROM_QUEUE, Destination, signature_headers
-from greenarrow.lib.events.stand_in_database import conninfo as stand_in_conninfo
-from greenarrow.lib.paths import Root
-from greenarrow.lib.rotating_log import RotatingLog
 
 log = logging.getLogger("greenarrow.events.processor")
 
@@ -457,7 +457,7 @@ class Processor:
     """The event processor of an install root: every destination, and the pruning."""
 
     def __init__(self, root: Root,
-                 conninfo: Callable[[Root], str | None] = stand_in_conninfo,
+                 conninfo: Callable[[Root], str | None] = database_conninfo,
                  backoff_first: float = BACKOFF_FIRST, backoff_cap: float = BACKOFF_CAP,
                  idle_poll: float = IDLE_POLL_SECONDS, prune_seconds: float = PRUNE_SECONDS
                  ) -> None:

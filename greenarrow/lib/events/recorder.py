@@ -1,6 +1,6 @@
 """The event recorder: moves events from log folders into the events table.
 
-It follows two kinds of folder (both greenarrow.lib.rotating_log layouts):
+It follows two kinds of folder (both greenarrow.lib.core.rotating_log layouts):
 
 * `log/delivery/<queue>/`, the processed delivery logs queue-send writes:
   each line becomes a delivery_attempt event (greenarrow.lib.events.
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import psycopg
 
-from greenarrow.lib import conf as conf_file
+from greenarrow.lib.config import conf as conf_file
+from greenarrow.lib.core.paths import QUEUES, Root
 from greenarrow.lib.events import schema, settings, store
+from greenarrow.lib.events.database import conninfo as database_conninfo
 from greenarrow.lib.events.delivery_attempt import EVENT_TYPE as DELIVERY_ATTEMPT
 from greenarrow.lib.events.delivery_attempt import event_of_line
 from greenarrow.lib.events.log_follower import FolderReader, Position
-from greenarrow.lib.events.stand_in_database import conninfo as stand_in_conninfo
 from greenarrow.lib.events.types import EventError
-from greenarrow.lib.paths import QUEUES, Root
 
 log = logging.getLogger("greenarrow.events.recorder")
 
@@ -113,7 +113,7 @@ class Recorder:
     """Follows the log folders of an install root into the events table."""
 
     def __init__(self, root: Root,
-                 conninfo: Callable[[Root], str | None] = stand_in_conninfo,
+                 conninfo: Callable[[Root], str | None] = database_conninfo,
                  max_bytes: int = 1 << 20) -> None:
         self.root = root
         self.conninfo = conninfo

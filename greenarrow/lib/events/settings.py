@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from greenarrow.lib import control
-from greenarrow.lib.conf import Block
+from greenarrow.lib.config import control
+from greenarrow.lib.config.conf import Block
+from greenarrow.lib.core.paths import Root
 from greenarrow.lib.events.types import EVENT_TYPES
-from greenarrow.lib.paths import Root
 
 ALL = "all"
 
@@ -16,7 +16,7 @@ def server_id(root: Root, conf: Block) -> str:
     value = general.get_str("server_id") if general is not None else None
     if value:
         return value
-    return str(control.read(root.control, "me"))
+    return control.read_text(root.control, "me")
 
 
 def recorded_types(conf: Block) -> frozenset[str]:

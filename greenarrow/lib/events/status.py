@@ -10,11 +10,11 @@ from datetime import datetime
 
 import psycopg
 
-from greenarrow.lib import conf as conf_file
+from greenarrow.lib.config import conf as conf_file
+from greenarrow.lib.core.paths import Root
 from greenarrow.lib.events import destinations
 from greenarrow.lib.events.log_follower import Position, bytes_behind
 from greenarrow.lib.events.recorder import SPOOL_FOLDER
-from greenarrow.lib.paths import Root
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""The event types and their fields: the one owner of both (seed 003, "Types of Events").
+"""The event types and their fields: the one owner of both (GreenArrow's "Types of Events"; docs/events.md).
 
 Every producer (the delivery-attempt recorder, the bounce and complaint
 processors, the tracker) builds its events with `make_event`, and the event
 processor delivers them as they were built, so the fields of a type are
-written here and nowhere else. Field order is seed 003's.
+written here and nowhere else. Field order is GreenArrow's.
 
 `event_unique_id` is deterministic: SHA-256 (hex, 64 characters) of the
 server id, the event type and a key naming the event's source (the delivery
@@ -68,7 +68,7 @@ def event_unique_id(server_id: str, event_type: str, source_key: str | bytes) ->
 
 def make_event(event_type: str, event_time: int, server_id: str, source_key: str | bytes,
                **fields: Any) -> dict[str, Any]:
-    """One event as delivered: every field of its type, in seed 003's order.
+    """One event as delivered: every field of its type, in GreenArrow's order.
 
     Fields not given are None (JSON null); a field the type does not have is
     an error, so a misspelt name cannot slip through to the application.

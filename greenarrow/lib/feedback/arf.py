@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from greenarrow.lib import tracking_url
 from greenarrow.lib.feedback.bounce_parse import ParsedMessage, first_address
+from greenarrow.lib.simplemh import tracking_url
 
 
 @dataclass

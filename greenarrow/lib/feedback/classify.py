@@ -187,7 +187,7 @@ def _first_line(text: str) -> str:
 
 
 def bounce_text(message: bytes, limit: int = 1024) -> str:
-    """bounce_text of an asynchronous bounce (seed 003, "Bounce Text Format").
+    """bounce_text of an asynchronous bounce (GreenArrow's "Bounce Text Format"; docs/bounces.md).
 
     The raw body of the bounce as received (no MIME or quoted-printable
     decoding), bytes that are not valid UTF-8 turned into U+FFFD, cut to

@@ -1,0 +1,276 @@
+"""SMTP injection: the `smtpd` service's policy, on greenarrow.lib.smtp.server.
+
+ESMTP with PIPELINING, SIZE (`control/databytes`) and 8BITMIME. Relaying is
+allowed only for clients whose `control/smtp.tcp` rule sets RELAYCLIENT;
+everyone else is refused at RCPT and nothing is queued. The message goes
+through the same processing as command-line injection
+(greenarrow.lib.inject.accept), and the queue commit happens before the 250
+reply to DATA.
+
+STARTTLS is offered when `control/smtp.tls.cert` names a certificate file
+(and `control/smtp.tls.key` its key; empty = in the certificate file).
+The TLS context is built once, at start and at each reload, so a session
+pays only for its handshake; a bad file stops the start with an error
+naming it, and a bad file at reload keeps the context in use.
+
+Bounds: `databytes` (10 MB by default, advertised in SIZE); at most
+`smtp.sessions.max` sessions at once, `smtp.sessions.per_ip` from one client
+address (more get 421 and are closed; the count outlives a reload);
+`smtp.timeout` per command and `smtp.data.minrate` for DATA
+(greenarrow.lib.smtp.server). A client without an address (a Unix socket,
+a failed getpeername) is "unknown": only the default rule of smtp.tcp
+applies to it, never a loopback rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from pathlib import Path
+
+from greenarrow.lib.config import control, tcprules
+from greenarrow.lib.core import listen_sockets
+from greenarrow.lib.core import message as msglib
+from greenarrow.lib.core.paths import Root, count_path
+from greenarrow.lib.inject import accept as injection
+from greenarrow.lib.queue import entry as queue_entry
+from greenarrow.lib.smtp.server import SessionPolicy, SmtpSession, Transaction
+
+log = logging.getLogger("smtpd")
+
+RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+
+
+class Settings:
+    """What the handler reads from control; re-read on reload (SIGHUP)."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+        self.me = control.read_text(root.control, "me")
+        self.databytes = control.read_int(root.control, "databytes")
+        self.sessions_max = control.read_int(root.control, "smtp.sessions.max")
+        self.sessions_per_ip = control.read_int(root.control, "smtp.sessions.per_ip")
+        self.timeout = control.read_float(root.control, "smtp.timeout")
+        self.data_rate = control.read_int(root.control, "smtp.data.minrate")
+        self.limit = control.read_int(root.control, "queue.ram.limit.messages")
+        self.count_file = count_path(str(root.path), "ram")
+        self.rules = tcprules.load(root.control / "smtp.tcp")
+        self.queue_dir = str(root.queue("ram"))
+        self.fifo = str(root.trigger("ram"))
+        self.tls_context = tls_context(root.control)
+
+
+def tls_context(control_dir: Path) -> ssl.SSLContext | None:
+    """The STARTTLS server context of `smtp.tls.cert`/`smtp.tls.key`, or None (not offered).
+
+    Relative paths are relative to control/. ControlError naming the file
+    that is missing, unreadable or not what it should be.
+    """
+    cert = control.read_text(control_dir, "smtp.tls.cert")
+    key = control.read_text(control_dir, "smtp.tls.key")
+    if not cert:
+        if key:
+            raise control.ControlError(
+                f"{control_dir / 'smtp.tls.key'}: set, but smtp.tls.cert is empty"
+            )
+        return None
+    cert_path = control_dir / cert
+    key_path = control_dir / key if key else cert_path
+    data = {}
+    for path, what, setting in ((cert_path, "certificate", "smtp.tls.cert"),
+                                (key_path, "private key", "smtp.tls.key")):
+        try:
+            data[path] = path.read_bytes()
+        except OSError as e:
+            raise control.ControlError(
+                f"{path}: cannot read the TLS {what} (control/{setting}): {e.strerror}"
+            ) from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as e:
+        if b"-----BEGIN CERTIFICATE-----" not in data[cert_path]:
+            problem = f"{cert_path}: no PEM certificate in it (control/smtp.tls.cert)"
+        elif b"PRIVATE KEY-----" not in data[key_path]:
+            problem = f"{key_path}: no PEM private key in it (control/smtp.tls.key)"
+        elif e.reason == "KEY_VALUES_MISMATCH":
+            problem = f"{key_path}: this private key does not belong to the certificate {cert_path}"
+        else:
+            problem = f"{cert_path} / {key_path}: not a usable certificate and key: {e}"
+        raise control.ControlError(problem) from None
+    return context
+
+
+class SessionCount:
+    """The open SMTP sessions, in total and per client address.
+
+    Owned by the SmtpServer, so it outlives a reload (which makes a new
+    policy); the limits are the policy's of the moment.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_address: dict[str, int] = {}
+
+    def admit(self, address: str, most: int, per_address: int) -> str | None:
+        """Count a new session in, or the 421 reply that refuses it (0: no limit)."""
+        if most and self.total >= most:
+            return f"421 4.7.0 too many connections ({most}, control/smtp.sessions.max); " \
+                   "try again later"
+        here = self.by_address.get(address, 0)
+        if per_address and here >= per_address:
+            return (f"421 4.7.0 too many connections from {address or 'an unknown address'} "
+                    f"({per_address}, control/smtp.sessions.per_ip); try again later")
+        self.total += 1
+        self.by_address[address] = here + 1
+        return None
+
+    def release(self, address: str) -> None:
+        self.total -= 1
+        left = self.by_address[address] - 1
+        if left:
+            self.by_address[address] = left
+        else:
+            del self.by_address[address]
+
+
+class InjectionPolicy(SessionPolicy):
+    """The engine's side of an SMTP session: relay check at RCPT, queue commit at DATA."""
+
+    def __init__(self, settings: Settings, sessions: SessionCount | None = None) -> None:
+        self.settings = settings
+        self.sessions = SessionCount() if sessions is None else sessions
+        self.hostname = settings.me
+        self.databytes = settings.databytes
+        self.data_rate = settings.data_rate
+        self.tls_context = settings.tls_context
+        self.trigger = queue_entry.Trigger(settings.fifo)
+
+    def connected(self, session: SmtpSession) -> str | None:
+        settings = self.settings
+        refusal = self.sessions.admit(session.peer_ip, settings.sessions_max,
+                                      settings.sessions_per_ip)
+        if refusal is not None:
+            log.warning("refused a connection from %s: %s",
+                        session.peer_ip or "an unknown address", refusal[10:])
+            return refusal
+        session.state["counted"] = True
+        return None
+
+    def closed(self, session: SmtpSession) -> None:
+        """The session is gone: count it out (once, and only if it was counted in)."""
+        if session.state.pop("counted", False):
+            self.sessions.release(session.peer_ip)
+        if session.state.get("timed_out"):
+            log.info("cut a session from %s: timeout (control/smtp.timeout, smtp.data.minrate)",
+                     session.peer_ip or "an unknown address")
+
+    def _rule(self, session: SmtpSession) -> tcprules.TcpRule | None:
+        if "rule" not in session.state:  # once per connection
+            # No peer address (a Unix socket, getpeername failed): unknown, so only the
+            # default rule can apply; never a loopback rule, which may allow relaying.
+            session.state["rule"] = self.settings.rules.match(session.peer_ip)
+        return session.state["rule"]
+
+    def check_sender(self, session: SmtpSession, address: str) -> str | None:
+        try:
+            injection.check_sender(address)
+        except injection.InjectionError as e:
+            return f"553 5.1.7 {e.text}"
+        return None
+
+    def check_recipient(self, session: SmtpSession, address: str) -> str | None:
+        rule = self._rule(session)
+        if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
+            return RELAY_DENIED
+        try:
+            injection.check_address(address, "recipient")
+        except injection.InjectionError as e:
+            return f"553 5.1.3 {e.text}"
+        return None
+
+    def message(self, session: SmtpSession, transaction: Transaction, data: bytes) -> str:
+        settings = self.settings
+        rule = self._rule(session)
+        env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
+        try:
+            trace = b""
+            if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
+                peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
+                trace = msglib.header_field(
+                    "Received", f"from {session.helo or 'unknown'} ({peer})",
+                    f"by {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
+                    f" {msglib.rfc5322_date()}")
+            msguid = injection.accept(
+                settings.queue_dir,
+                self.trigger,
+                msglib.to_crlf(data),
+                transaction.sender,
+                list(transaction.recipients),
+                env,
+                settings.me,
+                source_ip=session.peer_ip,
+                trace=trace,
+                databytes=settings.databytes,
+                limit=settings.limit,
+                count_file=settings.count_file,
+            )
+        except injection.InjectionError as e:
+            code = "554 5.6.0" if e.permanent else "451 4.3.0"
+            return f"{code} {e.text}"
+        except msglib.HeaderValueError as e:  # the HELO check keeps CR and NUL out; `me` too
+            log.error("%s", e)
+            return f"554 5.6.0 {e}"
+        except OSError as e:
+            log.error("queue write failed: %s", e)
+            return "451 4.3.0 temporary failure writing to the queue"
+        return f"250 ok {msguid}"
+
+
+class SmtpServer:
+    """The listeners of `control/smtp.listen`, sharing one handler."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+        self.sessions = SessionCount()
+        self.policy = InjectionPolicy(Settings(root), self.sessions)
+        self.servers: list[asyncio.AbstractServer] = []
+
+    def _factory(self) -> SmtpSession:
+        policy = self.policy
+        return SmtpSession(policy, idle_timeout=policy.settings.timeout, on_close=policy.closed)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        passed = listen_sockets.inherited()  # bound by a root supervisor: we never bind then
+        for sock in passed or []:
+            self.servers.append(await loop.create_server(self._factory, sock=sock))
+            log.info("listening on %s:%d (socket from the supervisor)", *sock.getsockname()[:2])
+        addresses = [] if passed is not None else control.read(self.root.control, "smtp.listen")
+        for host, port in addresses:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            server = await loop.create_server(
+                self._factory, host=host, port=port, family=family, reuse_address=True
+            )
+            self.servers.append(server)
+            log.info("listening on %s:%d", host, port)
+        if self.policy.tls_context is not None:
+            log.info("STARTTLS offered")
+
+    def reload(self) -> None:
+        """Re-read smtp.tcp, databytes, me and the TLS files; an error keeps the old settings."""
+        try:
+            old, self.policy = self.policy, InjectionPolicy(Settings(self.root), self.sessions)
+            old.trigger.close()
+        except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
+            log.error("reload failed, keeping the previous settings: %s", e)
+        else:
+            log.info("reloaded control files")
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()

@@ -1,0 +1,55 @@
+"""Everything the services will refuse in the configuration, found before they see it.
+
+`greenarrow_config check` and `reload` run this, so a mistake that parses
+(a route to an unknown VirtualMTA, a relay without relay_host, a missing
+throttle program, a bad Mail Class value, an unreadable DKIM key) is
+reported with its file and line instead of making queue-send keep its old
+configuration on reload, or restart in a loop at start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from greenarrow.lib.config import conf as conflib
+from greenarrow.lib.config import control
+from greenarrow.lib.core.paths import Root
+
+
+class ConfigProblem(Exception):
+    """The configuration is not usable; the message names the file (and line)."""
+
+
+def check_conf(conf: conflib.Block) -> None:
+    """Build what queue-send and the injectors build from greenarrow.conf."""
+    from greenarrow.lib.events import destinations, settings
+    from greenarrow.lib.routing.domain_rules import DomainRules
+    from greenarrow.lib.routing.throttle_config import throttle_programs
+    from greenarrow.lib.routing.virtual_mta import VirtualMtas
+    from greenarrow.lib.simplemh import mail_class
+
+    DomainRules(conf)
+    VirtualMtas(conf)
+    throttle_programs(conf)
+    settings.recorded_types(conf)
+    destinations.load(conf)
+    try:
+        mail_class.compile_conf(conf)
+    except mail_class.MailClassConfigError as e:
+        raise ConfigProblem(str(e)) from None
+
+
+def check_root(root: Root, conf_file: Path | None = None) -> None:
+    """Check greenarrow.conf (or `conf_file`) and the DKIM keys; ConfigProblem if unusable."""
+    from greenarrow.lib.dkim.signing import DkimSigner
+
+    try:
+        conf = conflib.load(conf_file) if conf_file is not None else conflib.load_root(root)
+        check_conf(conf)
+    except conflib.ConfError as e:
+        raise ConfigProblem(str(e)) from None
+    if conf_file is None:
+        try:
+            DkimSigner.from_control(root.control)
+        except control.ControlError as e:
+            raise ConfigProblem(str(e)) from None

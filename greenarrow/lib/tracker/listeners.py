@@ -1,0 +1,67 @@
+"""The running tracker: its settings, spool and listeners, started and reloaded from the root."""
+
+from __future__ import annotations
+
+import logging
+
+from greenarrow.lib.config import control
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.tracker import settings as tracker_settings
+from greenarrow.lib.tracker import spool, tls
+from greenarrow.lib.tracker.http_server import TrackerServer
+
+log = logging.getLogger("tracker")
+
+
+class Tracker:
+    """`start()` listens on control/tracker.listen (HTTP) and tracker.tls.listen (HTTPS)."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+        self.settings = tracker_settings.load(root)
+        if self.settings.timeout < 1:
+            raise control.ControlError(f"{root.control / 'tracker.timeout'}: must be 1 or more")
+        self.server = TrackerServer(self.settings, lambda: spool.open_spool(root))
+        self.sni: tls.SniListener | None = None
+
+    async def start(self) -> None:
+        plain = control.read(self.root.control, "tracker.listen")
+        secure = control.read(self.root.control, "tracker.tls.listen")
+        if secure:
+            certificates = tls.load(self.root.control)
+            if certificates is None:
+                raise tls.TlsConfigError(
+                    f"{self.root.control / 'tracker.tls.listen'} is set, but "
+                    f"{self.root.control / tls.DIRECTORY} holds no *.pem certificate")
+            self.sni = tls.SniListener(certificates)
+        for host, port in plain:
+            await self.server.listen(host, port)
+            log.info("listening for HTTP on %s:%d", host, port)
+        for host, port in secure:
+            await self.server.listen(host, port, ssl=self.sni.context)
+            log.info("listening for HTTPS on %s:%d (%d certificates)", host, port,
+                     len(self.sni.certificates.files))
+        if not plain and not secure:
+            log.info("control/tracker.listen and tracker.tls.listen are empty: not listening")
+        log.info("server_id %s; %d Apple egress ranges from %s; spool %s",
+                 self.settings.server_id, self.settings.ranges.count,
+                 self.settings.ranges.source, spool.spool_dir(self.root))
+
+    def reload(self) -> None:
+        """Re-read settings, ranges and certificates (SIGHUP); a bad file keeps the old ones."""
+        try:
+            new = tracker_settings.load(self.root)
+            certificates = tls.load(self.root.control) if self.sni is not None else None
+        except Exception as e:  # any bad file: say which, keep serving with what we have
+            log.error("reload failed, keeping the previous settings: %s", e)
+            return
+        self.settings = self.server.settings = new
+        if self.sni is not None and certificates is not None:
+            self.sni.certificates = certificates
+        log.info("reloaded: %d Apple egress ranges from %s", new.ranges.count,
+                 new.ranges.source)
+
+    async def close(self) -> None:
+        await self.server.close()
+        if self.server.spool is not None:
+            self.server.spool.close()

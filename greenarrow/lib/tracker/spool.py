@@ -1,0 +1,58 @@
+"""The tracker's event spool: `log/events/tracker/`, where every event is written before its answer.
+
+One JSON object a line (an event as greenarrow.lib.events.types.make_event
+builds it), UTF-8, `\\n`-terminated, in a greenarrow.lib.core.rotating_log
+folder: `current` plus rotated `@<ns>.s` files. Each batch of lines is one
+write(2), made before any reply of the batch is sent, so a click that was
+answered is on disk even if the tracker is killed the next instant.
+
+The tracker never deletes a spool file: the event recorder deletes the
+rotated files it has committed to the events store. (`keep` is therefore
+"never prune".)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from greenarrow.lib.core.paths import Root
+from greenarrow.lib.core.rotating_log import RotatingLog
+
+MAX_BYTES = 4 * 1024 * 1024  # size at which `current` is rotated
+NEVER_PRUNE = 2**62  # RotatingLog keeps this many rotated files: all of them
+
+
+def spool_dir(root: Root) -> Path:
+    """The tracker's spool folder under the install root."""
+    return root.log / "events" / "tracker"
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps
+# with arguments builds a new encoder on every call
+
+
+def event_line(event: dict[str, Any]) -> bytes:
+    """One spool line: the event as compact JSON, UTF-8, newline-terminated."""
+    return _ENCODER.encode(event).encode("utf-8") + b"\n"
+
+
+def read_events(directory: Path) -> list[dict[str, Any]]:
+    """Every event in a spool folder, oldest first (for tests and tools)."""
+    from greenarrow.lib.core.rotating_log import CURRENT, rotated_files
+
+    paths = [path for _, path in rotated_files(directory)] + [directory / CURRENT]
+    events = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        events.extend(json.loads(line) for line in data.splitlines() if line)
+    return events
+
+
+def open_spool(root: Root) -> RotatingLog:
+    """The spool, ready for write_bytes(lines)."""
+    return RotatingLog(spool_dir(root), max_bytes=MAX_BYTES, keep=NEVER_PRUNE)
