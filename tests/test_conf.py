@@ -513,6 +513,18 @@ incoming_email_domain bounces.example.com {
 }
 lite_bounce_processor_address lite-bounces@bounces.example.com
 lite_fbl_processor_address lite-fbl@bounces.example.com
+event_delivery_destination primary {
+    event_delivery_url "https://app.example.com/greenarrow-events"
+    event_delivery_events all
+    event_delivery_max_batch_size 100
+    event_delivery_timeout 30s
+    event_delivery_signing_secret "whsec_MDEyMzQ1Njc4OWFiY2RlZg=="
+    event_delivery_new_destination leave_in_queue
+}
+event_delivery_destination archive {
+    event_delivery_logfile events-archive
+    event_delivery_events delivery_attempt bounce_all
+}
 """
 
 

@@ -567,6 +567,7 @@ SCHEMA: tuple[Rule, ...] = (
     block("throttle_template", ROOT, NAME),
     block("throttle_program", ROOT, NAME),
     block("incoming_email_domain", ROOT, DOMAIN),  # greenarrow.lib.routing.incoming
+    block("event_delivery_destination", ROOT, NAME),  # greenarrow.lib.events.destinations
     # general
     directive("system_max_smtp_connections", "general", INT),
     directive("queue_lifetime", ("general", "domain"), DURATION),
@@ -584,6 +585,15 @@ SCHEMA: tuple[Rule, ...] = (
     # events: greenarrow.lib.events.settings
     directive("server_id", "general", STRING),
     directive("record_events", "general", EVENT_TYPE_NAMES),
+    # event_delivery_destination: values checked by greenarrow.lib.events.destinations
+    directive("event_delivery_url", "event_delivery_destination", STRING),
+    directive("event_delivery_logfile", "event_delivery_destination", STRING),
+    directive("event_delivery_events", "event_delivery_destination", EVENT_TYPE_NAMES),
+    directive("event_delivery_max_batch_size", "event_delivery_destination", INT),
+    directive("event_delivery_timeout", "event_delivery_destination", DURATION),
+    directive("event_delivery_signing_secret", "event_delivery_destination", STRING),
+    directive("event_delivery_new_destination", "event_delivery_destination",
+              one_of("leave_in_queue", "drop_from_queue")),
     # domain
     directive("smtp_route", "domain", HOST_PORT),
     directive("reuse_connections", "domain", YES_NO),

@@ -22,6 +22,7 @@ class ConfigProblem(Exception):
 
 def check_conf(conf: conflib.Block) -> None:
     """Build what queue-send and the injectors build from greenarrow.conf."""
+    from greenarrow.lib.events import destinations, settings
     from greenarrow.lib.routing import incoming
     from greenarrow.lib.routing.domain_rules import DomainRules
     from greenarrow.lib.routing.throttle_config import throttle_programs
@@ -32,6 +33,8 @@ def check_conf(conf: conflib.Block) -> None:
     VirtualMtas(conf)
     throttle_programs(conf)
     incoming.mailboxes("", conf)  # a local part configured twice
+    settings.recorded_types(conf)
+    destinations.load(conf)
     try:
         mail_class.compile_conf(conf)
     except mail_class.MailClassConfigError as e:
