@@ -23,8 +23,10 @@ INTEGER_FIELDS = frozenset(
 
 
 def _integer(text: str) -> int | None:
-    try:
+    if text.isascii() and text.isdigit():  # the usual case, without raising for blanks
         return int(text)
+    try:
+        return int(text)  # a sign, spaces
     except ValueError:
         return None
 
