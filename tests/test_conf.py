@@ -509,6 +509,10 @@ incoming_email_domain bounces.example.com {
 }
 lite_bounce_processor_address lite-bounces@bounces.example.com
 lite_fbl_processor_address lite-fbl@bounces.example.com
+lite_fbl_processor_headers X-Campaign, Message-ID
+lite_bounce_processor_include_report_text no
+lite_fbl_processor_include_report_text yes
+simplemh_bad_address_dev_null_domain badaddress.discardallmail.drh.net
 """
 
 
