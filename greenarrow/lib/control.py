@@ -146,6 +146,11 @@ SPECS: dict[str, ControlSpec] = _specs(
      "SimpleMH tracking URL format: a (/click/DATA), b (/click?DATA) or c (/click?qs=DATA)"),
     ("opt.simplemh_stateless_event_handling", "bool", False, True,
      "SimpleMH: stateless event tracking metadata by default (seed 000)"),
+    ("opt.treat_qsbf_bounces_as_local_server_names", "lines", [], True,
+     "bounce processor on an event server: qmail-style bounces from these servers (the name"
+     " after 'qmail-send program at') are synchronous bounces (greenarrow.lib.feedback)"),
+    ("opt.treat_all_qsbf_bounces_as_local", "bool", False, True,
+     "bounce processor: every qmail-style bounce from another server is a synchronous bounce"),
     ("dkim/hashfunc", "text", "sha256", True,
      "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim_signing)"),
 )

@@ -22,6 +22,7 @@ recorded against an address the sender of the bounce chose.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,9 @@ class Settings:
     fbl_headers: tuple[str, ...] = ()  # lite_fbl_processor_headers
     lite_bounce_report_text: bool = True  # lite_bounce_processor_include_report_text
     lite_fbl_report_text: bool = True  # lite_fbl_processor_include_report_text
+    me: str = ""  # this server's name (control/me): its own qmail-style bounces
+    qsbf_local: frozenset[str] = frozenset()  # opt.treat_qsbf_bounces_as_local_server_names
+    qsbf_all: bool = False  # opt.treat_all_qsbf_bounces_as_local
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Outcome:
     counted: list[Counted] = field(default_factory=list)
     suppress: list[tuple[str, str, str]] = field(default_factory=list)  # email, listid, why
     refused: str = ""  # why it goes to CouldNotProcess ("" if it was processed)
+    note: str = ""  # why a processed message gave no event
 
 
 @dataclass
@@ -78,6 +83,32 @@ class Identity:
     mailclass: str = ""
     instanceid: str = ""
     click_tracking_id: str = ""
+
+
+# qmail-send's bounce format (greenarrow.lib.bounce_message writes it too)
+_QSBF = re.compile(r"Hi\. This is the qmail-send program at ([^\s]+?)\.?\s*\n")
+_QSBF_RECIPIENT = re.compile(r"^<([^<>\s]*)>:\s*$", re.M)
+
+
+def qsbf(message: bytes) -> tuple[str, str] | None:
+    """(server name, failure reason) of a qmail-style bounce; None if it is not one.
+
+    The reason is the lines under the first `<recipient>:` joined with `/`,
+    which gives back the delivery log's message the sending server logged.
+    """
+    text = to_text(message[:262144])
+    m = _QSBF.search(text)
+    if m is None or m.start() > 16384:
+        return None
+    r = _QSBF_RECIPIENT.search(text, m.end())
+    if r is None:
+        return m.group(1).lower(), ""
+    lines = []
+    for row in text[r.end() + 1:].split("\n", 200):
+        if not row.strip():
+            break
+        lines.append(row)
+    return m.group(1).lower(), "/".join(lines)
 
 
 def envelope_recipient(message: bytes) -> str:
@@ -156,6 +187,7 @@ def analyse(message: bytes, mailbox: incoming.Mailbox, when: int, source_key: st
         return _complaint(result, envelope, when, source_key, settings, domains)
     if mailbox.kind == incoming.SPAM_COMPLAINT:
         return Outcome(refused=f"not a complaint report (looks like: {result.kind})")
+    qmail = qsbf(message) if result.kind == "text" else None
     if not result.results:
         what = "a delivery report with no failure" if result.kind in ("dsn", "text") else (
             "not a bounce")
@@ -164,16 +196,25 @@ def analyse(message: bytes, mailbox: incoming.Mailbox, when: int, source_key: st
                         settings.constants, domains | {mailbox.domain})
     if who is None:
         return Outcome(refused=f"sender not verified ({why})")
+    synchronous = False
+    text = classify.bounce_text(message)
+    if qmail is not None:
+        server, reason = qmail
+        if server == settings.me.lower():
+            return Outcome(note="a qmail-style bounce of this server: its failure was recorded "
+                                "from the delivery log as a synchronous bounce")
+        if settings.qsbf_all or server in settings.qsbf_local:
+            synchronous, text = True, classify.text_limit(reason)
     chosen = next((r for r in result.results if r.recipient.lower() == who.email.lower()),
                   result.results[0])
     fields = {"email": who.email, "listid": who.listid, "sendid": who.sendid,
               "bounce_type": chosen.bounce_type, "bounce_code": chosen.bounce_code,
-              "bounce_text": classify.bounce_text(message),
+              "bounce_text": text,
               "click_tracking_id": who.click_tracking_id, "mailclass": who.mailclass,
               "instanceid": who.instanceid}
     outcome = Outcome()
     outcome.events.append(make_event(BOUNCE_ALL, when, settings.server_id, source_key,
-                                     synchronous=False, **fields))
+                                     synchronous=synchronous, **fields))
     outcome.counted.append(Counted(who.email, who.listid, chosen.bounce_type, fields))
     return outcome
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import psycopg
 
 from greenarrow.lib import conf as conf_file
-from greenarrow.lib import secret_constants
+from greenarrow.lib import control, secret_constants
 from greenarrow.lib.config import incoming
 from greenarrow.lib.events import schema
 from greenarrow.lib.events import settings as event_settings
@@ -158,7 +158,11 @@ class BounceProcessor:
                               if a.strip().rstrip(",")) if headers else (),
             lite_bounce_report_text=conf_file.parse_bool(bounce_text.as_str())
             if bounce_text else True,
-            lite_fbl_report_text=conf_file.parse_bool(fbl_text.as_str()) if fbl_text else True)
+            lite_fbl_report_text=conf_file.parse_bool(fbl_text.as_str()) if fbl_text else True,
+            me=str(control.read(self.root.control, "me")),
+            qsbf_local=frozenset(str(n).lower() for n in control.read(
+                self.root.control, "opt.treat_qsbf_bounces_as_local_server_names")),
+            qsbf_all=bool(control.read(self.root.control, "opt.treat_all_qsbf_bounces_as_local")))
         self.recorded = event_settings.recorded_types(tree)
         self.mailboxes = [b for b in incoming.mailboxes(str(self.root.path), tree)
                           if b.kind in PROCESSED_KINDS]
@@ -256,8 +260,11 @@ class BounceProcessor:
             log.info("%s: %s was already processed (before a restart); removed", mailbox.address,
                      name)
             return "replayed"
-        log.info("%s: %s processed: %s", mailbox.address, name,
-                 ", ".join(e["event_type"] for e in outcome.events) + f" ({inserted} recorded)")
+        if outcome.note:
+            log.info("%s: %s processed, no event: %s", mailbox.address, name, outcome.note)
+        else:
+            log.info("%s: %s processed: %s (%d recorded)", mailbox.address, name,
+                     ", ".join(e["event_type"] for e in outcome.events), inserted)
         return "processed"
 
     def run(self, stop: threading.Event, reload: threading.Event) -> None:
