@@ -591,6 +591,7 @@ SCHEMA: tuple[Rule, ...] = (
     directive("statistic_report_grouping", "mail_class", STRING),
     directive("track_text_links", "mail_class", YES_NO),
     directive("handle_bounce_and_fbl", "mail_class", YES_NO),
+    directive("bad_address_suppression", "mail_class", YES_NO),  # greenarrow.lib.core.bad_addresses
     # incoming mail: greenarrow.lib.config.incoming
     directive("bounce_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
     directive("spam_complaint_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
@@ -601,7 +602,7 @@ SCHEMA: tuple[Rule, ...] = (
     directive("lite_fbl_processor_headers", (ROOT, "general"), HEADER_NAMES),
     directive("lite_bounce_processor_include_report_text", (ROOT, "general"), YES_NO),
     directive("lite_fbl_processor_include_report_text", (ROOT, "general"), YES_NO),
-    directive("simplemh_bad_address_dev_null_domain", (ROOT, "general"), HOSTNAME),
+    directive("simplemh_bad_address_dev_null_domain", "general", HOSTNAME),
 )
 
 

@@ -132,6 +132,8 @@ class BounceProcessor:
         self.sync = sync_bounces.SyncBounces(root)
         self._config_error = ""
         self._last_prune = float("-inf")
+        self._unsub_cursor = 0
+        self._suppression_changed = True  # write var/bad_addresses once at start
 
     def configure(self) -> None:
         """Read greenarrow.conf and the secret constants (conf.ConfError if bad)."""
@@ -207,6 +209,12 @@ class BounceProcessor:
         for mailbox in self.mailboxes:
             done += self.poll_mailbox(conn, mailbox, config)
         done += self.sync.poll(conn, config)
+        self._unsub_cursor, added = outcome_store.take_unsubscribes(conn, self._unsub_cursor)
+        if added or self._suppression_changed or self.sync.suppressed:
+            pairs = outcome_store.write_bad_addresses(conn, str(self.root.path))
+            log.info("var/bad_addresses rewritten: %d suppressed pairs", pairs)
+            self._suppression_changed = False
+            self.sync.suppressed = 0
         if now - self._last_prune >= PRUNE_SECONDS:
             self._last_prune = now
             for mailbox in self.mailboxes:
@@ -253,8 +261,10 @@ class BounceProcessor:
         with conn.transaction():
             fresh = outcome_store.claim(conn, key)
             if fresh:
-                inserted = outcome_store.record(conn, outcome, when, key, self.settings, config,
-                                                self.recorded)
+                inserted, suppressed = outcome_store.record(conn, outcome, when, key,
+                                                            self.settings, config, self.recorded)
+                if suppressed:
+                    self._suppression_changed = True
         os.unlink(path)
         if not fresh:
             log.info("%s: %s was already processed (before a restart); removed", mailbox.address,

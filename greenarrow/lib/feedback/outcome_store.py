@@ -8,8 +8,11 @@ crash leaves all of it or none.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import psycopg
 
+from greenarrow.lib.core import bad_addresses
 from greenarrow.lib.events import store
 from greenarrow.lib.feedback import repeat_counting
 from greenarrow.lib.feedback.feedback_message import (
@@ -20,6 +23,13 @@ from greenarrow.lib.feedback.feedback_message import (
 )
 from greenarrow.lib.feedback.processor_config import ProcessorConfig
 
+ENGINE_UNSUB = "engine_unsub"
+
+
+class Recorded(NamedTuple):
+    inserted: int  # events inserted
+    suppressed: int  # (address, ListID) pairs added to suppressed_addresses
+
 
 def claim(conn: psycopg.Connection, source_key: str) -> bool:
     """Mark `source_key` processed; False if it already was (a replay after a crash)."""
@@ -29,8 +39,8 @@ def claim(conn: psycopg.Connection, source_key: str) -> bool:
 
 
 def record(conn: psycopg.Connection, outcome: Outcome, when: int, source_key: str,
-           settings: Settings, config: ProcessorConfig, recorded: frozenset[str]) -> int:
-    """Count, suppress and insert the events of `outcome`; the number of events inserted."""
+           settings: Settings, config: ProcessorConfig, recorded: frozenset[str]) -> Recorded:
+    """Count, suppress and insert the events of `outcome`."""
     events = list(outcome.events)
     suppress = list(outcome.suppress)
     for bounce in outcome.counted:
@@ -40,12 +50,41 @@ def record(conn: psycopg.Connection, outcome: Outcome, when: int, source_key: st
         if latest is not None:
             events.append(bad_address_event(latest, when, settings, source_key))
             suppress.append((bounce.email, bounce.listid, BOUNCE_BAD_ADDRESS))
+    added = 0
     for email, listid, why in suppress:
         email, listid = repeat_counting.run_key(email, listid)
-        conn.execute("INSERT INTO suppressed_addresses (email, listid, reason) "
-                     "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (email, listid, why))
+        added += conn.execute("INSERT INTO suppressed_addresses (email, listid, reason) "
+                              "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                              (email, listid, why)).rowcount
     wanted = [event for event in events if event["event_type"] in recorded]
-    return store.insert_events(conn, wanted)
+    return Recorded(store.insert_events(conn, wanted), added)
+
+
+def take_unsubscribes(conn: psycopg.Connection, after_id: int) -> tuple[int, int]:
+    """Add the engine_unsub events with id > after_id to suppressed_addresses.
+
+    The tracker records them (through the recorder); this keeps the pairs in
+    step. Returns (the highest id seen, pairs added).
+    """
+    with conn.transaction():
+        top = conn.execute("SELECT coalesce(max(id), 0) FROM events WHERE event_type = %s",
+                           (ENGINE_UNSUB,)).fetchone()[0]
+        if top <= after_id:
+            return after_id, 0
+        added = conn.execute(
+            "INSERT INTO suppressed_addresses (email, listid, reason) "
+            "SELECT DISTINCT lower(trim(event->>'email')), lower(trim(coalesce(event->>'listid', "
+            "''))), %s FROM events WHERE event_type = %s AND id > %s AND id <= %s "
+            "AND coalesce(event->>'email', '') <> '' ON CONFLICT DO NOTHING",
+            (ENGINE_UNSUB, ENGINE_UNSUB, after_id, top)).rowcount
+    return top, added
+
+
+def write_bad_addresses(conn: psycopg.Connection, root: str) -> int:
+    """Rebuild var/bad_addresses from suppressed_addresses; the number of pairs."""
+    with conn.transaction():
+        rows = conn.execute("SELECT email, listid FROM suppressed_addresses").fetchall()
+    return bad_addresses.write(root, rows)
 
 
 def prune_processed(conn: psycopg.Connection, days: int = 30) -> None:

@@ -112,6 +112,7 @@ class SyncBounces:
         self.settings = Settings(server_id="", constants=None)
         self.recorded: frozenset[str] = frozenset()
         self.tree: conf_file.Block | None = None
+        self.suppressed = 0  # pairs added since the owner last rewrote var/bad_addresses
 
     def configure(self, tree: conf_file.Block, settings: Settings,
                   recorded: frozenset[str]) -> None:
@@ -154,8 +155,9 @@ class SyncBounces:
                 if found is None:
                     continue
                 outcome, when = found
-                outcome_store.record(conn, outcome, when, outcome.events[0]["event_unique_id"],
-                                     self.settings, config, self.recorded)
+                self.suppressed += outcome_store.record(
+                    conn, outcome, when, outcome.events[0]["event_unique_id"], self.settings,
+                    config, self.recorded).suppressed
             after = chunk.position
             assert after is not None
             _save_position(conn, name, after, len(chunk.lines))
