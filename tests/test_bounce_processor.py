@@ -326,3 +326,18 @@ def test_could_not_process_is_pruned(tmp_path, days, size, kept):
     os.utime(old, (now - days * 86400, now - days * 86400))
     assert prune_could_not_process(box, now) == 1
     assert sorted(os.listdir(folder)) == ["recent"][:kept]
+
+
+def test_value_postgresql_refuses_goes_to_could_not_process(tmp_path, pg_conninfo):
+    """A signed address whose recipient holds a NUL byte: refused alone, the rest goes on."""
+    root = make_root(tmp_path, pg_conninfo)
+    c = constants(root)
+    box = maildir(root, "return")
+    nul = bounce_address.encode(f"return@{DOMAIN}", "news42", "s1", "a\x00b@example.com", c)
+    box.deliver(delivered(nul, dsn("ab@example.com")))
+    good = bounce_address.encode(f"return@{DOMAIN}", "news42", "s1", "ok@example.com", c)
+    box.deliver(delivered(good, dsn("ok@example.com")))
+    run_passes(processor(root))
+    assert [e["email"] for e in events(pg_conninfo, "bounce_all")] == ["ok@example.com"]
+    assert new_files(root, "return") == []
+    assert len(cnp_files(root, "return")) == 1

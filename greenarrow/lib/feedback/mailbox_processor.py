@@ -258,13 +258,21 @@ class BounceProcessor:
             log.warning("%s: %s moved to %s: %s", mailbox.address, name, COULD_NOT_PROCESS,
                         reason)
             return "refused"
-        with conn.transaction():
-            fresh = outcome_store.claim(conn, key)
-            if fresh:
-                inserted, suppressed = outcome_store.record(conn, outcome, when, key,
-                                                            self.settings, config, self.recorded)
-                if suppressed:
-                    self._suppression_changed = True
+        try:
+            with conn.transaction():
+                fresh = outcome_store.claim(conn, key)
+                if fresh:
+                    inserted, suppressed = outcome_store.record(conn, outcome, when, key,
+                                                                self.settings, config,
+                                                                self.recorded)
+        except psycopg.DataError as exc:
+            # a value PostgreSQL refuses (a NUL byte...): the message, not the database, is bad
+            move_to_could_not_process(mailbox, name)
+            log.warning("%s: %s moved to %s: the database refused its events: %s",
+                        mailbox.address, name, COULD_NOT_PROCESS, str(exc).strip())
+            return "refused"
+        if fresh and suppressed:
+            self._suppression_changed = True
         os.unlink(path)
         if not fresh:
             log.info("%s: %s was already processed (before a restart); removed", mailbox.address,
@@ -302,6 +310,10 @@ class BounceProcessor:
                             continue
                         failures, idle_logged = 0, False
                     done = self.poll(conn)
+                except OSError as exc:  # a Maildir we cannot read or write: say so, retry
+                    log.error("bounce processing paused: %s", exc)
+                    stop.wait(5.0)
+                    continue
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     if conn is not None:
                         conn.close()

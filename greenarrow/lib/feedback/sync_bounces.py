@@ -155,9 +155,14 @@ class SyncBounces:
                 if found is None:
                     continue
                 outcome, when = found
-                self.suppressed += outcome_store.record(
-                    conn, outcome, when, outcome.events[0]["event_unique_id"], self.settings,
-                    config, self.recorded).suppressed
+                try:
+                    with conn.transaction():  # a savepoint: one refused line is skipped alone
+                        self.suppressed += outcome_store.record(
+                            conn, outcome, when, outcome.events[0]["event_unique_id"],
+                            self.settings, config, self.recorded).suppressed
+                except psycopg.DataError as exc:
+                    log.error("%s/%s byte %d: skipped a synchronous bounce PostgreSQL "
+                              "refused: %s", queue, file_name, offset, str(exc).strip())
             after = chunk.position
             assert after is not None
             _save_position(conn, name, after, len(chunk.lines))
