@@ -118,7 +118,8 @@ def test_scomp_lite_fields(tmp_path, pg_conninfo):
 def test_bounce_lite_fields(tmp_path, pg_conninfo):
     root = make_root(tmp_path, pg_conninfo)
     envelope = f"lite-campaign7-user42@{DOMAIN}"
-    message = delivered(envelope, dsn("someone@example.com"))
+    message = delivered(envelope, dsn("someone@example.com",
+                                      diagnostic="550 5.1.1 Mailbox User Unknown here"))
     maildir(root, "lite").deliver(message)
     run_passes(processor(root))
     found = events(pg_conninfo)
@@ -126,7 +127,7 @@ def test_bounce_lite_fields(tmp_path, pg_conninfo):
     lite = found[0]
     assert list(lite) == list(FIELDS["bounce_lite"])
     assert lite["bounce_code"] == 10
-    assert "user unknown" in lite["bounce_code_match_text"]
+    assert "Mailbox User Unknown here" in lite["bounce_code_match_text"]  # as written
     assert lite["synchronous"] is False
     assert lite["report_recipient"] == envelope
     assert lite["report_message_text"] == message.decode()

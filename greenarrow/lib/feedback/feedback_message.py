@@ -255,10 +255,22 @@ def _lite_bounce(message: bytes, mailbox: incoming.Mailbox, when: int, source_ke
     first = result.results[0]
     event = make_event(
         BOUNCE_LITE, when, settings.server_id, source_key, bounce_code=first.bounce_code,
-        bounce_code_match_text=first.match_text, synchronous=False,
+        bounce_code_match_text=_as_written(message, first.match_text), synchronous=False,
         report_recipient=envelope_recipient(message) or mailbox.address,
         report_message_text=report_text(message) if settings.lite_bounce_report_text else None)
     return Outcome(events=[event])
+
+
+def _as_written(message: bytes, match_text: str) -> str:
+    """The matched line(s) with the case they have in the message (the rules see it lower-cased)."""
+    if not match_text:
+        return match_text
+    text = to_text(message)
+    lower = text.lower()
+    at = lower.find(match_text)
+    if at < 0 or len(lower) != len(text):
+        return match_text
+    return text[at:at + len(match_text)]
 
 
 def _lite_fbl(message: bytes, mailbox: incoming.Mailbox, when: int, source_key: str,

@@ -81,7 +81,10 @@ def move_to_could_not_process(mailbox: incoming.Mailbox, name: str) -> None:
     folder = could_not_process_dir(mailbox)
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    os.rename(os.path.join(mailbox.path, "new", name), os.path.join(folder, "new", name))
+    try:
+        os.rename(os.path.join(mailbox.path, "new", name), os.path.join(folder, "new", name))
+    except FileNotFoundError:
+        pass  # another processor of the same mailbox took it
 
 
 def prune_could_not_process(mailbox: incoming.Mailbox, now: float,
@@ -273,7 +276,10 @@ class BounceProcessor:
             return "refused"
         if fresh and suppressed:
             self._suppression_changed = True
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # another processor of the same mailbox removed it after its commit
         if not fresh:
             log.info("%s: %s was already processed (before a restart); removed", mailbox.address,
                      name)
