@@ -341,3 +341,33 @@ def test_value_postgresql_refuses_goes_to_could_not_process(tmp_path, pg_conninf
     assert [e["email"] for e in events(pg_conninfo, "bounce_all")] == ["ok@example.com"]
     assert new_files(root, "return") == []
     assert len(cnp_files(root, "return")) == 1
+
+
+def test_service_resumes_when_the_config_is_fixed(tmp_path, pg_conninfo):
+    """The running service stops on a bad bounce_processor.conf and re-reads it by itself."""
+    root = make_root(tmp_path, pg_conninfo)
+    conf = root.control / processor_config.FILE
+    conf.write_text('{"default": {"hard": {"count": 0}}}')
+    address = bounce_address.encode(f"return@{DOMAIN}", "news42", "s1", "bob@example.com",
+                                    constants(root))
+    maildir(root, "return").deliver(delivered(address, dsn("bob@example.com")))
+    env = {**os.environ, "HVMAIL_ROOT": str(root.path)}
+    log_path = tmp_path / "service.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "greenarrow.bin.hvmail_bounce_processor"],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and b"STOPPED" not in log_path.read_bytes():
+            time.sleep(0.1)
+        assert b"count must be 1 or more" in log_path.read_bytes()
+        assert len(new_files(root, "return")) == 1
+        conf.write_text('{"default": {"hard": {"count": 1}}}')
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and new_files(root, "return"):
+            time.sleep(0.1)
+        assert new_files(root, "return") == []
+        assert len(events(pg_conninfo, "bounce_all")) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
