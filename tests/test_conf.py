@@ -461,6 +461,7 @@ mail_class newsletter {
     statistic_report_grouping "by list"
     track_text_links no
     handle_bounce_and_fbl yes
+    bad_address_suppression yes
 }
 mail_class transactional {}
 general {
@@ -469,6 +470,7 @@ general {
     process_x_job_header yes
     process_x_virtual_mta_header no
     default_event_tracking_metadata_storage stateless
+    simplemh_bad_address_dev_null_domain badaddress.discardallmail.drh.net
 }
 ip_address ipaddr-1 {
     id 7
@@ -525,6 +527,9 @@ event_delivery_destination archive {
     event_delivery_logfile events-archive
     event_delivery_events delivery_attempt bounce_all
 }
+lite_fbl_processor_headers X-Campaign, Message-ID
+lite_bounce_processor_include_report_text no
+lite_fbl_processor_include_report_text yes
 """
 
 

@@ -486,9 +486,19 @@ LIMIT = Args("N|N%", parse_limit)
 PERCENT = Args("PERCENT", parse_percent)
 ROUTE = Args("NAME WEIGHT", min=2, max=2, whole=_route_args)
 DATABASE_URL = Args("postgresql://...|none", parse_database_url)
+
+
+def _header_name(text: str) -> str:
+    name = text.strip().rstrip(",")
+    if name and not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+        raise ValueError(f"not a header name: {text!r}")
+    return name
+
+
 # Event type names are checked against greenarrow.lib.events.types by the
 # events services (a higher stage); here only their shape.
 EVENT_TYPE_NAMES = Args("TYPE[, TYPE...]|all", parse_name, max=None)
+HEADER_NAMES = Args("HEADER[, HEADER...]", _header_name, max=None)
 RANDOMIZATION = one_of("fully_random", "message_constant", "email_address_constant")
 
 
@@ -632,12 +642,18 @@ SCHEMA: tuple[Rule, ...] = (
     directive("statistic_report_grouping", "mail_class", STRING),
     directive("track_text_links", "mail_class", YES_NO),
     directive("handle_bounce_and_fbl", "mail_class", YES_NO),
+    directive("bad_address_suppression", "mail_class", YES_NO),  # greenarrow.lib.core.bad_addresses
     # incoming mail: greenarrow.lib.routing.incoming
     directive("bounce_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
     directive("spam_complaint_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
     directive("mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
     directive("lite_bounce_processor_address", (ROOT, "general"), ADDRESS, multiple=True),
     directive("lite_fbl_processor_address", (ROOT, "general"), ADDRESS, multiple=True),
+    # bounce and complaint processors: greenarrow.lib.feedback.feedback_settings
+    directive("lite_fbl_processor_headers", (ROOT, "general"), HEADER_NAMES),
+    directive("lite_bounce_processor_include_report_text", (ROOT, "general"), YES_NO),
+    directive("lite_fbl_processor_include_report_text", (ROOT, "general"), YES_NO),
+    directive("simplemh_bad_address_dev_null_domain", "general", HOSTNAME),
 )
 
 

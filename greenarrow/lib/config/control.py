@@ -154,6 +154,11 @@ SPECS: dict[str, ControlSpec] = _specs(
      "HTTPS listeners of the tracker, lines of ip:port; certificates in control/tracker.tls/"),
     ("tracker.timeout", "int", 10, True,
      "seconds a tracker client has to send a whole request (and idle keep-alive limit)"),
+    ("opt.treat_qsbf_bounces_as_local_server_names", "lines", [], True,
+     "bounce processor on an event server: qmail-style bounces from these servers (the name"
+     " after 'qmail-send program at') are synchronous bounces (greenarrow.lib.feedback)"),
+    ("opt.treat_all_qsbf_bounces_as_local", "bool", False, True,
+     "bounce processor: every qmail-style bounce from another server is a synchronous bounce"),
     ("dkim/hashfunc", "text", "sha256", True,
      "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim.signing)"),
 )

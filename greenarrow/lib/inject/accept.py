@@ -230,6 +230,7 @@ def envelopes(
         env["recipient"] = rcpt
         if prepared.simplemh is not None:
             env["sender"] = prepared.simplemh.sender(rcpt, sender)
+            env["recipient"] = prepared.simplemh.recipient(rcpt)
         if ids.get("dkim"):
             env["dkim"] = ids["dkim"]
         out.append(env)

@@ -18,6 +18,7 @@ A Mail Class turns SimpleMH on for a message and says how to treat it
         bounce_address bounce@bounces.example.com
         list_unsubscribe yes                # add List-Unsubscribe (default yes)
         handle_bounce_and_fbl yes           # encoded Return-Path, X-Mailer-Info (default yes)
+        bad_address_suppression yes         # suppress var/bad_addresses pairs (default no)
         statistic_report_grouping per_mailclass_and_instanceid
     }
 
@@ -73,7 +74,7 @@ class MailClass:
 
     __slots__ = ("name", "listid", "virtual_mta", "track_clicks_and_opens", "track_text_links",
                  "url_domain", "bounce_address", "list_unsubscribe", "handle_bounce_and_fbl",
-                 "statistic_report_grouping")
+                 "statistic_report_grouping", "bad_address_suppression")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -86,6 +87,7 @@ class MailClass:
         self.list_unsubscribe = True
         self.handle_bounce_and_fbl = True
         self.statistic_report_grouping = DEFAULT_GROUPING
+        self.bad_address_suppression = False
 
     def __repr__(self) -> str:
         return f"MailClass({self.name!r})"
@@ -96,14 +98,16 @@ class MailClass:
 
 
 _BOOL_FIELDS = frozenset(("track_clicks_and_opens", "track_text_links", "list_unsubscribe",
-                          "handle_bounce_and_fbl"))
+                          "handle_bounce_and_fbl", "bad_address_suppression"))
+# where suppressed recipients go (simplemh_bad_address_dev_null_domain): GreenArrow's default
+DEFAULT_DEV_NULL_DOMAIN = "badaddress.discardallmail.drh.net"
 
 
 class MailClasses:
     """Every class of greenarrow.conf and the `general` settings SimpleMH reads."""
 
     __slots__ = ("classes", "default", "process_x_job_header", "process_x_virtual_mta_header",
-                 "default_event_tracking_metadata_storage")
+                 "default_event_tracking_metadata_storage", "bad_address_dev_null_domain")
 
     def __init__(self) -> None:
         self.classes: dict[str, MailClass] = {}  # by lower-cased name
@@ -111,6 +115,7 @@ class MailClasses:
         self.process_x_job_header = False
         self.process_x_virtual_mta_header = False
         self.default_event_tracking_metadata_storage = "local"
+        self.bad_address_dev_null_domain = DEFAULT_DEV_NULL_DOMAIN
 
     def get(self, name: str) -> MailClass | None:
         """The class called `name`, compared case-insensitively."""
@@ -280,11 +285,14 @@ def compile_conf(root_block: object) -> MailClasses:
         d = general.directive("default_event_tracking_metadata_storage")
         if d is not None:
             out.default_event_tracking_metadata_storage = d.as_choice(*STORAGES)
+        domain = general.get_str("simplemh_bad_address_dev_null_domain")
+        if domain:
+            out.bad_address_dev_null_domain = domain.lower().rstrip(".")
     return out
 
 
 _GENERAL = ("default_mail_class", "process_x_job_header", "process_x_virtual_mta_header",
-            "default_event_tracking_metadata_storage")
+            "default_event_tracking_metadata_storage", "simplemh_bad_address_dev_null_domain")
 
 
 def _compile_leniently(conf_path: str, error: Exception) -> MailClasses:
@@ -342,6 +350,7 @@ def dumps_cache(classes: MailClasses) -> str:
         f"general\tprocess_x_virtual_mta_header\t{int(classes.process_x_virtual_mta_header)}",
         "general\tdefault_event_tracking_metadata_storage\t"
         f"{classes.default_event_tracking_metadata_storage}",
+        f"general\tbad_address_dev_null_domain\t{_esc(classes.bad_address_dev_null_domain)}",
     ]
     for mc in classes.classes.values():
         for field in MailClass.__slots__:
@@ -362,6 +371,8 @@ def loads_cache(text: str) -> MailClasses:
                 out.default = value
             elif name == "default_event_tracking_metadata_storage":
                 out.default_event_tracking_metadata_storage = value
+            elif name == "bad_address_dev_null_domain":
+                out.bad_address_dev_null_domain = value
             else:
                 setattr(out, name, value == "1")
         elif parts[0] == "class" and len(parts) == 4:

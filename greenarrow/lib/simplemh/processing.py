@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 
 from greenarrow.lib.config import control, secret_constants
+from greenarrow.lib.core import bad_addresses
 from greenarrow.lib.core import message as msglib
 from greenarrow.lib.simplemh import mail_class, tracking_url
 from greenarrow.lib.simplemh import return_path as bounce_address
@@ -377,7 +378,7 @@ class Renderer:
     """Makes each recipient's copy of a SimpleMH message, and its envelope sender."""
 
     __slots__ = ("job", "head", "head_qp", "sep", "plan", "add_mailer_info",
-                 "add_list_unsubscribe")
+                 "add_list_unsubscribe", "suppression", "dev_null_domain")
 
     def ids(self) -> dict[str, str]:
         """The identifiers for the envelopes (injection.envelopes reads them)."""
@@ -390,6 +391,17 @@ class Renderer:
             return bounce_address.encode(job.bounce_mailbox, job.listid, job.sendid,
                                          job.obscured or recipient, job.constants)
         return sender
+
+    def recipient(self, recipient: str) -> str:
+        """The envelope recipient: a suppressed (address, ListID) goes to the dev-null domain.
+
+        Only for a Mail Class with `bad_address_suppression yes`; the pairs are
+        var/bad_addresses (greenarrow.lib.core.bad_addresses), kept by the
+        bounce processor. The local part is kept so the log still says who.
+        """
+        if self.suppression is None or not self.suppression.contains(recipient, self.job.listid):
+            return recipient
+        return f"{recipient.rpartition('@')[0] or recipient}@{self.dev_null_domain}"
 
     def _links(self, who: str) -> _Links:
         """The tracking data maker for the copy that goes to `who` (the recipient or the
@@ -486,6 +498,10 @@ def prepare(message: bytes, headers: list[msglib.Header], body_start: int, ids: 
     fields = [(h.name, h.start, h.end, h.colon) for h in headers]
     names = {f[0] for f in fields}
     renderer.add_mailer_info = job.handle_bounce
+    mc = classes.get(job.mailclass)
+    renderer.suppression = (bad_addresses.for_root(root)
+                            if mc is not None and mc.bad_address_suppression else None)
+    renderer.dev_null_domain = classes.bad_address_dev_null_domain
     renderer.add_list_unsubscribe = (job.list_unsubscribe and b"list-unsubscribe" not in names
                                      and bool(job.bounce_mailbox or job.url_base
                                               or job.lu_http_url))
