@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from greenarrow.lib.config import control
+from greenarrow.lib.core import users
 from greenarrow.lib.core.paths import Root
 from greenarrow.lib.devtools.sink import SinkThread
 from greenarrow.lib.ops.install_root import init_root
@@ -93,11 +94,29 @@ def _program(name: str, *args: str, env: dict[str, str]) -> subprocess.Completed
     )
 
 
+FALLBACK_ROOT = Path("/var/tmp/greenarrow-demo-root")
+
+
+def reachable_root(root_path: Path, say: Callable[[str], None]) -> Path:
+    """`root_path`, or, when started as root and the engine's users could not reach it
+    (a folder under /root, say), FALLBACK_ROOT."""
+    if not users.separated():
+        return root_path
+    users.ensure_accounts()
+    queue_owner = users.service_accounts()[users.QUEUE_USER]
+    parent = root_path.absolute().parent
+    problem = users.unreachable(str(parent), queue_owner)
+    if problem is None:
+        return root_path
+    say(f"{problem}: using {FALLBACK_ROOT} as the demo's install root instead")
+    return FALLBACK_ROOT
+
+
 def run_demo(
     root_path: Path, messages: int = 300, say: Callable[[str], None] = print, timeout: float = 300.0
 ) -> bool:
     """Run the demo; True when every message reached the sink exactly once."""
-    root = Root(root_path.absolute())
+    root = Root(reachable_root(root_path, say).absolute())
     env = dict(os.environ, HVMAIL_ROOT=str(root.path))
     init_root(root)
     smtp_port = free_port()
