@@ -73,12 +73,12 @@ class Source:
     reader: FolderReader
 
 
-def _inode_to_db(inode: int) -> int:
+def inode_to_db(inode: int) -> int:
     """An inode as a signed 64-bit `bigint` (overlayfs sets the top bit)."""
     return inode - (1 << 64) if inode >= 1 << 63 else inode
 
 
-def _position_from_db(row: tuple) -> Position:
+def position_from_db(row: tuple) -> Position:
     file_name, inode, head, offset = row
     return Position(file_name, inode + (1 << 64) if inode < 0 else inode, head, offset)
 
@@ -175,7 +175,7 @@ class Recorder:
             rows = conn.execute(
                 "SELECT source, file_name, inode, head_sha256, byte_offset FROM event_sources"
             ).fetchall()
-        self.positions = {row[0]: _position_from_db(row[1:]) for row in rows}
+        self.positions = {row[0]: position_from_db(row[1:]) for row in rows}
 
     # -- one pass
 
@@ -239,7 +239,7 @@ class Recorder:
             stored = conn.execute(
                 "SELECT file_name, inode, head_sha256, byte_offset FROM event_sources "
                 "WHERE source = %s FOR UPDATE", (name,)).fetchone()
-            if (_position_from_db(stored) if stored else None) != before:
+            if (position_from_db(stored) if stored else None) != before:
                 raise PositionMoved(name)
             _insert(conn, name, rows)
             conn.execute(
@@ -249,7 +249,7 @@ class Recorder:
                 "inode = excluded.inode, head_sha256 = excluded.head_sha256, "
                 "byte_offset = excluded.byte_offset, lines = s.lines + excluded.lines, "
                 "updated_at = now()",
-                (name, after.file_name, _inode_to_db(after.inode), after.head_sha256,
+                (name, after.file_name, inode_to_db(after.inode), after.head_sha256,
                  after.byte_offset, lines),
             )
 

@@ -28,7 +28,7 @@ from greenarrow.lib.config import conf as conf_file
 from greenarrow.lib.core.delivery_log import parse_line
 from greenarrow.lib.core.paths import QUEUES, Root
 from greenarrow.lib.events.log_follower import FolderReader, Position
-from greenarrow.lib.events.recorder import _inode_to_db, _position_from_db
+from greenarrow.lib.events.recorder import inode_to_db, position_from_db
 from greenarrow.lib.events.types import make_event
 from greenarrow.lib.feedback import bounce_codes, classify, outcome_store
 from greenarrow.lib.feedback.bounce_parse import RecipientReport
@@ -131,7 +131,7 @@ class SyncBounces:
         with conn.transaction():
             row = conn.execute("SELECT file_name, inode, head_sha256, byte_offset "
                                "FROM event_sources WHERE source = %s", (name,)).fetchone()
-        before = _position_from_db(row) if row else None
+        before = position_from_db(row) if row else None
         chunk = self.readers[queue].read(before)
         if chunk.lost:
             log.error("%s: synchronous bounces may be missed: %s", name, chunk.lost)
@@ -141,7 +141,7 @@ class SyncBounces:
             stored = conn.execute("SELECT file_name, inode, head_sha256, byte_offset "
                                   "FROM event_sources WHERE source = %s FOR UPDATE",
                                   (name,)).fetchone()
-            if (_position_from_db(stored) if stored else None) != before:
+            if (position_from_db(stored) if stored else None) != before:
                 log.warning("%s: read position changed under us; reading again", name)
                 return 0
             for raw, (file_name, offset) in zip(chunk.lines, chunk.line_offsets, strict=True):
@@ -176,5 +176,5 @@ def _save_position(conn: psycopg.Connection, name: str, after: Position, lines: 
         "file_name = excluded.file_name, inode = excluded.inode, "
         "head_sha256 = excluded.head_sha256, byte_offset = excluded.byte_offset, "
         "lines = s.lines + excluded.lines, updated_at = now()",
-        (name, after.file_name, _inode_to_db(after.inode), after.head_sha256, after.byte_offset,
+        (name, after.file_name, inode_to_db(after.inode), after.head_sha256, after.byte_offset,
          lines))
