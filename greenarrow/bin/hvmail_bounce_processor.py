@@ -11,17 +11,12 @@ greenarrow.conf and the synchronous bounces of the delivery logs
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import threading
 
 from greenarrow.lib.config.conf import ConfError
 from greenarrow.lib.core import service
 from greenarrow.lib.core.paths import root_from_env
 from greenarrow.lib.feedback import processor_config
-
-log = logging.getLogger("greenarrow.feedback.processor")
 
 
 def check_config() -> int:
@@ -45,27 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.check_config:
         sys.exit(check_config())
-    service.setup("bounce-processor")
-    stop = threading.Event()
-    reload = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    try:
-        from greenarrow.lib.feedback.mailbox_processor import BounceProcessor
-    except ImportError as exc:  # psycopg without libpq: say so once, do not restart-loop
-        log.error("cannot process bounces: %s (install libpq5); waiting for stop", exc)
-        while not stop.wait(60):
-            pass
-        sys.exit(0)
-    processor = BounceProcessor(root_from_env())
-    try:
-        processor.configure()
-    except ConfError as exc:
-        log.error("cannot start: %s", exc)
-        sys.exit(111)
-    processor.run(stop, reload)
-    sys.exit(0)
+    service.run_blocking("bounce-processor", _processor, "process bounces", (ConfError,))
+
+
+def _processor():  # noqa: ANN202 (imports psycopg: see service.run_blocking)
+    from greenarrow.lib.feedback.mailbox_processor import BounceProcessor
+
+    return BounceProcessor(root_from_env())
 
 
 if __name__ == "__main__":

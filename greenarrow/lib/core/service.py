@@ -11,7 +11,9 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import setproctitle
 
@@ -58,3 +60,35 @@ async def wait_stop_or_reload(
         if reload.is_set():
             reload.clear()
             on_reload()
+
+
+def run_blocking(title: str, make: Callable[[], Any], what: str,
+                 config_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Run a service that works in threads rather than asyncio, then exit.
+
+    `make()` imports and builds it (an object with `configure()` and
+    `run(stop, reload)`, given two threading.Events). An ImportError there (psycopg
+    without libpq) is said once and the service waits for its stop instead of
+    being restarted in a loop; one of `config_errors` from `configure()` exits 111
+    with the line named.
+    """
+    setup(title)
+    log = logging.getLogger(title)
+    stop, reload = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    try:
+        worker = make()
+    except ImportError as exc:
+        log.error("cannot %s: %s (install libpq5); waiting for stop", what, exc)
+        while not stop.wait(60):
+            pass
+        sys.exit(0)
+    try:
+        worker.configure()
+    except config_errors as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(111)
+    worker.run(stop, reload)
+    sys.exit(0)
