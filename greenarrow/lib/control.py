@@ -148,6 +148,9 @@ SPECS: dict[str, ControlSpec] = _specs(
      "SimpleMH: stateless event tracking metadata by default (seed 000)"),
     ("dkim/hashfunc", "text", "sha256", True,
      "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim_signing)"),
+    ("dkim/canonicalization", "text", "relaxed/relaxed", True,
+     "DKIM canonicalization header/body: relaxed or simple each (checked by "
+     "greenarrow.lib.dkim_signing)"),
 )
 
 
