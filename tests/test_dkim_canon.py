@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import shutil
+import smtplib
+import time
 from pathlib import Path
 
 import dkim
@@ -26,9 +29,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import Relaxed, Simple
 from dkim_verifiers import NO_OPENDKIM, OPENDKIM, OpenDkimMilter, dkimpy_results, txt_records
+from engine import Engine, route_conf, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from smtp_receivers import Receiver
 
+from greenarrow.lib import control
 from greenarrow.lib.dkim_signing import CANONICALIZATIONS, DkimKeys, DkimSigner
 from greenarrow.lib.message import to_crlf
 from greenarrow.pyx import dkim_canon
@@ -228,3 +234,46 @@ def test_generated_messages_verify(keys: DkimKeys, head: list, body: list,
         assert result.keys == []
         return
     assert dkimpy_results(result.message, txt_records(keys)) == [True]
+
+
+def test_engine_signatures_verify_with_both(tmp_path: Path, keys: DkimKeys) -> None:
+    """Real services: mail with 8-bit bytes, odd folding and no final CRLF, injected over
+    SMTP From origin.test (an RSA-2048 `default` key) and From ed.origin.test (an Ed25519
+    one), arrives signed, and dkimpy and OpenDKIM pass each signature; first simple/simple
+    (control/dkim/canonicalization), then relaxed/relaxed after a reload."""
+    if OPENDKIM is None:
+        pytest.skip(NO_OPENDKIM)
+    cases = [EDGE_CASES["8-bit"], EDGE_CASES["odd folding"], EDGE_CASES["no final CRLF"]]
+    cases += [case.replace(b"@origin.test", b"@ed.origin.test") for case in cases]
+    with Receiver("127.0.0.1") as rx:
+        engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}))
+        for domain, selector in ((DOMAIN, "rsa"), (f"ed.{DOMAIN}", "ed")):
+            folder = engine.root.control / "dkim" / domain
+            folder.mkdir(parents=True)
+            shutil.copyfile(keys.get(DOMAIN, selector).path, folder / "default.pem")
+        records = txt_records(DkimKeys.from_control(engine.root.control))
+        milter = OpenDkimMilter(records, tmp_path / "opendkim")
+        control.write(engine.root.control, "dkim/canonicalization", "simple/simple")
+        try:
+            with engine:
+                for canonicalization in ("simple/simple", "relaxed/relaxed"):
+                    if canonicalization == "relaxed/relaxed":
+                        control.write(engine.root.control, "dkim/canonicalization", canonicalization)
+                        reload = engine.program("greenarrow_config", "reload")
+                        assert reload.returncode == 0, reload.stderr
+                        time.sleep(2)  # the workers re-read control/ on SIGHUP
+                    before = len(rx.messages)
+                    with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+                        for n, case in enumerate(cases):
+                            smtp.sendmail("a@origin.test", [f"u{before + n}@dest.test"], case)
+                    wait_until(lambda b=before: len(rx.messages) >= b + len(cases), 60,
+                               "the messages at the receiver")
+                    for received in rx.messages[before:]:
+                        content = received.content
+                        tags = content.split(b"\r\n\r\n")[0].replace(b"\r\n ", b"")
+                        assert tags.count(b"DKIM-Signature:") == 1, content[:600]
+                        assert f"c={canonicalization};".encode() in tags
+                        assert dkimpy_results(content, records) == [True]
+                        assert set(milter.verify(content).values()) == {"pass"}
+        finally:
+            milter.stop()
