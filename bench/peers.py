@@ -166,8 +166,10 @@ class EnginePeer(Peer):
         concurrency: int | None = None,
         keep_roots: bool = False,
         ramdisk_mb: int | None = None,
+        event_loop: str | None = None,
     ) -> None:
         self.work = work
+        self.event_loop = event_loop  # GREENARROW_EVENT_LOOP for the engine's services
         self.workers = workers
         self.concurrency = concurrency
         # The ram-queue on tmpfs, as GreenArrow installs it (hvmail_init mounts it
@@ -214,6 +216,8 @@ class EnginePeer(Peer):
             dkim_key(root.control / "dkim" / SENDER_DOMAIN / "default.pem", self.work)
         (root.control / "greenarrow.conf").write_text(conf)
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root_path))
+        if self.event_loop:
+            self.env["GREENARROW_EVENT_LOOP"] = self.event_loop
 
     def start(self) -> None:
         if self.queue_count():
@@ -298,7 +302,8 @@ class EnginePeer(Peer):
         conc = self.concurrency or control.SPECS["concurrencyremote"].default
         queue = (f"ram-queue on a {self.ramdisk_mb} MB tmpfs" if self.ramdisk_mb
                  else "ram-queue in a plain folder")
-        return f"engine (remote.workers={workers}, concurrencyremote={conc}, {queue})"
+        loop = f", event loop {self.event_loop}" if self.event_loop else ""
+        return f"engine (remote.workers={workers}, concurrencyremote={conc}, {queue}{loop})"
 
 
 # main.cf settings of the shared baseline (shared/bench/adapters/postfix.sh),

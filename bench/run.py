@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine-ramdisk", type=int, metavar="MB",
                     help="engine control/queue.ram.ramdisk.size: the ram-queue on a tmpfs, as "
                          "GreenArrow runs it (default: 1024 when run as root, else 0 = a plain folder)")
+    ap.add_argument("--engine-loop", choices=("asyncio", "uvloop"),
+                    help="the engine services' event loop (GREENARROW_EVENT_LOOP; default asyncio)")
     ap.add_argument("--work", type=Path, default=d.work, help="scratch folder (default %(default)s)")
     ap.add_argument("--results-dir", type=Path,
                     help="where the dated results go (default bench/results; quick: the work folder)")
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None
         say(f"peer: {peer_text}")
         return 1
     engine = EnginePeer(opts.work, args.engine_workers, args.engine_concurrency,
-                        ramdisk_mb=args.engine_ramdisk)
+                        ramdisk_mb=args.engine_ramdisk, event_loop=args.engine_loop)
     peers: list[Peer] = [engine] + ([peer] if peer else [])
     bench = Bench(opts, peers, say)
     say(f"bench {stamp}: {command}")

@@ -3,12 +3,20 @@
 Services log to stderr, one line per event; `hvmail_init` captures that into
 `log/<service>/current`. SIGTERM asks a service to stop (it finishes or
 safely abandons what it is doing), SIGHUP asks it to re-read its configuration.
+
+The event loop is asyncio's own unless the environment variable
+GREENARROW_EVENT_LOOP is `uvloop` and the uvloop package is installed (then
+every asyncio service, smtpd, injectd, queue-send and the remote workers,
+runs on uvloop; without the package a warning is logged and the stock loop
+used). Whether uvloop is worth it is decided by the smtp benchmark's CPU per
+message (`python -m bench --engine-loop uvloop`, bench/README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -24,6 +32,29 @@ def setup(title: str) -> None:
         level=logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+
+
+EVENT_LOOP_ENV = "GREENARROW_EVENT_LOOP"
+EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop GREENARROW_EVENT_LOOP asks for; None = asyncio's own."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "asyncio"
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            logging.getLogger("service").warning(
+                "%s=uvloop but the uvloop package is not installed: using asyncio's loop",
+                EVENT_LOOP_ENV)
+            return None
+        return uvloop.new_event_loop
+    if choice != "asyncio":
+        logging.getLogger("service").warning(
+            "%s=%r is not one of %s: using asyncio's loop", EVENT_LOOP_ENV, choice,
+            ", ".join(EVENT_LOOPS))
+    return None
 
 
 def run(main: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> None:
@@ -42,7 +73,8 @@ def run(main: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> None
         loop.add_signal_handler(signal.SIGHUP, reload.set)
         await main(stop, reload)
 
-    asyncio.run(runner())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner_:
+        runner_.run(runner())
 
 
 async def wait_stop_or_reload(
