@@ -23,6 +23,9 @@ Python-level API:
       runs of space/tab made one space, stripped), without CRLF.
 - body(message: bytes, offset: int, relaxed: bool) -> bytes
       the canonical body of message[offset:] (simple or relaxed).
+- is_crlf(message: bytes) -> bool
+      every CR and LF is part of a CRLF and the message ends with one (or
+      is empty): what message.to_crlf would return unchanged.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -204,3 +207,26 @@ def body(bytes message not None, Py_ssize_t offset, bint relaxed):
         if relaxed and k == 2:
             k = 0  # relaxed: an empty body is empty (simple: one CRLF)
     return _finish(raw, k)
+
+
+def is_crlf(bytes message not None):
+    """Whether every line ends with CRLF, with no lone CR or LF, the last one included."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(message)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(message)
+    cdef Py_ssize_t i = 0
+    cdef bint ok = True
+    if n == 0:
+        return True
+    with nogil:
+        if n < 2 or p[n - 2] != 13 or p[n - 1] != 10:
+            ok = False
+        while ok and i < n:
+            if p[i] == 13:
+                if i + 1 >= n or p[i + 1] != 10:
+                    ok = False
+                i += 2
+            elif p[i] == 10:
+                ok = False
+            else:
+                i += 1
+    return ok

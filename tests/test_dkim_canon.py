@@ -277,3 +277,40 @@ def test_engine_signatures_verify_with_both(tmp_path: Path, keys: DkimKeys) -> N
                         assert set(milter.verify(content).values()) == {"pass"}
         finally:
             milter.stop()
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+FROM_VALUES = [
+    b" News <news@Origin.Test>", b" news@origin.test", b"news@origin.test.", b" <a@b.c>",
+    b" J. Smith <a@b.c>", b" O'Brien-Doe <a@b.c>", b' "Smith, J" <a@b.c>', b" a@b.c (comment)",
+    b" Moderator-Address", b" a@[1.2.3.4]", b" =?utf-8?q?J=C3=B6rg?= <j@origin.test>",
+    b" J\xc3\xb6rg <j@xn--jrg-sna.test>", b" first@a.test, second@b.test", b" <@route:a@b.c>",
+    b" News\r\n <news@origin.test>\r\n", b"\r\n \t a@origin.test \r\n", b" a@b@c", b" <>", b"",
+    b" group: a@b.c;", b" a@-weird-.test", b" a@b.c\r\n", b" n <a@B.C.>",
+    b' "Bench Newsletter" <newsletter@bench.test>', b' "a \\" b" <x@y.z>', b' "" <a@b.c>',
+    b' "x"<a@b.c>', b' "x" y <a@b.c>', b' "<a@b.c>" <c@d.e>', b' "a@b.c"',
+]
+
+
+def test_address_domain_fast_path_agrees_with_getaddresses() -> None:
+    from greenarrow.lib.dkim_signing import address_domain, address_domain_parsed
+
+    values = list(FROM_VALUES)
+    for _, raw in corpus_messages():
+        try:
+            headers, _ = dkim_canon.parse(to_crlf(raw))
+        except ValueError:
+            continue
+        values += [v for n, v in headers if n.lower() in (b"from", b"sender")]
+    assert len(values) > 40
+    for value in values:
+        assert address_domain(value) == address_domain_parsed(value), value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b" "]), max_size=12))
+def test_is_crlf_is_what_to_crlf_keeps(pieces: list) -> None:
+    data = b"".join(pieces)
+    assert dkim_canon.is_crlf(data) == (to_crlf(data) is data or to_crlf(data) == data)

@@ -61,6 +61,7 @@ import email.utils
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -295,14 +296,35 @@ class Signed(NamedTuple):
 def _header_domain(headers: list, name: bytes) -> str | None:
     """The domain of the first address in the first `name` header, lower-cased."""
     for field, value in headers:
-        if field.lower() != name:
-            continue
-        text = _FOLD_RE.sub("", value.decode("utf-8", "replace"))
-        for _, address in email.utils.getaddresses([text]):
-            domain = address.rpartition("@")[2].strip().strip("[]").rstrip(".").lower()
-            if "@" in address and domain:
-                return domain
-        return None
+        if field.lower() == name:
+            return address_domain(value)
+    return None
+
+
+# `Plain Name <local@domain>`, `"Quoted Name" <local@domain>` or `local@domain`: forms whose reading by
+# email.utils.getaddresses is certain, so the common case skips that parser
+# (tests/test_dkim_canon.py compares the two on the corpus and odd values).
+_PLAIN_ADDRESS = re.compile(
+    rb"[ \t]*(?:(?:\"[^\"\\\\\r\n]*\"[ \t]*|[\w .'-]*)<[^<>@\s\",;:()\[\]\\]+@([A-Za-z0-9.-]+)>"
+    rb"|[^<>@\s\",;:()\[\]\\]+@([A-Za-z0-9.-]+))\s*\Z")
+
+
+def address_domain(value: bytes) -> str | None:
+    """The domain of the first address in a From/Sender value (as written), lower-cased."""
+    match = _PLAIN_ADDRESS.match(value)
+    if match:
+        domain = (match.group(1) or match.group(2)).decode("ascii").rstrip(".").lower()
+        return domain or None
+    return address_domain_parsed(value)
+
+
+def address_domain_parsed(value: bytes) -> str | None:
+    """`address_domain` through email.utils.getaddresses, for every form."""
+    text = _FOLD_RE.sub("", value.decode("utf-8", "replace"))
+    for _, address in email.utils.getaddresses([text]):
+        domain = address.rpartition("@")[2].strip().strip("[]").rstrip(".").lower()
+        if "@" in address and domain:
+            return domain
     return None
 
 
@@ -377,7 +399,7 @@ class DkimSigner:
         """
         if not self.keys:
             return Signed(message, [])
-        wire = to_crlf(message)
+        wire = message if dkim_canon.is_crlf(message) else to_crlf(message)
         try:
             headers, body_at = dkim_canon.parse(wire)
         except ValueError as e:
@@ -386,11 +408,12 @@ class DkimSigner:
         keys = self.choose(headers, request)
         if not keys:
             return Signed(message, [])
-        include = _signed_names(headers)
+        lowered = [name.lower() for name, _ in headers]
+        include = _signed_names(lowered)
         if b"from" not in include:
             log.warning("message has no From header: not DKIM-signed")
             return Signed(message, [])
-        signed = _select(headers, include)
+        signed = _select(headers, lowered, include)
         if self._relaxed_headers:
             header_text = b"".join(dkim_canon.relaxed_header(n, v) + b"\r\n" for n, v in signed)
         else:
@@ -451,22 +474,22 @@ class DkimSigner:
 _SIGNED_SET = frozenset(SIGNED_HEADERS) | frozenset(OVERSIGNED_HEADERS)
 
 
-def _signed_names(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, ...]:
+def _signed_names(lowered: list[bytes]) -> tuple[bytes, ...]:
     """The h= list: each signed field present, in message order, then the oversigned ones again."""
-    present = [name.lower() for name, _ in headers if name.lower() in _SIGNED_SET]
+    present = [name for name in lowered if name in _SIGNED_SET]
     return tuple(present + [name for name in present if name in OVERSIGNED_HEADERS])
 
 
-def _select(headers: list[tuple[bytes, bytes]], include: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+def _select(headers: list[tuple[bytes, bytes]], lowered: list[bytes],
+            include: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
     """The fields h= names, in h= order, each name taking its instances bottom-up (RFC 6376 §5.4.2)."""
+    where: dict[bytes, list[int]] = {}
+    for i, name in enumerate(lowered):
+        if name in _SIGNED_SET:
+            where.setdefault(name, []).append(i)
     chosen = []
-    last: dict[bytes, int] = {}
     for name in include:
-        i = last.get(name, len(headers))
-        while i > 0:
-            i -= 1
-            if headers[i][0].lower() == name:
-                chosen.append(headers[i])
-                break
-        last[name] = i
+        left = where.get(name)
+        if left:
+            chosen.append(headers[left.pop()])
     return chosen
