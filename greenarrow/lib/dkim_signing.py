@@ -422,13 +422,18 @@ class DkimSigner:
         body_hashes: dict[str, bytes] = {}
         now = str(int(time.time())).encode("ascii")
         signatures = []
-        for key in keys:
-            algorithm = key.signature_algorithm(self.hashfunc)
-            digest_name = "sha1" if algorithm == b"rsa-sha1" else "sha256"
-            if digest_name not in body_hashes:
-                body_hashes[digest_name] = base64.b64encode(hashlib.new(digest_name, canon_body).digest())
-            signatures.append(self._signature(key, algorithm, digest_name, include, header_text,
-                                              body_hashes[digest_name], now))
+        try:
+            for key in keys:
+                algorithm = key.signature_algorithm(self.hashfunc)
+                digest_name = "sha1" if algorithm == b"rsa-sha1" else "sha256"
+                if digest_name not in body_hashes:
+                    body_hashes[digest_name] = base64.b64encode(
+                        hashlib.new(digest_name, canon_body).digest())
+                signatures.append(self._signature(key, algorithm, digest_name, include,
+                                                  header_text, body_hashes[digest_name], now))
+        except ValueError as e:  # from the key operation: send unsigned rather than not at all
+            log.warning("message not DKIM-signed: %s", e)
+            return Signed(message, [])
         return Signed(b"".join(signatures) + wire, [(k.domain, k.selector) for k in keys])
 
     def _signature(self, key: DkimKey, algorithm: bytes, digest_name: str,
