@@ -20,7 +20,6 @@ import importlib.machinery
 import json
 import shutil
 import smtplib
-import time
 from pathlib import Path
 
 import dkim
@@ -236,6 +235,19 @@ def test_generated_messages_verify(keys: DkimKeys, head: list, body: list,
     assert dkimpy_results(result.message, txt_records(keys)) == [True]
 
 
+def relaxed_probe(engine: Engine, rx: Receiver) -> bool:
+    """Send one probe message and wait for it; whether it came signed relaxed/relaxed
+    (the workers re-read control/ on SIGHUP, a moment after the reload command)."""
+    before = len(rx.messages)
+    with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+        smtp.sendmail("a@origin.test", ["probe@dest.test"],
+                      b"From: a@origin.test\r\nSubject: probe\r\n\r\nprobe\r\n")
+    wait_until(lambda: len(rx.messages) > before, 60, "the probe message")
+    probe = rx.messages[before].content.replace(b"\r\n ", b"")
+    del rx.messages[before:]
+    return b"c=relaxed/relaxed;" in probe
+
+
 def test_engine_signatures_verify_with_both(tmp_path: Path, keys: DkimKeys) -> None:
     """Real services: mail with 8-bit bytes, odd folding and no final CRLF, injected over
     SMTP From origin.test (an RSA-2048 `default` key) and From ed.origin.test (an Ed25519
@@ -261,7 +273,8 @@ def test_engine_signatures_verify_with_both(tmp_path: Path, keys: DkimKeys) -> N
                         control.write(engine.root.control, "dkim/canonicalization", canonicalization)
                         reload = engine.program("greenarrow_config", "reload")
                         assert reload.returncode == 0, reload.stderr
-                        time.sleep(2)  # the workers re-read control/ on SIGHUP
+                        wait_until(lambda: relaxed_probe(engine, rx), 60,
+                                   "a message signed after the reload")
                     before = len(rx.messages)
                     with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
                         for n, case in enumerate(cases):
