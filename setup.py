@@ -48,6 +48,7 @@ setup(
         "setproctitle>=1.3,<2",
         "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
+        "uvloop>=0.17",  # the services' event loop (greenarrow.lib.service; asyncio's is the fallback)
     ],
     extras_require={
         "test": [
