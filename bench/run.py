@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
                     help="engine control/queue.ram.ramdisk.size: the ram-queue on a tmpfs, as "
                          "GreenArrow runs it (default: 1024 when run as root, else 0 = a plain folder)")
     ap.add_argument("--engine-loop", choices=("asyncio", "uvloop"),
-                    help="the engine services' event loop (GREENARROW_EVENT_LOOP; default asyncio)")
+                    help="the engine services' event loop (GREENARROW_EVENT_LOOP; default: the "
+                         "engine's own choice, uvloop when installed)")
     ap.add_argument("--work", type=Path, default=d.work, help="scratch folder (default %(default)s)")
     ap.add_argument("--results-dir", type=Path,
                     help="where the dated results go (default bench/results; quick: the work folder)")
