@@ -50,7 +50,7 @@ setup(
         "dkimpy[ed25519]>=1.1,<2",  # ed25519: PyNaCl, which dkimpy's verifier needs for Ed25519
         "cryptography>=41",  # PEM keys, and the DKIM private-key operation (OpenSSL)
         "httptools>=0.6,<1",  # the tracker's HTTP parser (docs/tracker.md: chosen by measurement)
-        "uvloop>=0.19,<1",  # the tracker's event loop
+        "uvloop>=0.19,<1",  # every asyncio service's loop (greenarrow.lib.core.service; asyncio's is the fallback)
         "psycopg[binary]>=3.1,<4",  # the events database; binary: libpq included, ~110 ms import
         "aiohttp>=3.9,<4",  # the event processor's HTTP destinations
         # PostgreSQL's server binaries for a machine without them (docs/events.md).

@@ -9,7 +9,9 @@ routing every domain to the sink, `hvmail_init start` / `stop`.
 baseline harness configured it (the same main.cf settings, see
 `POSTFIX_SETTINGS`), relaying everything to the same sink. It can install
 the package when missing (only when asked: `make bench` asks, the quick mode
-and the tests never do).
+and the tests never do). For the simplemh scenario it signs as a user would
+deploy it: Debian's OpenDKIM as its milter on a Unix socket (`OpenDkim`),
+with the engine's key, canonicalization and header list.
 
 Both are restarted before every measured run and must start with an empty
 queue, so one run's leftovers never count in the next.
@@ -56,9 +58,12 @@ mail_class bench {
 SENDER_DOMAIN = "bench.test"
 
 
+DKIM_SELECTOR = "default"
+
+
 def dkim_key(path: Path, work: Path) -> None:
     """Copy the bench's DKIM key to `path`, making it first if needed."""
-    made = work / "dkim-rsa2048.pem"
+    made = dkim_key_path(work)
     if not made.exists():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
@@ -72,6 +77,11 @@ def dkim_key(path: Path, work: Path) -> None:
     from greenarrow.lib.core import users
 
     users.restrict(path)  # a key other users may read is refused
+
+
+def dkim_key_path(work: Path) -> Path:
+    """The bench's RSA-2048 key (PKCS#8 PEM), made once per work folder by `dkim_key`."""
+    return work / "dkim-rsa2048.pem"
 
 
 def run_cmd(
@@ -127,6 +137,11 @@ class Peer:
         """The command-line injection command (message on stdin, one process per message)."""
         raise NotImplementedError
 
+    def cpu_roots(self) -> list[int]:
+        """The roots of the process trees whose CPU counts as the MTA's."""
+        pid = self.root_pid()
+        return [pid] if pid else []
+
     def flush(self) -> None:
         """Ask the MTA to retry its deferred mail now (backlog scenario), if it can."""
 
@@ -153,8 +168,10 @@ class EnginePeer(Peer):
         concurrency: int | None = None,
         keep_roots: bool = False,
         ramdisk_mb: int | None = None,
+        event_loop: str | None = None,
     ) -> None:
         self.work = work
+        self.event_loop = event_loop  # GREENARROW_EVENT_LOOP for the engine's services
         self.workers = workers
         self.concurrency = concurrency
         # The ram-queue on tmpfs, as GreenArrow installs it (hvmail_init mounts it
@@ -202,6 +219,8 @@ class EnginePeer(Peer):
             dkim_key(root.control / "dkim" / SENDER_DOMAIN / "default.pem", self.work)
         (root.control / "greenarrow.conf").write_text(conf)
         self.env = dict(os.environ, HVMAIL_ROOT=str(self.root_path))
+        if self.event_loop:
+            self.env["GREENARROW_EVENT_LOOP"] = self.event_loop
 
     def start(self) -> None:
         if self.queue_count():
@@ -286,7 +305,8 @@ class EnginePeer(Peer):
         conc = self.concurrency or control.SPECS["concurrencyremote"].default
         queue = (f"ram-queue on a {self.ramdisk_mb} MB tmpfs" if self.ramdisk_mb
                  else "ram-queue in a plain folder")
-        return f"engine (remote.workers={workers}, concurrencyremote={conc}, {queue})"
+        loop = f", event loop {self.event_loop}" if self.event_loop else ""
+        return f"engine (remote.workers={workers}, concurrencyremote={conc}, {queue}{loop})"
 
 
 # main.cf settings of the shared baseline (shared/bench/adapters/postfix.sh),
@@ -328,9 +348,12 @@ class PostfixPeer(Peer):
     name = "postfix"
     smtp_port = 25
 
-    def __init__(self) -> None:
+    def __init__(self, work: Path | None = None, port: int = 25) -> None:
+        self.smtp_port = port
         self.spool = Path("/var/spool/postfix")
         self.sink_port: int | None = None
+        self.signing = False
+        self.opendkim = OpenDkim(work or Path("/tmp/greenarrow-bench"), self.spool)
 
     @staticmethod
     def installed() -> bool:
@@ -340,7 +363,8 @@ class PostfixPeer(Peer):
 
     @staticmethod
     def install(log: Path, timeout: float = 900.0) -> str:
-        """apt-get install postfix with the debconf preseed; '' on success, else why not."""
+        """apt-get install postfix and opendkim (the simplemh peer's milter) with the debconf
+        preseed; '' on success, else why not."""
         if os.geteuid() != 0:
             return "not root: cannot apt-get install postfix"
         if not shutil.which("apt-get"):
@@ -356,7 +380,7 @@ class PostfixPeer(Peer):
             timeout=60,
         )
         steps.append(preseed)
-        for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "postfix"]):
+        for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "postfix", "opendkim"]):
             steps.append(run_cmd(argv, timeout, env))
             if steps[-1].returncode != 0:
                 break
@@ -364,7 +388,7 @@ class PostfixPeer(Peer):
             for step in steps:
                 f.write(f"$ {' '.join(map(str, step.args))}\n{step.stdout}{step.stderr}\nrc={step.returncode}\n")
         if steps[-1].returncode != 0 or not PostfixPeer.installed():
-            return f"apt-get install postfix failed (rc={steps[-1].returncode}, see {log})"
+            return f"apt-get install postfix opendkim failed (rc={steps[-1].returncode}, see {log})"
         return ""
 
     def version(self) -> str:
@@ -375,17 +399,23 @@ class PostfixPeer(Peer):
 
     def configure(self, sink_port: int, retry_scale: float | None = None,
                   simplemh: bool = False) -> None:
-        """The shared harness's main.cf settings; relayhost = the sink. Once per sink port."""
-        if self.sink_port == sink_port:
+        """The shared harness's main.cf settings; relayhost = the sink; with `simplemh`,
+        OpenDKIM as the signing milter. Rewritten only when one of them changes."""
+        if simplemh and not OpenDkim.installed():
+            raise PeerError("opendkim is not installed (apt-get install opendkim): "
+                            "the simplemh peer is Postfix with OpenDKIM")
+        if self.sink_port == sink_port and self.signing == simplemh:
             return
         main_cf = Path("/etc/postfix/main.cf")
         backup = main_cf.with_name("main.cf.bench-orig")
         if main_cf.exists() and not backup.exists():
             shutil.copy2(main_cf, backup)
-        settings = [*POSTFIX_SETTINGS, f"relayhost = [127.0.0.1]:{sink_port}"]
+        settings = [*POSTFIX_SETTINGS, f"relayhost = [127.0.0.1]:{sink_port}",
+                    *(OpenDkim.POSTFIX_SETTINGS if simplemh else OpenDkim.POSTFIX_OFF)]
         result = run_cmd(["postconf", "-e", *settings])
         if result.returncode != 0:
             raise PeerError(f"postconf -e failed: {result.stderr}")
+        self._listen_port()
         check = run_cmd(["postfix", "check"])
         if check.returncode != 0:
             raise PeerError(f"postfix check failed: {check.stderr}")
@@ -395,8 +425,33 @@ class PostfixPeer(Peer):
         if self.running():
             run_cmd(["postfix", "reload"])
         self.sink_port = sink_port
+        self.signing = simplemh
+
+    def _listen_port(self) -> None:
+        """The SMTP service on `smtp_port`: master.cf's `smtp inet` entry (port 25) kept,
+        or replaced by one on the chosen port (the original kept as master.cf.bench-orig)."""
+        master_cf = Path("/etc/postfix/master.cf")
+        backup = master_cf.with_name("master.cf.bench-orig")
+        if master_cf.exists() and not backup.exists():
+            shutil.copy2(master_cf, backup)
+        if self.smtp_port == 25:
+            if backup.exists():
+                shutil.copy2(backup, master_cf)
+            return
+        steps = [["postconf", "-M#", "smtp/inet"],
+                 ["postconf", "-Me", f"{self.smtp_port}/inet={self.smtp_port} inet n - y - - smtpd"]]
+        if backup.exists():
+            shutil.copy2(backup, master_cf)
+        for argv in steps:
+            result = run_cmd(argv)
+            if result.returncode != 0:
+                raise PeerError(f"{' '.join(argv)} failed: {result.stderr}")
 
     def start(self) -> None:
+        if self.signing:
+            self.opendkim.start()
+        else:
+            self.opendkim.stop()
         if self.running():
             return
         if self.queue_count():
@@ -409,6 +464,7 @@ class PostfixPeer(Peer):
         time.sleep(0.5)  # let qmgr and pickup settle, as the shared harness does
 
     def stop(self) -> None:
+        self.opendkim.stop()
         if not self.running():
             return
         run_cmd(["postfix", "stop"], 60)
@@ -437,8 +493,133 @@ class PostfixPeer(Peer):
     def cli_argv(self, sender: str, rcpt: str) -> list[str]:
         return ["/usr/sbin/sendmail", "-i", "-f", sender, "--", rcpt]
 
+    def cpu_roots(self) -> list[int]:
+        """Postfix's master tree, and OpenDKIM when it signs (it is a peer's cost too)."""
+        roots = super().cpu_roots()
+        if self.signing and self.opendkim.pid():
+            roots.append(self.opendkim.pid() or 0)
+        return roots
+
     def flush(self) -> None:
         run_cmd(["postqueue", "-f"], 60)
 
     def describe(self) -> str:
-        return f"postfix {self.version()}"
+        return f"postfix {self.version()}" + (" with OpenDKIM" if self.signing else "")
+
+
+class OpenDkim:
+    """Debian's OpenDKIM as Postfix's signing milter, for the simplemh scenario.
+
+    It signs what the engine signs, as the engine signs it: the bench's
+    RSA-2048 key for bench.test (selector `default`), relaxed/relaxed,
+    rsa-sha256, the engine's header list (`SIGNED_HEADERS`) with From,
+    Subject and Date oversigned. It runs in the foreground as a child of the
+    benchmark (`opendkim -f`), so the harness stops it by its pid, on a Unix
+    socket in Postfix's spool (`unix:opendkim/opendkim.sock` is relative to
+    the spool, which works for a chrooted smtpd too). Its configuration and
+    key copy live in that folder as well: OpenDKIM refuses files on a path
+    that other users can write (as /tmp). Postfix's
+    `milter_default_action = tempfail`: if the milter fails, mail stays
+    queued and the run fails, rather than going out unsigned.
+    """
+
+    POSTFIX_SETTINGS = [
+        "smtpd_milters = unix:opendkim/opendkim.sock",
+        "non_smtpd_milters = unix:opendkim/opendkim.sock",
+        "milter_default_action = tempfail",
+        "milter_protocol = 6",
+    ]
+    POSTFIX_OFF = ["smtpd_milters =", "non_smtpd_milters ="]
+
+    def __init__(self, work: Path, spool: Path) -> None:
+        self.folder = spool / "opendkim"
+        self.work = work
+        self.socket = self.folder / "opendkim.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def binary() -> str | None:
+        return shutil.which("opendkim") or (
+            "/usr/sbin/opendkim" if os.path.exists("/usr/sbin/opendkim") else None)
+
+    @staticmethod
+    def installed() -> bool:
+        return OpenDkim.binary() is not None
+
+    @staticmethod
+    def version() -> str:
+        binary = OpenDkim.binary()
+        if not binary:
+            return "?"
+        out = run_cmd([binary, "-V"], 30)
+        return (out.stdout or out.stderr).splitlines()[0].strip() if (out.stdout or out.stderr) else "?"
+
+    def config(self) -> str:
+        from greenarrow.lib.dkim.signing import OVERSIGNED_HEADERS, SIGNED_HEADERS
+
+        key = self.folder / f"bench-{DKIM_SELECTOR}.private"
+        dkim_key(key, self.work)
+        return "\n".join([
+            "Mode s",
+            "Syslog no",
+            f"Domain {SENDER_DOMAIN}",
+            f"Selector {DKIM_SELECTOR}",
+            f"KeyFile {key}",
+            "Canonicalization relaxed/relaxed",
+            "SignatureAlgorithm rsa-sha256",
+            "SignHeaders " + ",".join(h.decode() for h in SIGNED_HEADERS),
+            "OversignHeaders " + ",".join(h.decode() for h in OVERSIGNED_HEADERS),
+            f"Socket local:{self.socket}",
+            "UMask 000",  # Postfix's processes (user postfix) connect to the socket
+            "InternalHosts 127.0.0.1",
+            "",
+        ])
+
+    def pid(self) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            return self.process.pid
+        return None
+
+    def start(self) -> None:
+        """Start it (once) and return when its socket accepts connections."""
+        if self.pid():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o755)
+        if self.socket.exists():
+            self.socket.unlink()
+        conf = self.folder / "bench-opendkim.conf"
+        conf.write_text(self.config())
+        log = open(self.work / "opendkim.log", "ab")
+        self.process = subprocess.Popen([OpenDkim.binary() or "opendkim", "-f", "-x", str(conf)],
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise PeerError(f"opendkim exited at start (see {self.work / 'opendkim.log'})")
+            if self.socket.exists():
+                import socket
+
+                with socket.socket(socket.AF_UNIX) as probe:
+                    try:
+                        probe.connect(str(self.socket))
+                        return
+                    except OSError:
+                        pass
+            time.sleep(0.05)
+        self.stop()
+        raise PeerError(f"opendkim did not listen on {self.socket} in 20 s")
+
+    def stop(self) -> None:
+        """Stop the process this object started (by its pid)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(15)
+        self.process = None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import machine, report
 from bench.injectors import REPO
-from bench.peers import EnginePeer, Peer, PostfixPeer
+from bench.peers import EnginePeer, OpenDkim, Peer, PostfixPeer
 from bench.scenarios import EXTRA, SCENARIOS, Bench, Options
 from bench.sinks import smtp_sink_path
 
@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, help="bound on each run, seconds (default 900)")
     ap.add_argument("--peer", choices=("auto", "postfix", "none"), default="auto",
                     help="auto: Postfix when installed (or installable with --install-postfix)")
+    ap.add_argument("--postfix-port", type=int, default=25,
+                    help="Postfix's SMTP port on 127.0.0.1 (default 25; another port rewrites "
+                         "master.cf's smtp service, the original kept as master.cf.bench-orig)")
     ap.add_argument("--install-postfix", action="store_true",
                     help="apt-get install postfix when missing (make bench does)")
     ap.add_argument("--tools", choices=("auto", "python"), default="auto",
@@ -76,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine-ramdisk", type=int, metavar="MB",
                     help="engine control/queue.ram.ramdisk.size: the ram-queue on a tmpfs, as "
                          "GreenArrow runs it (default: 1024 when run as root, else 0 = a plain folder)")
+    ap.add_argument("--engine-loop", choices=("asyncio", "uvloop"),
+                    help="the engine services' event loop (GREENARROW_EVENT_LOOP; default: the "
+                         "engine's own choice, uvloop when installed)")
     ap.add_argument("--work", type=Path, default=d.work, help="scratch folder (default %(default)s)")
     ap.add_argument("--results-dir", type=Path,
                     help="where the dated results go (default bench/results; quick: the work folder)")
@@ -102,6 +108,12 @@ def choose_peer(args: argparse.Namespace, work: Path, say: Callable[[str], None]
     """Postfix (installing it if asked) or None, and a sentence for the results."""
     if args.peer == "none":
         return None, "skipped (--peer none)"
+    missing_milter = "simplemh" in args.scenarios.split(",") and not OpenDkim.installed()
+    if missing_milter and PostfixPeer.installed() and args.install_postfix:
+        say("installing OpenDKIM (apt-get) ...")
+        problem = PostfixPeer.install(work / "postfix-install.log")
+        if problem:
+            say(f"simplemh peer: {problem}")
     if not PostfixPeer.installed():
         if not args.install_postfix:
             return None, "skipped: Postfix is not installed (make bench installs it)"
@@ -109,12 +121,15 @@ def choose_peer(args: argparse.Namespace, work: Path, say: Callable[[str], None]
         problem = PostfixPeer.install(work / "postfix-install.log")
         if problem:
             return None, f"skipped: {problem}"
-    peer = PostfixPeer()
+    peer = PostfixPeer(work, args.postfix_port)
     try:
         peer.stop()  # a freshly installed package may have started it
     except Exception as e:  # noqa: BLE001
         return None, f"skipped: cannot stop the running Postfix: {e}"
-    return peer, f"{peer.describe()} (Debian package), main.cf as the shared baseline harness"
+    milter = (f"; in simplemh with {OpenDkim.version()} as its signing milter" if OpenDkim.installed()
+              else "; OpenDKIM is not installed, so its simplemh runs fail")
+    return peer, (f"{peer.describe()} (Debian package), main.cf as the shared baseline harness"
+                  + milter)
 
 
 def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None) -> int:
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] | None = None
         say(f"peer: {peer_text}")
         return 1
     engine = EnginePeer(opts.work, args.engine_workers, args.engine_concurrency,
-                        ramdisk_mb=args.engine_ramdisk)
+                        ramdisk_mb=args.engine_ramdisk, event_loop=args.engine_loop)
     peers: list[Peer] = [engine] + ([peer] if peer else [])
     bench = Bench(opts, peers, say)
     say(f"bench {stamp}: {command}")

@@ -90,7 +90,10 @@ def test_quick_mode_engine_only(tmp_path: Path) -> None:
     assert latency["metrics"]["p50_ms"] <= latency["metrics"]["p99_ms"]
     backlog = next(r for r in runs if r["scenario"] == "backlog")
     assert backlog["metrics"]["peak_rss_mb"] > 0
-    assert "Postfix has no equivalent" in output
+    assert "OpenDKIM milter adds" in output
+    # the DKIM probe: the engine's signature verified, with the bench's domain and key
+    assert "signed a probe message, dkimpy verified it: a=rsa-sha256; c=relaxed/relaxed; " \
+        "d=bench.test; s=default; h=from:" in output
     assert "peer: skipped" in output
 
 
@@ -166,3 +169,40 @@ def test_report_ratio_and_results_md_markers(tmp_path: Path) -> None:
     report.update_results_md(md, "second")
     text = md.read_text()
     assert "second" in text and "first" not in text and "hand-written" in text
+
+
+def test_dkim_probe_check(tmp_path: Path) -> None:
+    """The simplemh probe passes a message signed with the bench key, and names what is
+    wrong with an unsigned, a changed or a twice-signed one."""
+    from bench.dkim_probe import check
+    from bench.peers import dkim_key
+    from greenarrow.lib.dkim.signing import DkimKeys, DkimSigner
+
+    dkim_key(tmp_path / "control" / "dkim" / "bench.test" / "default.pem", tmp_path)
+    signer = DkimSigner(DkimKeys.from_control(tmp_path / "control"))
+    message = (b"From: News <news@bench.test>\r\nTo: <r@example.test>\r\nSubject: probe\r\n\r\n"
+               b"body\r\n")
+    signed = signer.sign(message).message
+    result = check(signed, tmp_path)
+    assert result.problem == "" and "d=bench.test; s=default; h=from:to:subject:from:subject" \
+        in result.tags
+    assert check(message, tmp_path).problem == "0 DKIM-Signature headers, expected 1"
+    assert "does not verify" in check(signed.replace(b"body", b"bodY"), tmp_path).problem \
+        or "body hash" in check(signed.replace(b"body", b"bodY"), tmp_path).problem
+    assert check(signer.sign(signed).message, tmp_path).problem.startswith("2 DKIM-Signature")
+
+
+def test_opendkim_config_signs_like_the_engine(tmp_path: Path) -> None:
+    from bench.peers import OpenDkim
+    from greenarrow.lib.dkim.signing import SIGNED_HEADERS
+
+    spool = tmp_path / "spool"
+    config = OpenDkim(tmp_path, spool).config()
+    assert "Mode s\n" in config and "Canonicalization relaxed/relaxed\n" in config
+    assert "Domain bench.test\n" in config and "Selector default\n" in config
+    assert "SignHeaders " + ",".join(h.decode() for h in SIGNED_HEADERS) + "\n" in config
+    assert "OversignHeaders from,subject,date\n" in config
+    assert f"Socket local:{spool}/opendkim/opendkim.sock\n" in config
+    key = spool / "opendkim" / "bench-default.private"
+    assert key.read_bytes() == (tmp_path / "dkim-rsa2048.pem").read_bytes()
+    assert key.stat().st_mode & 0o077 == 0

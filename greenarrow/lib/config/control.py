@@ -161,6 +161,9 @@ SPECS: dict[str, ControlSpec] = _specs(
      "bounce processor: every qmail-style bounce from another server is a synchronous bounce"),
     ("dkim/hashfunc", "text", "sha256", True,
      "DKIM hash for RSA keys: sha256 or sha1 (checked by greenarrow.lib.dkim.signing)"),
+    ("dkim/canonicalization", "text", "relaxed/relaxed", True,
+     "DKIM canonicalization header/body: relaxed or simple each (checked by "
+     "greenarrow.lib.dkim.signing)"),
 )
 
 

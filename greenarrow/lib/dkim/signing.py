@@ -26,25 +26,31 @@ Which keys sign a message
       returning an empty list of signing keys next to the message.
 
 How
-    relaxed/relaxed canonicalization, the headers of `SIGNED_HEADERS` that
-    the message has (From, Subject and Date signed once more, so that a
-    second one cannot be added), `a=rsa-sha256` (or `rsa-sha1` by `control/dkim/hashfunc`) or
-    `ed25519-sha256` (RFC 8463; Ed25519 has no sha1 form, so hashfunc does not
-    apply to it), t= the signing time, no x= and no l=.
-    Message parsing, canonicalization, header selection, folding and the
-    DKIM-Signature layout are dkimpy's own code (`dkim.DKIM`,
-    `dkim.hash_headers`, `dkim.fold`); only the private-key operation is done
-    with the `cryptography` package (OpenSSL) instead of dkimpy's pure-Python
-    RSA, which costs ~15 ms per RSA-2048 signature against ~1 ms (see
-    bench/RESULTS-dkim.md). The output is byte-identical to `dkim.sign`'s
-    (tests/test_dkim_signing.py checks it), and dkimpy verifies it.
-    A message dkimpy cannot parse is sent unsigned (logged), not deferred.
+    relaxed/relaxed canonicalization (`control/dkim/canonicalization` may
+    choose simple/simple, relaxed/simple or simple/relaxed), the headers of
+    `SIGNED_HEADERS` that the message has (From, Subject and Date signed once
+    more, so that a second one cannot be added), `a=rsa-sha256` (or `rsa-sha1`
+    by `control/dkim/hashfunc`) or `ed25519-sha256` (RFC 8463; Ed25519 has no
+    sha1 form, so hashfunc does not apply to it), t= the signing time, no x=
+    and no l=. The message is signed as it is transmitted: with CRLF line
+    endings and a final CRLF (`message.to_crlf`; the returned message is that
+    form).
+    Parsing and canonicalization are compiled (`greenarrow.pyx.dkim_canon`,
+    byte for byte dkimpy's `rfc822_parse` and canonicalization of a CRLF
+    message), the hashes are hashlib's and the private-key operation is
+    OpenSSL's (the `cryptography` package); the DKIM-Signature layout and
+    folding are dkimpy's (`dkim.fold`). The output is byte-identical to
+    `dkim.sign`'s (tests/test_dkim_signing.py checks it), and dkimpy and
+    OpenDKIM verify it (tests/test_dkim_canon.py). A message that cannot be
+    parsed (a header line that is not a field) is sent unsigned (logged),
+    not deferred.
 
-Signing holds the GIL (hashing, canonicalization in Python, the RSA
-operation); `DkimSigner.sign_async` runs it on a small shared thread pool so
-that one attempt's signing is not one long step of the worker's event loop:
-the loop thread gets the GIL back at each switch interval and keeps serving
-its other SMTP sessions.
+Signing mostly runs without the GIL: the compiled body canonicalization,
+hashlib on a body of more than 2 KB and OpenSSL's RSA all release it. So
+`DkimSigner.sign_async` runs `sign` on a small per-process thread pool,
+which lets one remote worker (where every attempt to one hot destination
+goes) sign on both cores while its event loop keeps serving its other SMTP
+sessions (bench/RESULTS-dkim.md).
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +76,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from greenarrow.lib.config import control
 from greenarrow.lib.config.control import ControlError
 from greenarrow.lib.core import users
+from greenarrow.lib.core.message import to_crlf
 from greenarrow.lib.dkim.request import (  # noqa: F401 (the request API, re-exported)
     _FOLD_RE,
     DEFAULT_SELECTOR,
@@ -79,13 +88,18 @@ from greenarrow.lib.dkim.request import (  # noqa: F401 (the request API, re-exp
     encode_request,
     parse_dkim_header_values,
 )
+from greenarrow.pyx import dkim_canon
 
 log = logging.getLogger("dkim")
 
 MIN_RSA_BITS = 1024  # what dkimpy and the big receivers accept
 HASHFUNC_FILE = "dkim/hashfunc"
 HASHFUNCS = ("sha256", "sha1")
-THREADS = 2  # the machine has 2 cores; signing holds the GIL, more threads buy nothing
+CANONICALIZATION_FILE = "dkim/canonicalization"
+CANONICALIZATIONS = ("relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed")
+# Signing threads per process: signing releases the GIL for most of its work
+# (see the module doc), so a worker signs on as many cores as it has threads.
+THREADS = max(2, min(8, os.cpu_count() or 2))
 
 #: Header fields signed when present: RFC 6376's recommended set (dkimpy's
 #: DKIM.SHOULD) plus the one-click unsubscribe and feedback headers that
@@ -99,7 +113,6 @@ SIGNED_HEADERS: tuple[bytes, ...] = tuple(dkim.DKIM.SHOULD) + (
 #: same choice as the RFC 8463 example, which the tests reproduce exactly.
 OVERSIGNED_HEADERS: tuple[bytes, ...] = (b"from", b"subject", b"date")
 
-_CANON = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _SIG_NAME = b"DKIM-Signature"
 
 
@@ -248,6 +261,17 @@ def read_hashfunc(control_dir: str | os.PathLike) -> str:
     return value
 
 
+def read_canonicalization(control_dir: str | os.PathLike) -> str:
+    """`control/dkim/canonicalization`: header/body, `relaxed/relaxed` by default."""
+    value = control.read_text(control_dir, CANONICALIZATION_FILE).strip().lower()
+    if value not in CANONICALIZATIONS:
+        path = os.path.join(control_dir, CANONICALIZATION_FILE)
+        raise ControlError(
+            f"{path}: bad value {value!r}: expected one of {', '.join(CANONICALIZATIONS)}"
+        )
+    return value
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -276,14 +300,35 @@ class Signed(NamedTuple):
 def _header_domain(headers: list, name: bytes) -> str | None:
     """The domain of the first address in the first `name` header, lower-cased."""
     for field, value in headers:
-        if field.lower() != name:
-            continue
-        text = _FOLD_RE.sub("", value.decode("utf-8", "replace"))
-        for _, address in email.utils.getaddresses([text]):
-            domain = address.rpartition("@")[2].strip().strip("[]").rstrip(".").lower()
-            if "@" in address and domain:
-                return domain
-        return None
+        if field.lower() == name:
+            return address_domain(value)
+    return None
+
+
+# `Plain Name <local@domain>`, `"Quoted Name" <local@domain>` or `local@domain`: forms whose reading by
+# email.utils.getaddresses is certain, so the common case skips that parser
+# (tests/test_dkim_canon.py compares the two on the corpus and odd values).
+_PLAIN_ADDRESS = re.compile(
+    rb"[ \t]*(?:(?:\"[^\"\\\\\r\n]*\"[ \t]*|[\w .'-]*)<[^<>@\s\",;:()\[\]\\]+@([A-Za-z0-9.-]+)>"
+    rb"|[^<>@\s\",;:()\[\]\\]+@([A-Za-z0-9.-]+))\s*\Z")
+
+
+def address_domain(value: bytes) -> str | None:
+    """The domain of the first address in a From/Sender value (as written), lower-cased."""
+    match = _PLAIN_ADDRESS.match(value)
+    if match:
+        domain = (match.group(1) or match.group(2)).decode("ascii").rstrip(".").lower()
+        return domain or None
+    return address_domain_parsed(value)
+
+
+def address_domain_parsed(value: bytes) -> str | None:
+    """`address_domain` through email.utils.getaddresses, for every form."""
+    text = _FOLD_RE.sub("", value.decode("utf-8", "replace"))
+    for _, address in email.utils.getaddresses([text]):
+        domain = address.rpartition("@")[2].strip().strip("[]").rstrip(".").lower()
+        if "@" in address and domain:
+            return domain
     return None
 
 
@@ -309,16 +354,25 @@ def _pool() -> ThreadPoolExecutor:
 class DkimSigner:
     """Adds DKIM-Signature headers to outgoing messages with the loaded keys."""
 
-    def __init__(self, keys: DkimKeys, hashfunc: str = "sha256") -> None:
+    def __init__(self, keys: DkimKeys, hashfunc: str = "sha256",
+                 canonicalization: str = "relaxed/relaxed") -> None:
         if hashfunc not in HASHFUNCS:
             raise ValueError(f"hashfunc must be sha256 or sha1, not {hashfunc!r}")
+        if canonicalization not in CANONICALIZATIONS:
+            raise ValueError(f"canonicalization must be one of {CANONICALIZATIONS}, "
+                             f"not {canonicalization!r}")
         self.keys = keys
         self.hashfunc = hashfunc
+        self.canonicalization = canonicalization
+        header, _, body = canonicalization.partition("/")
+        self._relaxed_headers = header == "relaxed"
+        self._relaxed_body = body == "relaxed"
 
     @classmethod
     def from_control(cls, control_dir: str | os.PathLike) -> DkimSigner:
-        """Keys and hash function from control/; ControlError naming the bad file."""
-        return cls(DkimKeys.from_control(control_dir), read_hashfunc(control_dir))
+        """Keys, hash function and canonicalization from control/; ControlError naming the bad file."""
+        return cls(DkimKeys.from_control(control_dir), read_hashfunc(control_dir),
+                   read_canonicalization(control_dir))
 
     def choose(self, headers: list, request: str = "") -> list[DkimKey]:
         """The keys for a message with these (dkimpy-parsed) headers; see the module doc."""
@@ -340,44 +394,83 @@ class DkimSigner:
         return []
 
     def sign(self, message: bytes, request: str = "") -> Signed:
-        """`message` (CRLF, not dot-stuffed) with a DKIM-Signature per chosen key prepended.
+        """`message` with a DKIM-Signature per chosen key prepended.
 
         `request` is the envelope's `dkim` value ("" = the default choice).
-        Nothing to sign with, or a message that cannot be signed: the message
-        unchanged and an empty key list.
+        The message is signed, and returned, in its transmitted form (CRLF
+        line endings, a final CRLF). Nothing to sign with, or a message that
+        cannot be signed: the message unchanged and an empty key list.
         """
         if not self.keys:
             return Signed(message, [])
+        wire = message if dkim_canon.is_crlf(message) else to_crlf(message)
         try:
-            parsed = dkim.DKIM(message)
-            keys = self.choose(parsed.headers, request)
-            if not keys:
-                return Signed(message, [])
-            parsed.should_sign = set(SIGNED_HEADERS)
-            parsed.frozen_sign = set(OVERSIGNED_HEADERS)
-            include = tuple(h.lower() for h in parsed.default_sign_headers())
-            if b"from" not in include:
-                log.warning("message has no From header: not DKIM-signed")
-                return Signed(message, [])
-            canon_headers = _CANON.canonicalize_headers(parsed.headers)
-            canon_body = _CANON.canonicalize_body(parsed.body)
-            body_hashes: dict[bytes, bytes] = {}
-            now = str(int(time.time())).encode("ascii")
-            signatures = []
-            for key in keys:
-                algorithm = key.signature_algorithm(self.hashfunc)
-                hasher = dkim.HASH_ALGORITHMS[algorithm]
-                digest_name = hasher().name
-                if digest_name not in body_hashes:
-                    body_hashes[digest_name] = base64.b64encode(hasher(canon_body).digest())
-                signatures.append(
-                    _signature(key, algorithm, hasher, include, canon_headers,
-                               body_hashes[digest_name], now)
-                )
-        except (dkim.DKIMException, ValueError) as e:
+            headers, body_at = dkim_canon.parse(wire)
+        except ValueError as e:
             log.warning("message not DKIM-signed: %s", e)
             return Signed(message, [])
-        return Signed(b"".join(signatures) + message, [(k.domain, k.selector) for k in keys])
+        keys = self.choose(headers, request)
+        if not keys:
+            return Signed(message, [])
+        lowered = [name.lower() for name, _ in headers]
+        include = _signed_names(lowered)
+        if b"from" not in include:
+            log.warning("message has no From header: not DKIM-signed")
+            return Signed(message, [])
+        signed = _select(headers, lowered, include)
+        if self._relaxed_headers:
+            header_text = b"".join(dkim_canon.relaxed_header(n, v) + b"\r\n" for n, v in signed)
+        else:
+            header_text = b"".join(n + b":" + v for n, v in signed)
+        canon_body = dkim_canon.body(wire, body_at, self._relaxed_body)
+        body_hashes: dict[str, bytes] = {}
+        now = str(int(time.time())).encode("ascii")
+        signatures = []
+        try:
+            for key in keys:
+                algorithm = key.signature_algorithm(self.hashfunc)
+                digest_name = "sha1" if algorithm == b"rsa-sha1" else "sha256"
+                if digest_name not in body_hashes:
+                    body_hashes[digest_name] = base64.b64encode(
+                        hashlib.new(digest_name, canon_body).digest())
+                signatures.append(self._signature(key, algorithm, digest_name, include,
+                                                  header_text, body_hashes[digest_name], now))
+        except ValueError as e:  # from the key operation: send unsigned rather than not at all
+            log.warning("message not DKIM-signed: %s", e)
+            return Signed(message, [])
+        return Signed(b"".join(signatures) + wire, [(k.domain, k.selector) for k in keys])
+
+    def _signature(self, key: DkimKey, algorithm: bytes, digest_name: str,
+                   include: tuple[bytes, ...], header_text: bytes, body_hash: bytes,
+                   now: bytes) -> bytes:
+        """One DKIM-Signature header line (CRLF-terminated), laid out exactly as dkimpy's sign()."""
+        domain = key.domain.encode("ascii")
+        fields = [
+            (b"v", b"1"),
+            (b"a", algorithm),
+            (b"c", self.canonicalization.encode("ascii")),
+            (b"d", domain),
+            (b"i", b"@" + domain),
+            (b"q", b"dns/txt"),
+            (b"s", key.selector.encode("ascii")),
+            (b"t", now),
+            (b"h", b" : ".join(include)),
+            (b"bh", body_hash),
+            # dkimpy's trick: a long b= placeholder makes b= fold onto its own line,
+            # so refolding after filling it in leaves the other tags as hashed.
+            (b"b", b"0" * 60),
+        ]
+        value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_SIG_NAME))
+        value = b" " + dkim.RE_BTAG.sub(b"\\1", value)
+        # The signature field itself is hashed last, without b='s value and the final CRLF.
+        if self._relaxed_headers:
+            own = dkim_canon.relaxed_header(_SIG_NAME, value)
+        else:
+            own = _SIG_NAME + b":" + value.rstrip()
+        digest = hashlib.new(digest_name, header_text + own).digest()
+        fields[-1] = (b"b", base64.b64encode(key.sign_digest(digest, algorithm)))
+        value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(_SIG_NAME))
+        return _SIG_NAME + b": " + value
 
     async def sign_async(self, message: bytes, request: str = "") -> Signed:
         """`sign` on the shared thread pool, off the event loop (at once when there are no keys)."""
@@ -387,29 +480,25 @@ class DkimSigner:
         return await loop.run_in_executor(_pool(), self.sign, message, request)
 
 
-def _signature(key: DkimKey, algorithm: bytes, hasher: type, include: tuple[bytes, ...],
-               canon_headers: list, body_hash: bytes, now: bytes) -> bytes:
-    """One DKIM-Signature header line (CRLF-terminated), laid out exactly as dkimpy's sign()."""
-    domain = key.domain.encode("ascii")
-    fields = [
-        (b"v", b"1"),
-        (b"a", algorithm),
-        (b"c", b"relaxed/relaxed"),
-        (b"d", domain),
-        (b"i", b"@" + domain),
-        (b"q", b"dns/txt"),
-        (b"s", key.selector.encode("ascii")),
-        (b"t", now),
-        (b"h", b" : ".join(include)),
-        (b"bh", body_hash),
-        # dkimpy's trick: a long b= placeholder makes b= fold onto its own line,
-        # so refolding after filling it in leaves the other tags as hashed.
-        (b"b", b"0" * 60),
-    ]
-    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_SIG_NAME))
-    value = dkim.RE_BTAG.sub(b"\\1", value)
-    h = hasher()
-    dkim.hash_headers(h, _CANON, canon_headers, include, (_SIG_NAME, b" " + value), dict(fields))
-    fields[-1] = (b"b", base64.b64encode(key.sign_digest(h.digest(), algorithm)))
-    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(_SIG_NAME))
-    return _SIG_NAME + b": " + value
+_SIGNED_SET = frozenset(SIGNED_HEADERS) | frozenset(OVERSIGNED_HEADERS)
+
+
+def _signed_names(lowered: list[bytes]) -> tuple[bytes, ...]:
+    """The h= list: each signed field present, in message order, then the oversigned ones again."""
+    present = [name for name in lowered if name in _SIGNED_SET]
+    return tuple(present + [name for name in present if name in OVERSIGNED_HEADERS])
+
+
+def _select(headers: list[tuple[bytes, bytes]], lowered: list[bytes],
+            include: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """The fields h= names, in h= order, each name taking its instances bottom-up (RFC 6376 §5.4.2)."""
+    where: dict[bytes, list[int]] = {}
+    for i, name in enumerate(lowered):
+        if name in _SIGNED_SET:
+            where.setdefault(name, []).append(i)
+    chosen = []
+    for name in include:
+        left = where.get(name)
+        if left:
+            chosen.append(headers[left.pop()])
+    return chosen
