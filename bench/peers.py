@@ -559,6 +559,7 @@ class OpenDkim:
 
         key = self.folder / f"bench-{DKIM_SELECTOR}.private"
         dkim_key(key, self.work)
+        os.chmod(key, 0o600)  # OpenDKIM's copy: its own, as opendkim wants its keys
         return "\n".join([
             "Mode s",
             "Syslog no",

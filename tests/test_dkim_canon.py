@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from smtp_receivers import Receiver
 
 from greenarrow.lib.config import control
+from greenarrow.lib.core import users
 from greenarrow.lib.core.message import to_crlf
 from greenarrow.lib.dkim.signing import CANONICALIZATIONS, DkimKeys, DkimSigner
 from greenarrow.pyx import dkim_canon
@@ -141,6 +142,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> DkimKeys:
         (folder / f"{selector}.pem").write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
+        users.restrict(folder / f"{selector}.pem")  # a key others may read is refused
     return DkimKeys.from_control(control)
 
 
@@ -263,6 +265,7 @@ def test_engine_signatures_verify_with_both(tmp_path: Path, keys: DkimKeys) -> N
             folder = engine.root.control / "dkim" / domain
             folder.mkdir(parents=True)
             shutil.copyfile(keys.get(DOMAIN, selector).path, folder / "default.pem")
+            users.restrict(folder / "default.pem")
         records = txt_records(DkimKeys.from_control(engine.root.control))
         milter = OpenDkimMilter(records, tmp_path / "opendkim")
         control.write(engine.root.control, "dkim/canonicalization", "simple/simple")
