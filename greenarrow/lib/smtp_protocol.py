@@ -120,7 +120,8 @@ class SmtpSession(asyncio.Protocol):
         self.data_scan = 0  # how far the end-of-data search has looked
         self.closing = False
         self.closed = False  # the connection is gone
-        self.tls_pending = False
+        self.tls_pending = False  # STARTTLS answered, TLS not yet up
+        self.tls_started = False  # start_tls has the transport: what arrives is decrypted
         self.state: dict = {}  # for the policy (its per-connection notes)
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0.0  # time.monotonic() of the last reply: the current command's start
@@ -191,10 +192,22 @@ class SmtpSession(asyncio.Protocol):
     # -- input --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.closing or self.tls_pending:
+        if self.closing:
+            return
+        if self.tls_pending:
+            if self.tls_started:
+                # The first application data, decrypted as the handshake ends (GnuTLS
+                # sends EHLO in the handshake's last segment): kept for when TLS is up.
+                self.buffer += data
+                self._received += len(data)
+            # else: plaintext pipelined behind STARTTLS, which RFC 3207 says to forget
             return
         self.buffer += data
         self._received += len(data)
+        self._answer()
+
+    def _answer(self) -> None:
+        """Process what is buffered; send the replies in one write."""
         replies: list[str] = []
         self._process(replies)
         if replies:
@@ -393,8 +406,10 @@ class SmtpSession(asyncio.Protocol):
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         assert self.transport is not None
-        leftover = bytes(self.buffer)
+        # RFC 3207: forget everything from before TLS, including anything the client
+        # pipelined after STARTTLS, which it must not do.
         self.buffer.clear()
+        self.tls_started = True
         try:
             transport = await loop.start_tls(self.transport, self, context, server_side=True)
         except (OSError, ssl.SSLError, ConnectionError):
@@ -405,10 +420,9 @@ class SmtpSession(asyncio.Protocol):
             return
         self.transport = transport
         self.tls, self.tls_pending = True, False
-        # RFC 3207: forget everything from before TLS, including anything the client
-        # pipelined after STARTTLS (`leftover`), which it must not do.
-        del leftover
         self.helo, self.esmtp, self.transaction = None, False, None
+        if self.buffer and not self.closing:
+            self._answer()
 
 
 def _has_control(text: str) -> bool:
