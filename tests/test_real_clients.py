@@ -148,3 +148,71 @@ def test_msmtp_starttls(tls_root: Root, start: Callable[[], ServerThread], tmp_p
     (_, envelope, message), = queued(tls_root)
     assert envelope["recipient"] == "r@example.com"
     assert b"with ESMTPS;" in message
+
+
+# ----------------------------------------------------------------- addresses without a domain
+
+
+@pytest.fixture
+def inject_root(tmp_path: Path) -> Root:
+    r = Root(tmp_path / "hvmail")
+    init_root(r, "mx.injector.test")
+    return r
+
+
+def entries_of(root: Root) -> list[tuple[dict, bytes]]:
+    from greenarrow.lib import queue_entry
+
+    folder = root.queue("ram") / "entries"
+    return [queue_entry.read_entry(path) for path in sorted(folder.iterdir())]
+
+
+def run_sendmail(root: Root, *args: str, stdin: bytes = b"Subject: hi\n\nbody\n",
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(root.bin / "sendmail"), *args], input=stdin,
+                          capture_output=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "USER": "cron", **(env or {})})
+
+
+def test_cron_style_recipient_and_sender_get_the_default_host(inject_root: Root) -> None:
+    """`sendmail -f www-data root` (cron, `mail root`): both get @me, as qmail-inject does."""
+    result = run_sendmail(inject_root, "-f", "www-data", "root")
+    assert result.returncode == 0, result.stderr
+    (envelope, message), = entries_of(inject_root)
+    assert envelope["recipient"] == "root@mx.injector.test"
+    assert envelope["sender"] == "www-data@mx.injector.test"
+
+
+def test_defaulthost_defaultdomain_and_plusdomain(inject_root: Root) -> None:
+    """The three control files, as qmail-inject reads them (default: control/me each)."""
+    control.write(inject_root.control, "defaulthost", "box")
+    control.write(inject_root.control, "defaultdomain", "example.org")
+    control.write(inject_root.control, "plusdomain", "plus.example")
+    result = run_sendmail(inject_root, "-f", "alice@web+", "root", "bob@host", "carol@a.b",
+                          "dave@[192.0.2.1]")
+    assert result.returncode == 0, result.stderr
+    got = [(e["sender"], e["recipient"]) for e, _ in entries_of(inject_root)]
+    assert sorted(r for _, r in got) == sorted(["root@box.example.org", "bob@host.example.org",
+                                                "carol@a.b", "dave@[192.0.2.1]"])
+    assert {s for s, _ in got} == {"alice@web.plus.example"}
+
+
+def test_user_at_nothing_is_still_refused(inject_root: Root) -> None:
+    result = run_sendmail(inject_root, "-f", "s@example.com", "root@")
+    assert result.returncode == 100 and b"'root@'" in result.stderr
+
+
+def test_bsd_mailx_to_root(inject_root: Root, tmp_path: Path) -> None:
+    """`echo body | mail -s subject root`, as monitoring scripts send alerts."""
+    mail = need("bsd-mailx", "bsd-mailx")
+    rc = tmp_path / "mailrc"
+    rc.write_text(f"set sendmail={inject_root.bin / 'sendmail'}\n")
+    result = subprocess.run([mail, "-s", "disk full", "root"], input=b"/var is at 99%\n",
+                            capture_output=True, timeout=60, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                 "MAILRC": str(rc), "USER": "monitor", "LOGNAME": "monitor"})
+    assert result.returncode == 0, result.stderr
+    (envelope, message), = entries_of(inject_root)
+    assert envelope["recipient"] == "root@mx.injector.test"
+    assert envelope["sender"] == "monitor@mx.injector.test"
+    assert b"Subject: disk full" in message and b"/var is at 99%" in message

@@ -155,10 +155,52 @@ def header_recipients(message: bytes) -> tuple[list[str], bytes]:
 
 
 def default_sender(me: str, environ: dict[str, str] | None = None) -> str:
+    """$QMAILUSER (or $LOGNAME, $USER) at $QMAILHOST; without $QMAILHOST, at `me`."""
     env = os.environ if environ is None else environ
     user = env.get("QMAILUSER") or env.get("LOGNAME") or env.get("USER") or "root"
     host = env.get("QMAILHOST") or me
     return f"{user}@{host}"
+
+
+def needs_qualifying(address: str) -> bool:
+    """Whether qualify() would change `address`: no host, a host without a dot, or a +."""
+    if not address:
+        return False
+    local, at, host = address.rpartition("@")
+    if not at:
+        return True
+    return bool(host) and not host.startswith("[") and (host.endswith("+") or "." not in host)
+
+
+def qualify(address: str, defaulthost: str, defaultdomain: str, plusdomain: str) -> str:
+    """An envelope address completed as qmail-inject completes it.
+
+    `root` gets `@defaulthost`; then a host ending in `+` has the `+` replaced
+    by `.plusdomain`, and a host without a dot gets `.defaultdomain` (so with
+    the defaults, all `me`: `root` -> `root@me`, `a@web` -> `a@web.me`).
+    """
+    if not needs_qualifying(address):
+        return address
+    local, at, host = address.rpartition("@")
+    if not at:
+        local, host = address, defaulthost
+    if host.endswith("+"):
+        host = f"{host[:-1]}.{plusdomain}"
+    elif host and "." not in host and not host.startswith("["):
+        host = f"{host}.{defaultdomain}"
+    return f"{local}@{host}"
+
+
+def qualify_all(addresses: list[str], folder: str) -> list[str]:
+    """qualify() each address; the three control files are read only when one needs it."""
+    if not any(needs_qualifying(a) for a in addresses):
+        return addresses
+    try:
+        names = [str(control.read(folder, n)) for n in ("defaulthost", "defaultdomain",
+                                                            "plusdomain")]
+    except control.ControlError as e:
+        raise injection.InjectionError(False, str(e)) from None
+    return [qualify(a, *names) for a in addresses]
 
 
 def check_fullname(fullname: str) -> str:
@@ -240,6 +282,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
         found, message = header_recipients(message)
         recipients.extend(found)
     sender = default_sender(me, environ) if opts.sender is None else opts.sender
+    sender, *recipients = qualify_all([sender, *recipients], control_dir(root))
     try:
         sender = injection.check_sender(sender)
     except injection.InjectionError as e:
