@@ -9,10 +9,13 @@ installs them.
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -216,3 +219,137 @@ def test_bsd_mailx_to_root(inject_root: Root, tmp_path: Path) -> None:
     assert envelope["recipient"] == "root@mx.injector.test"
     assert envelope["sender"] == "monitor@mx.injector.test"
     assert b"Subject: disk full" in message and b"/var is at 99%" in message
+
+
+# ----------------------------------------------------------------- sendmail -bs
+
+
+class PipeSmtp:
+    """An SMTP client on a program's pipes, as Symfony Mailer's sendmail transport is."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=env)
+        self.pending = b""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT)
+
+    def readline(self) -> bytes:
+        """One line of output, waiting at most WAIT seconds for it."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + WAIT
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
+            assert ready, f"no reply within {WAIT} s; had {self.pending!r}"
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            self.pending += chunk
+        line, sep, self.pending = self.pending.partition(b"\n")
+        return line + sep
+
+    def reply(self) -> tuple[int, str]:
+        lines = []
+        for _ in range(100):
+            line = self.readline()
+            assert line.endswith(b"\r\n"), f"short reply line {line!r}"
+            lines.append(line[4:-2].decode())
+            if line[3:4] == b" ":
+                return int(line[:3]), "\n".join(lines)
+        raise AssertionError("endless reply")
+
+    def command(self, line: bytes) -> tuple[int, str]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + b"\r\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def finish(self) -> int:
+        return self.proc.wait(timeout=WAIT)
+
+
+@pytest.fixture
+def pipe_smtp() -> Iterator[Callable[..., PipeSmtp]]:
+    made: list[PipeSmtp] = []
+
+    def make(argv: list[str], env: dict[str, str]) -> PipeSmtp:
+        made.append(PipeSmtp(argv, env))
+        return made[-1]
+
+    yield make
+    for smtp in made:
+        smtp.close()
+
+
+def bs_env(root: Root, **extra: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "USER": "www-data", **extra}
+
+
+def test_sendmail_bs_as_symfony_mailer_speaks_it(inject_root: Root,
+                                                 pipe_smtp: Callable[..., PipeSmtp]) -> None:
+    """`sendmail -bs -i`, command by command: queued with the same checks as SMTP."""
+    # A listening but silent injectd socket: the compiled client must not hand -bs to it.
+    with socket.socket(socket.AF_UNIX) as daemon:
+        daemon.bind(str(inject_root.path / "var" / "inject.sock"))
+        daemon.listen(1)
+        smtp = pipe_smtp([str(inject_root.bin / "sendmail"), "-bs", "-i"],
+                        bs_env(inject_root, GREENARROW_LISTID="app_7"))
+        assert smtp.reply()[0] == 220
+        code, text = smtp.command(b"EHLO [127.0.0.1]")
+        assert code == 250 and "PIPELINING" in text and "STARTTLS" not in text
+        assert smtp.command(b"MAIL FROM:<app@example.com>")[0] == 250
+        assert smtp.command(b"RCPT TO:<user@example.org>")[0] == 250  # relayed: a local user
+        assert smtp.command(b"RCPT TO:<root>")[0] == 250  # completed as on the command line
+        assert smtp.command(b"RCPT TO:<bad@exa_mple.com>")[0] == 553
+        assert smtp.command(b"DATA")[0] == 354
+        code, text = smtp.command(MESSAGE.replace(b"body line", b"..dotted") + b".")
+        assert code == 250 and text.startswith("ok ")
+        assert smtp.command(b"QUIT")[0] == 221
+        assert smtp.finish() == 0
+    got = entries_of(inject_root)
+    assert sorted(e["recipient"] for e, _ in got) == ["root@mx.injector.test", "user@example.org"]
+    envelope, message = got[0]
+    assert envelope["sender"] == "app@example.com" and envelope["listid"] == "app_7"
+    assert message.startswith(b"Received: by mx.injector.test (GreenArrow, from userid ")
+    assert b"\r\n.dotted\r\n" in message
+
+
+def test_sendmail_bs_refuses_what_smtp_refuses(inject_root: Root,
+                                               pipe_smtp: Callable[..., PipeSmtp]) -> None:
+    control.write(inject_root.control, "databytes", 300)
+    smtp = pipe_smtp([str(inject_root.bin / "sendmail"), "-bs"], bs_env(inject_root))
+    assert smtp.reply()[0] == 220
+    assert smtp.command(b"MAIL FROM:<a@example.com>")[0] == 503  # HELO first
+    assert smtp.command(b"HELO app")[0] == 250
+    assert smtp.command(b"MAIL FROM:<a@example.com> SIZE=301")[0] == 552
+    assert smtp.command(b"MAIL FROM:<a@example.com>")[0] == 250
+    assert smtp.command(b"RCPT TO:<b@example.com>")[0] == 250
+    assert smtp.command(b"DATA")[0] == 354
+    assert smtp.command(b"Subject: x\r\n\r\n" + b"y" * 400 + b"\r\n.")[0] == 552
+    assert smtp.proc.stdin is not None
+    smtp.proc.stdin.close()  # end of input without QUIT: the session ends
+    assert smtp.finish() == 0
+    assert entries_of(inject_root) == []
+
+
+def test_swaks_over_sendmail_bs(inject_root: Root) -> None:
+    """swaks --pipe runs the program and speaks SMTP to it, as the PHP frameworks do."""
+    swaks = need("swaks", "swaks")
+    result = subprocess.run(
+        [swaks, "--pipe", f"{inject_root.bin / 'sendmail'} -bs -i", "--from", "app@example.com",
+         "--to", "user@example.org", "--helo", "app.test", "--header", "Subject: via swaks",
+         "--timeout", "20"],
+        capture_output=True, timeout=60, env=bs_env(inject_root))
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    (envelope, message), = entries_of(inject_root)
+    assert envelope["recipient"] == "user@example.org"
+    assert b"Subject: via swaks" in message
+
+
+def test_help_lists_bs(inject_root: Root) -> None:
+    result = run_sendmail(inject_root, "--help")
+    assert result.returncode == 0 and b"-bs" in result.stdout

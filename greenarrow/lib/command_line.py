@@ -26,7 +26,10 @@ Reads a message on standard input and queues it for delivery.
   -F NAME           full name for a From header added when the message has none
   -t                take recipients from the To, Cc and Bcc headers (Bcc is removed)
   -i, -oi           a line with a single dot does not end the message
-  -bm               deliver mail (the default and only mode)
+  -bm               deliver mail (the default mode)
+  -bs               speak SMTP on standard input and output (Symfony Mailer and
+                    Laravel run `sendmail -bs -i`): the checks and queueing of SMTP
+                    injection, every recipient allowed, as for a local user
 Other sendmail flags are accepted and ignored. Environment: GREENARROW_SENDID,
 GREENARROW_LISTID, GREENARROW_MTAID, GREENARROW_MAILCLASS; QMAILUSER or LOGNAME
 or USER, and QMAILHOST, for the default sender (`greenarrow inject`: also HVMAIL_ROOT).
@@ -62,7 +65,7 @@ class UsageError(Exception):
 
 
 class Options:
-    __slots__ = ("sender", "fullname", "from_headers", "ignore_dots", "recipients")
+    __slots__ = ("sender", "fullname", "from_headers", "ignore_dots", "recipients", "smtp")
 
     def __init__(self) -> None:
         self.sender: str | None = None
@@ -70,6 +73,7 @@ class Options:
         self.from_headers = False
         self.ignore_dots = False
         self.recipients: list[str] = []
+        self.smtp = False  # -bs: an SMTP session on stdin/stdout (greenarrow.lib.inject.smtp_stdio)
 
 
 def parse_args(argv: list[str], qmail_inject: bool = False) -> Options:
@@ -107,8 +111,11 @@ def parse_args(argv: list[str], qmail_inject: bool = False) -> Options:
             if rest.startswith("i"):
                 opts.ignore_dots = True
         elif flag == "b":
-            if rest not in ("m", ""):
-                raise UsageError(f"mode -b{rest} is not supported; only -bm (deliver mail)")
+            if rest == "s" and not qmail_inject:
+                opts.smtp = True
+            elif rest not in ("m", ""):
+                raise UsageError(f"mode -b{rest} is not supported; only -bm (deliver mail)"
+                                 " and -bs (SMTP on standard input and output)")
         elif flag == "a" and qmail_inject:
             pass  # qmail-inject -a: recipients from arguments only (our default)
         elif flag == "h" and qmail_inject:
@@ -266,6 +273,8 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     Received field; `root` the install root (default: HVMAIL_ROOT of `environ`).
     """
     opts = parse_args(argv, qmail_inject)
+    if opts.smtp:  # the programs serve -bs themselves; a message handed over cannot be SMTP
+        raise UsageError("mode -bs is served by bin/sendmail itself, not with a message")
     if root is None:
         root = root_path_from_env(environ)  # strings, not pathlib: start-up time
     try:

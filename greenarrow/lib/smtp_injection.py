@@ -28,6 +28,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from greenarrow.lib import control, injection, queue_entry, tcprules
@@ -43,7 +44,9 @@ RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5
 class Settings:
     """What the handler reads from control; re-read on reload (SIGHUP)."""
 
-    def __init__(self, root: Root) -> None:
+    def __init__(self, root: Root, local: bool = False) -> None:
+        """`local`: for `sendmail -bs`, which neither relays by rule nor offers TLS
+        (so a local user need not read smtp.tcp or the TLS key)."""
         self.root = root
         self.me = str(control.read(root.control, "me"))
         self.databytes = int(control.read(root.control, "databytes"))
@@ -53,12 +56,15 @@ class Settings:
         self.data_rate = int(control.read(root.control, "smtp.data.minrate"))
         self.limit = int(control.read(root.control, "queue.ram.limit.messages"))
         self.count_file = queue_entry.count_path(str(root.path), "ram")
-        path = root.control / "smtp.tcp"
-        text = path.read_text() if path.exists() else ""
-        self.rules = tcprules.parse(text, str(path))
         self.queue_dir = str(root.queue("ram"))
         self.fifo = str(root.trigger("ram"))
-        self.tls_context = tls_context(root.control)
+        self.rules = tcprules.parse("", "")
+        self.tls_context: ssl.SSLContext | None = None
+        if not local:
+            path = root.control / "smtp.tcp"
+            text = path.read_text() if path.exists() else ""
+            self.rules = tcprules.parse(text, str(path))
+            self.tls_context = tls_context(root.control)
 
 
 def tls_context(control_dir: Path) -> ssl.SSLContext | None:
@@ -191,17 +197,25 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def message(self, session: SmtpSession, transaction: Transaction, data: bytes) -> str:
-        settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
+
+        def trace() -> bytes:
+            if "GREENARROW_SMTP_RECEIVED_HIDE" in env:
+                return b""
+            peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
+            return msglib.header_field(
+                "Received", f"from {session.helo or 'unknown'} ({peer})",
+                f"by {self.settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
+                f" {msglib.rfc5322_date()}")
+
+        return self.commit(session, transaction, data, env, trace)
+
+    def commit(self, session: SmtpSession, transaction: Transaction, data: bytes,
+               env: dict[str, str], trace: Callable[[], bytes]) -> str:
+        """Queue the message; the reply to the end of DATA."""
+        settings = self.settings
         try:
-            trace = b""
-            if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
-                peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
-                trace = msglib.header_field(
-                    "Received", f"from {session.helo or 'unknown'} ({peer})",
-                    f"by {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
-                    f" {msglib.rfc5322_date()}")
             msguid = injection.accept(
                 settings.queue_dir,
                 self.trigger,
@@ -211,7 +225,7 @@ class InjectionPolicy(SessionPolicy):
                 env,
                 settings.me,
                 source_ip=session.peer_ip,
-                trace=trace,
+                trace=trace(),
                 databytes=settings.databytes,
                 limit=settings.limit,
                 count_file=settings.count_file,
