@@ -12,9 +12,11 @@ the commands of one read in one write (PIPELINING), and leaves policy to a
 Spoken: HELO, EHLO (PIPELINING, SIZE, 8BITMIME, STARTTLS when the policy has
 a TLS context), MAIL (SIZE=, BODY=; SMTPUTF8 is refused with 555), RCPT, DATA,
 RSET, NOOP, VRFY (252), HELP, QUIT, STARTTLS. Limits: command lines of 512
-octets, data lines of 1000 octets (RFC 5321 4.5.3.1: a longer line gets 500
-after the data, nothing is accepted), the message size (552 after the data),
-1000 recipients per message (452), and time (below).
+octets, the message size (552 after the data), 1000 recipients per message
+(452), and time (below). Data lines may be longer than RFC 5321's 1000
+octets, up to the message size: applications send minified HTML on one line
+(Postfix takes it), and the remote worker re-encodes such a part before it
+goes out (greenarrow.lib.deliver.long_lines).
 
 Time: each command line must arrive whole within `timeout` seconds of the
 previous reply (or the greeting); bytes trickling in do not extend it, so a
@@ -37,7 +39,6 @@ import time
 from collections.abc import Callable
 
 MAX_COMMAND = 512
-MAX_LINE = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
 MAX_RECIPIENTS = 1000
 # The HELO argument goes into the Received header: a CR (a bare LF already ends the
 # command line) or a NUL there would let a client smuggle header lines, or a whole
@@ -369,8 +370,6 @@ class SmtpSession(asyncio.Protocol):
         if self.state.pop("too_big", False) or (
                 self.policy.databytes and len(data) > self.policy.databytes):
             return "552 5.3.4 message size exceeds fixed maximum message size"
-        if len(data) > MAX_LINE - 2 and _longest_line(data) > MAX_LINE:
-            return "500 5.5.2 line too long (see RFC 5321 4.5.3.1.6)"
         if b"\r\n." in data or data.startswith(b"."):
             data = _unstuff(data)
         assert transaction is not None
@@ -428,10 +427,6 @@ class SmtpSession(asyncio.Protocol):
 def _has_control(text: str) -> bool:
     """Whether `text` holds an ASCII control character (C0 or DEL)."""
     return any(c < " " or c == "\x7f" for c in text)
-
-
-def _longest_line(data: bytes) -> int:
-    return max(map(len, data.split(b"\r\n"))) + 2
 
 
 def _unstuff(data: bytes) -> bytes:
