@@ -451,3 +451,62 @@ def test_long_lines_accepted_and_delivered_within_998_octets_and_signed(tmp_path
             assert fast.max_line_length(content) <= 998
             assert dkim.verify(content, dnsfunc=lambda name, timeout=5: txt.get(name.lower()))
             assert _decoded_parts(content) == _decoded_parts(LONG_MESSAGE)
+
+
+# ----------------------------------------------------------------- session log
+
+
+def smtpd_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "smtpd"]
+
+
+def test_sessions_and_refusals_are_logged(root: Root, start: Callable[[], ServerThread],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A refused relay (swaks from an address without RELAYCLIENT), a bad command, a size
+    refusal and a dropped connection each leave their lines; credentials never do."""
+    import logging
+    import smtplib
+
+    caplog.set_level(logging.INFO, logger="smtpd")
+    control.write(root.control, "databytes", 2000)
+    server = start()
+    port = port_of(root)
+    swaks = shutil.which("swaks")
+    if swaks is not None:
+        result = subprocess.run(
+            [swaks, "--server", f"127.0.0.1:{port}", "--local-interface", "127.0.0.2",
+             "--from", "app@example.com", "--to", "user@example.org", "--helo", "app.test",
+             "--timeout", "20"], capture_output=True, timeout=60)
+        assert result.returncode != 0  # the relay refusal
+    else:  # the same session from smtplib
+        with smtplib.SMTP("127.0.0.1", port, timeout=WAIT, source_address=("127.0.0.2", 0)) as c:
+            c.ehlo("app.test")
+            c.mail("app@example.com")
+            assert c.rcpt("user@example.org")[0] == 553
+    with smtplib.SMTP("127.0.0.1", port, timeout=WAIT) as c:
+        c.ehlo("client.test")
+        assert c.docmd("FROB", "x")[0] == 502
+        assert c.docmd("AUTH", "PLAIN c2VjcmV0AHNlY3JldABzZWNyZXQ=")[0] >= 500
+        c.sendmail("s@example.com", ["r@example.com"], MESSAGE)
+        c.mail("s@example.com")
+        c.rcpt("r@example.com")
+        assert c.data(MESSAGE + b"x" * 3000 + b"\r\n")[0] == 552
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+        raw.recv(1000)
+        raw.sendall(b"HELO dropper\r\n")
+        raw.recv(1000)
+    server.wait_sessions_done()
+    lines = smtpd_lines(caplog)
+    sessions = [line for line in lines if line.startswith("session ")]
+    assert ("session client=127.0.0.2 helo=app.test tls=no accepted=0 refused=1 end=quit"
+            " first_refusal=\"RCPT TO:<user@example.org> -> 553 sorry, that domain isn't in my"
+            " list of allowed rcpthosts (#5.7.1)\"") in sessions
+    second, = [s for s in sessions if "helo=client.test" in s]
+    assert second.startswith("session client=127.0.0.1 helo=client.test tls=no accepted=1 "
+                             "refused=3 end=quit first_refusal=\"FROB x -> 502 ")
+    assert "session client=127.0.0.1 helo=dropper tls=no accepted=0 refused=0 end=disconnect" \
+        in sessions
+    refusals = [line for line in lines if line.startswith("refused ")]
+    assert any("command=\"AUTH PLAIN ...\"" in line for line in refusals)
+    assert any("command=\"DATA (end of data)\" reply=\"552 " in line for line in refusals)
+    assert not any("c2VjcmV0" in line for line in lines)

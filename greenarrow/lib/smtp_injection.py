@@ -141,6 +141,61 @@ class SessionCount:
             del self.by_address[address]
 
 
+MAX_REFUSAL_LINES = 20  # per session: a client looping on a refused command cannot flood the log
+
+
+def log_value(text: str, most: int = 300) -> str:
+    """`text` for a `key=value` log field: bare when it is printable ASCII without spaces,
+    quotes or backslashes, else in double quotes with `\\`, `\"` and `\\xNN` escapes."""
+    text = text[:most]
+    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' "\\'):
+        return text
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif " " <= c <= "~":
+            out.append(c)
+        else:
+            out.append("".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape")))
+    return '"' + "".join(out) + '"'
+
+
+def _loggable(command: str) -> str:
+    """The command as logged: an AUTH line loses its credentials."""
+    verb = command.split(" ", 2)
+    if verb[0].upper() == "AUTH":
+        return " ".join(verb[:2]) + " ..."
+    return command
+
+
+def session_line(session: SmtpSession) -> str:
+    """The one line logged when a session ends (docs/formats.md section 10)."""
+    if session.quit:
+        end = "quit"
+    elif session.state.get("timed_out"):
+        end = "timeout"
+    elif "tls_failed" in session.state:
+        end = "tls-failed"
+    else:
+        end = "disconnect-in-data" if session.in_data else "disconnect"
+    line = (f"session client={session.peer_ip or 'unknown'}"
+            f" helo={log_value(session.helo or '')} tls={'yes' if session.tls else 'no'}"
+            f" accepted={session.accepted} refused={session.refusals} end={end}")
+    if "tls_failed" in session.state:
+        line += f" tls_error={log_value(session.state['tls_failed'])}"
+    if session.first_refusal is not None:
+        command, reply = session.first_refusal
+        line += f" first_refusal={log_value(f'{_loggable(command)} -> {reply}')}"
+    return line
+
+
+def refusal_line(session: SmtpSession, command: str, reply: str) -> str:
+    """The line logged for each refused command (at most MAX_REFUSAL_LINES a session)."""
+    return (f"refused client={session.peer_ip or 'unknown'} helo={log_value(session.helo or '')}"
+            f" command={log_value(_loggable(command))} reply={log_value(reply)}")
+
+
 class InjectionPolicy(SessionPolicy):
     """The engine's side of an SMTP session: relay check at RCPT, queue commit at DATA."""
 
@@ -165,12 +220,15 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def closed(self, session: SmtpSession) -> None:
-        """The session is gone: count it out (once, and only if it was counted in)."""
-        if session.state.pop("counted", False):
-            self.sessions.release(session.peer_ip)
-        if session.state.get("timed_out"):
-            log.info("cut a session from %s: timeout (control/smtp.timeout, smtp.data.minrate)",
-                     session.peer_ip or "an unknown address")
+        """The session is gone: count it out (once, and only if it was counted in), log it."""
+        if not session.state.pop("counted", False):
+            return  # refused at connect: logged there
+        self.sessions.release(session.peer_ip)
+        log.info("%s", session_line(session))
+
+    def refused(self, session: SmtpSession, command: str, reply: str) -> None:
+        if session.refusals <= MAX_REFUSAL_LINES:
+            log.info("%s", refusal_line(session, command, reply))
 
     def _rule(self, session: SmtpSession) -> tcprules.TcpRule | None:
         if "rule" not in session.state:  # once per connection

@@ -80,6 +80,9 @@ class SessionPolicy:
         """Accept (or refuse) a complete message; the reply to the end of DATA."""
         return "250 ok"
 
+    def refused(self, session: SmtpSession, command: str, reply: str) -> None:
+        """A command got a 4xx or 5xx reply (`command` as the client sent it)."""
+
 
 def _address(arg: str, keyword: str) -> tuple[str, list[str]] | None:
     """`FROM:<a@b> SIZE=10` -> ("a@b", ["SIZE=10"]); None if it does not parse."""
@@ -124,6 +127,11 @@ class SmtpSession(asyncio.Protocol):
         self.tls_pending = False  # STARTTLS answered, TLS not yet up
         self.tls_started = False  # start_tls has the transport: what arrives is decrypted
         self.state: dict = {}  # for the policy (its per-connection notes)
+        # What the session log line reports (smtp_injection.InjectionPolicy.closed).
+        self.accepted = 0  # messages answered 250 at the end of DATA
+        self.refusals = 0  # commands (and DATA ends) answered 4xx or 5xx
+        self.first_refusal: tuple[str, str] | None = None  # (command, reply) of the first
+        self.quit = False
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0.0  # time.monotonic() of the last reply: the current command's start
         self._received = 0  # bytes read in this session
@@ -226,7 +234,12 @@ class SmtpSession(asyncio.Protocol):
                 end = self._find_data_end()
                 if end is None:
                     break
-                replies.append(self._end_of_data(bytes(buf[self.data_start:end[0]])))
+                reply = self._end_of_data(bytes(buf[self.data_start:end[0]]))
+                replies.append(reply)
+                if reply[0] in "45":
+                    self._refusal(b"DATA (end of data)", reply)
+                else:
+                    self.accepted += 1
                 pos = end[1]
                 self.in_data = False
                 continue
@@ -234,16 +247,20 @@ class SmtpSession(asyncio.Protocol):
             if eol < 0:
                 if len(buf) - pos > MAX_COMMAND * 4:
                     replies.append("500 5.5.2 line too long")
+                    self._refusal(bytes(buf[pos:pos + 40]) + b"...", replies[-1])
                     self.closing = True
                 break
             line = bytes(buf[pos:eol]).rstrip(b"\r")
             pos = eol + 1
             if len(line) > MAX_COMMAND:
                 replies.append("500 5.5.2 line too long")
+                self._refusal(line[:40] + b"...", replies[-1])
                 continue
             reply = self._command(line)
             if reply:
                 replies.append(reply)
+                if reply[0] in "45":
+                    self._refusal(line, reply)
             if self.in_data:
                 self.data_start = pos
                 self.data_scan = pos
@@ -261,6 +278,13 @@ class SmtpSession(asyncio.Protocol):
                 self.data_start = 0
                 self.data_scan = 0
                 self.state["too_big"] = True
+
+    def _refusal(self, line: bytes, reply: str) -> None:
+        self.refusals += 1
+        command = line.decode("utf-8", "surrogateescape")
+        if self.first_refusal is None:
+            self.first_refusal = (command, reply)
+        self.policy.refused(self, command, reply)
 
     def _find_data_end(self) -> tuple[int, int] | None:
         """(end of message, start of what follows) for the `.` line; None if not here yet."""
@@ -389,7 +413,7 @@ class SmtpSession(asyncio.Protocol):
         return "214 2.0.0 see RFC 5321"
 
     def smtp_QUIT(self, arg: str) -> str:
-        self.closing = True
+        self.closing = self.quit = True
         return f"221 2.0.0 {self.policy.hostname} closing connection"
 
     def smtp_STARTTLS(self, arg: str) -> str:
@@ -411,10 +435,12 @@ class SmtpSession(asyncio.Protocol):
         self.tls_started = True
         try:
             transport = await loop.start_tls(self.transport, self, context, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError):
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            self.state["tls_failed"] = str(e) or type(e).__name__
             self._close()
             return
         if transport is None:
+            self.state["tls_failed"] = "no transport"
             self._close()
             return
         self.transport = transport
