@@ -510,3 +510,66 @@ def test_sessions_and_refusals_are_logged(root: Root, start: Callable[[], Server
     assert any("command=\"AUTH PLAIN ...\"" in line for line in refusals)
     assert any("command=\"DATA (end of data)\" reply=\"552 " in line for line in refusals)
     assert not any("c2VjcmV0" in line for line in lines)
+
+
+# ----------------------------------------------------------------- smaller ones
+
+
+def raw_session(root: Root, source: str = "127.0.0.1") -> tuple[socket.socket, bytearray]:
+    sock = socket.create_connection(("127.0.0.1", port_of(root)), timeout=WAIT,
+                                    source_address=(source, 0))
+    pending = bytearray()
+    assert _read_reply(sock, pending).startswith(b"220")
+    return sock, pending
+
+
+def test_rcpt_postmaster_without_a_domain(root: Root, start: Callable[[], ServerThread]) -> None:
+    """RFC 5321 4.5.1: <postmaster> is accepted, even from a client that may not relay."""
+    import smtplib
+
+    start()
+    with smtplib.SMTP("127.0.0.1", port_of(root), timeout=WAIT,
+                      source_address=("127.0.0.2", 0)) as c:  # no RELAYCLIENT
+        c.ehlo("client.test")
+        c.mail("s@example.com")
+        assert c.rcpt("<Postmaster>")[0] == 250
+        assert c.rcpt("r@example.com")[0] == 553
+        assert c.data(MESSAGE)[0] == 250
+    (_, envelope, _), = queued(root)
+    assert envelope["recipient"] == "postmaster@smtp.injector.test"
+
+
+@pytest.mark.parametrize(("command", "key"), [
+    (b"MAIL FROM:<s@example.com> RET=HDRS", "RET"),
+    (b"MAIL FROM:<s@example.com> ENVID=abc", "ENVID"),
+    (b"RCPT TO:<r@example.com> NOTIFY=FAILURE", "NOTIFY"),
+    (b"RCPT TO:<r@example.com> ORCPT=rfc822;r@example.com", "ORCPT"),
+])
+def test_dsn_parameters_refused_not_ignored(root: Root, start: Callable[[], ServerThread],
+                                            command: bytes, key: str) -> None:
+    """DSN is not advertised, so its parameters get 555 rather than a silent 250."""
+    start()
+    sock, pending = raw_session(root)
+    with sock:
+        sock.sendall(b"EHLO client.test\r\n")
+        assert b"DSN" not in _read_reply(sock, pending)
+        if command.startswith(b"RCPT"):
+            sock.sendall(b"MAIL FROM:<s@example.com>\r\n")
+            assert _read_reply(sock, pending).startswith(b"250")
+        sock.sendall(command + b"\r\n")
+        reply = _read_reply(sock, pending)
+        assert reply.startswith(b"555 ") and key.encode() in reply
+
+
+def test_dot_after_a_bare_lf_is_unstuffed(root: Root, start: Callable[[], ServerThread]) -> None:
+    """A client that stuffs the dot after a bare LF: `.x` is queued, as Postfix delivers it."""
+    start()
+    sock, pending = raw_session(root)
+    with sock:
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.com>\r\nDATA\r\n")
+        for _ in range(4):
+            _read_reply(sock, pending)
+        sock.sendall(b"Subject: x\r\n\r\nline one\n..x\r\n..y\r\n.\r\n")
+        assert _read_reply(sock, pending).startswith(b"250")
+    (_, _, message), = queued(root)
+    assert message.endswith(b"\r\n\r\nline one\r\n.x\r\n.y\r\n")

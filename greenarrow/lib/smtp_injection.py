@@ -245,6 +245,8 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def check_recipient(self, session: SmtpSession, address: str) -> str | None:
+        if address.lower() == "postmaster":
+            return None  # RFC 5321 4.5.1: taken from anyone, queued for postmaster@<me>
         rule = self._rule(session)
         if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
             return RELAY_DENIED
@@ -257,6 +259,8 @@ class InjectionPolicy(SessionPolicy):
     def message(self, session: SmtpSession, transaction: Transaction, data: bytes) -> str:
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
+        transaction.recipients = [f"postmaster@{self.settings.me}" if r.lower() == "postmaster"
+                                  else r for r in transaction.recipients]
 
         def trace() -> bytes:
             if "GREENARROW_SMTP_RECEIVED_HIDE" in env:

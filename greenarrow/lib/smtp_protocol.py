@@ -355,7 +355,7 @@ class SmtpSession(asyncio.Protocol):
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 BODY can only be 7BIT or 8BITMIME"
-            elif key not in ("AUTH", "RET", "ENVID"):
+            elif key != "AUTH":  # RET, ENVID: DSN is not offered (RFC 3461), so not ignored
                 return f"555 5.5.4 MAIL parameter {key} not supported"
         refusal = self.policy.check_sender(self, address)
         if refusal is not None:
@@ -369,6 +369,9 @@ class SmtpSession(asyncio.Protocol):
         parsed = _address(arg, "TO:")
         if parsed is None or not parsed[0]:
             return "501 5.5.4 syntax: RCPT TO:<address>"
+        if parsed[1]:  # NOTIFY=, ORCPT= (DSN) or anything else: nothing is offered for RCPT
+            key = parsed[1][0].partition("=")[0].upper()
+            return f"555 5.5.4 RCPT parameter {key} not supported"
         if len(self.transaction.recipients) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients"
         refusal = self.policy.check_recipient(self, parsed[0])
@@ -394,7 +397,7 @@ class SmtpSession(asyncio.Protocol):
         if self.state.pop("too_big", False) or (
                 self.policy.databytes and len(data) > self.policy.databytes):
             return "552 5.3.4 message size exceeds fixed maximum message size"
-        if b"\r\n." in data or data.startswith(b"."):
+        if b"\n." in data or data.startswith(b"."):
             data = _unstuff(data)
         assert transaction is not None
         return self.policy.message(self, transaction, data)
@@ -456,7 +459,13 @@ def _has_control(text: str) -> bool:
 
 
 def _unstuff(data: bytes) -> bytes:
-    """Undo the dot-stuffing of RFC 5321 4.5.2."""
+    """Undo the dot-stuffing of RFC 5321 4.5.2.
+
+    After a bare LF too: a client that takes LF for a line end (as the
+    message it was given did) stuffs the dot after it, and the line becomes
+    CRLF at injection; Postfix unstuffs there as well. Only the end of the
+    data stays CRLF.CRLF alone (SMTP smuggling).
+    """
     if data.startswith(b"."):
         data = data[1:]
-    return data.replace(b"\r\n.", b"\r\n")
+    return data.replace(b"\n.", b"\n")
