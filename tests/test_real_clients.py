@@ -573,3 +573,75 @@ def test_dot_after_a_bare_lf_is_unstuffed(root: Root, start: Callable[[], Server
         assert _read_reply(sock, pending).startswith(b"250")
     (_, _, message), = queued(root)
     assert message.endswith(b"\r\n\r\nline one\r\n.x\r\n.y\r\n")
+
+
+# ----------------------------------------------------------------- SMTP AUTH
+
+
+def add_user(root: Root, name: str, password: str, *extra: str) -> None:
+    from greenarrow.lib.config.smtp_users import hash_password
+
+    with open(root.control / "smtp.users", "a") as f:
+        f.write(":".join([name, hash_password(password), *extra]) + "\n")
+
+
+def test_msmtp_auth_after_starttls(tls_root: Root, start: Callable[[], ServerThread],
+                                   tmp_path: Path) -> None:
+    """msmtp with a user and password, from an address with no relay rule: STARTTLS, AUTH
+    PLAIN, relayed; the Mail Class comes from the user."""
+    msmtp = need("msmtp", "msmtp")
+    add_user(tls_root, "app", "s3cret pass", "newsletters")
+    start()
+    base = [msmtp, "--host=127.0.0.1", f"--port={port_of(tls_root)}", "--tls=on",
+            "--tls-starttls=on", f"--tls-trust-file={tls_root.control / 'tls' / 'cert.pem'}",
+            f"--tls-host-override={NAME}", "--domain=client.test", "--from=s@example.com",
+            "--timeout=10", "--auth=plain", "--user=app", "--source-ip=127.0.0.2"]
+
+    def send(password: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, f"--passwordeval=echo '{password}'", "r@example.org"],
+                              input=MESSAGE, capture_output=True, timeout=WAIT * 2, cwd=tmp_path,
+                              env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+
+    result = send("s3cret pass")
+    assert result.returncode == 0, result.stderr.decode()
+    (_, envelope, message), = queued(tls_root)
+    assert envelope["recipient"] == "r@example.org"
+    assert envelope.get("mailclass") == "newsletters"
+    assert b"with ESMTPS;" in message
+    assert send("wrong").returncode != 0
+    assert len(queued(tls_root)) == 1
+
+
+def test_auth_rules(root: Root, start: Callable[[], ServerThread],
+                    caplog: pytest.LogCaptureFixture) -> None:
+    """No TLS and not 127.0.0.1: 538; LOGIN works on loopback; a failed login is logged
+    (without the password) and its reply waits; a forced Mail Class beats the header."""
+    import base64
+    import logging
+    import smtplib
+
+    caplog.set_level(logging.INFO, logger="smtpd")
+    add_user(root, "app", "pw1", "transactional", "force")
+    server = start()
+    with smtplib.SMTP("127.0.0.1", port_of(root), timeout=WAIT,
+                      source_address=("127.0.0.2", 0)) as c:
+        c.ehlo("client.test")
+        assert not c.has_extn("auth")
+        assert c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0app\0pw1").decode())[0] == 538
+    server.in_loop(lambda: setattr(server.server.policy, "auth_fail_delay", 0.2))
+    with smtplib.SMTP("127.0.0.1", port_of(root), timeout=WAIT) as c:
+        c.ehlo("client.test")
+        assert "PLAIN" in c.esmtp_features["auth"] and "LOGIN" in c.esmtp_features["auth"]
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            c.login("app", "guess-1")
+        c.user, c.password = "app", "pw1"
+        assert c.auth("LOGIN", c.auth_login)[0] == 235
+        c.sendmail("s@example.com", ["r@example.org"],
+                   MESSAGE.replace(b"Subject:", b"X-GreenArrow-MailClass: other\r\nSubject:"))
+    (_, envelope, message), = queued(root)
+    assert envelope.get("mailclass") == "transactional"
+    assert b"X-GreenArrow-MailClass" not in message
+    server.wait_sessions_done()
+    lines = smtpd_lines(caplog)
+    assert any(line.startswith("failed login client=127.0.0.1 user=app") for line in lines)
+    assert not any("guess-1" in line or "Z3Vlc3" in line for line in lines)

@@ -25,6 +25,7 @@ applies to it, never a loopback rule.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import ssl
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from greenarrow.lib import control, injection, queue_entry, tcprules
 from greenarrow.lib import message as msglib
+from greenarrow.lib.config import smtp_users
 from greenarrow.lib.paths import Root
 from greenarrow.lib.smtp_protocol import SessionPolicy, SmtpSession, Transaction
 
@@ -60,7 +62,9 @@ class Settings:
         self.fifo = str(root.trigger("ram"))
         self.rules = tcprules.parse("", "")
         self.tls_context: ssl.SSLContext | None = None
+        self.users: dict[str, smtp_users.SmtpUser] = {}
         if not local:
+            self.users = smtp_users.read(root.control)
             path = root.control / "smtp.tcp"
             text = path.read_text() if path.exists() else ""
             self.rules = tcprules.parse(text, str(path))
@@ -196,6 +200,19 @@ def refusal_line(session: SmtpSession, command: str, reply: str) -> str:
             f" command={log_value(_loggable(command))} reply={log_value(reply)}")
 
 
+def _loopback(address: str) -> bool:
+    """The host itself (127.0.0.1, ::1): where AUTH needs no TLS."""
+    return address in ("127.0.0.1", "::1")
+
+
+def _without_header(data: bytes, name: bytes) -> bytes:
+    """`data` (a message) without the fields `name` (lower-case) of its header block."""
+    crlf = msglib.to_crlf(data)
+    headers, _ = msglib.split_headers(crlf)
+    drop = {i for i, h in enumerate(headers) if h.name == name}
+    return msglib.rebuild(crlf, headers, drop) if drop else data
+
+
 class InjectionPolicy(SessionPolicy):
     """The engine's side of an SMTP session: relay check at RCPT, queue commit at DATA."""
 
@@ -207,6 +224,7 @@ class InjectionPolicy(SessionPolicy):
         self.data_rate = settings.data_rate
         self.tls_context = settings.tls_context
         self.trigger = queue_entry.Trigger(settings.fifo)
+        self.verified: set[tuple[str, bytes]] = set()
 
     def connected(self, session: SmtpSession) -> str | None:
         settings = self.settings
@@ -244,11 +262,30 @@ class InjectionPolicy(SessionPolicy):
             return f"553 5.1.7 {e.text}"
         return None
 
+    def auth_offered(self, session: SmtpSession) -> bool | None:
+        if not self.settings.users:
+            return None
+        return session.tls or _loopback(session.peer_ip)
+
+    def authenticate(self, session: SmtpSession, user: str, password: str) -> bool:
+        known = self.settings.users.get(user)
+        # A known user's good password is checked once per reload: scrypt costs ~50 ms.
+        key = (user, hashlib.sha256(password.encode("utf-8", "surrogateescape")).digest())
+        ok = key in self.verified or (
+            known is not None and smtp_users.check_password(known.hash, password))
+        if ok:
+            self.verified.add(key)
+        else:
+            log.warning("failed login client=%s user=%s failures=%d",
+                        session.peer_ip or "unknown", log_value(user), session.auth_failures + 1)
+        return ok
+
     def check_recipient(self, session: SmtpSession, address: str) -> str | None:
         if address.lower() == "postmaster":
             return None  # RFC 5321 4.5.1: taken from anyone, queued for postmaster@<me>
         rule = self._rule(session)
-        if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
+        if session.auth_user is None and (
+                rule is None or not rule.allow or "RELAYCLIENT" not in rule.env):
             return RELAY_DENIED
         try:
             injection.check_address(address, "recipient")
@@ -261,6 +298,11 @@ class InjectionPolicy(SessionPolicy):
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
         transaction.recipients = [f"postmaster@{self.settings.me}" if r.lower() == "postmaster"
                                   else r for r in transaction.recipients]
+        user = self.settings.users.get(session.auth_user or "")
+        if user is not None and user.mail_class:
+            env["GREENARROW_MAILCLASS"] = user.mail_class
+            if user.force_mail_class:  # engine_user_force_mail_class: the header loses
+                data = _without_header(data, b"x-greenarrow-mailclass")
 
         def trace() -> bytes:
             if "GREENARROW_SMTP_RECEIVED_HIDE" in env:
@@ -334,7 +376,8 @@ class SmtpServer:
         try:
             old, self.policy = self.policy, InjectionPolicy(Settings(self.root), self.sessions)
             old.trigger.close()
-        except (control.ControlError, tcprules.TcpRulesError, OSError) as e:
+        except (control.ControlError, tcprules.TcpRulesError, smtp_users.SmtpUsersError,
+                OSError) as e:
             log.error("reload failed, keeping the previous settings: %s", e)
         else:
             log.info("reloaded control files")

@@ -83,6 +83,16 @@ class SessionPolicy:
     def refused(self, session: SmtpSession, command: str, reply: str) -> None:
         """A command got a 4xx or 5xx reply (`command` as the client sent it)."""
 
+    auth_fail_delay = 2.0  # seconds a failed AUTH waits for its reply (reading paused)
+
+    def auth_offered(self, session: SmtpSession) -> bool | None:
+        """True: AUTH PLAIN LOGIN is offered; False: users exist but not here (no TLS);
+        None: no AUTH at all."""
+        return None
+
+    def authenticate(self, session: SmtpSession, user: str, password: str) -> bool:
+        return False
+
 
 def _address(arg: str, keyword: str) -> tuple[str, list[str]] | None:
     """`FROM:<a@b> SIZE=10` -> ("a@b", ["SIZE=10"]); None if it does not parse."""
@@ -132,6 +142,9 @@ class SmtpSession(asyncio.Protocol):
         self.refusals = 0  # commands (and DATA ends) answered 4xx or 5xx
         self.first_refusal: tuple[str, str] | None = None  # (command, reply) of the first
         self.quit = False
+        self.auth_user: str | None = None
+        self.auth_step: tuple[str, str] | None = None  # AUTH waiting for a response line
+        self.auth_failures = 0
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0.0  # time.monotonic() of the last reply: the current command's start
         self._received = 0  # bytes read in this session
@@ -221,15 +234,33 @@ class SmtpSession(asyncio.Protocol):
         self._process(replies)
         if replies:
             self._touch()
+        if self.state.pop("auth_failed", False) and self.transport is not None:
+            # A failed login's reply waits, and nothing is read meanwhile: guessing is slow.
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(
+                self.policy.auth_fail_delay * self.auth_failures, self._send_late, replies)
+            return
+        self._send(replies)
+
+    def _send(self, replies: list[str]) -> None:
         if replies and self.transport is not None and not self.transport.is_closing():
             self.transport.write(("\r\n".join(replies) + "\r\n").encode("utf-8", "surrogateescape"))
         if self.closing and self.transport is not None:
             self.transport.close()
 
+    def _send_late(self, replies: list[str]) -> None:
+        if self.closed or self.transport is None:
+            return
+        self._send(replies)
+        if not self.closing:
+            self.transport.resume_reading()
+            if self.buffer:  # commands pipelined behind the failed AUTH
+                self._answer()
+
     def _process(self, replies: list[str]) -> None:
         buf = self.buffer
         pos = 0
-        while not self.closing and not self.tls_pending:
+        while not self.closing and not self.tls_pending and "auth_failed" not in self.state:
             if self.in_data:
                 end = self._find_data_end()
                 if end is None:
@@ -256,7 +287,10 @@ class SmtpSession(asyncio.Protocol):
                 replies.append("500 5.5.2 line too long")
                 self._refusal(line[:40] + b"...", replies[-1])
                 continue
-            reply = self._command(line)
+            if self.auth_step is None:
+                reply = self._command(line)
+            else:
+                reply, line = self._auth_response(line), b"AUTH (response)"
             if reply:
                 replies.append(reply)
                 if reply[0] in "45":
@@ -330,6 +364,8 @@ class SmtpSession(asyncio.Protocol):
         lines.append(f"SIZE {self.policy.databytes}" if self.policy.databytes else "SIZE")
         if self.policy.tls_context is not None and not self.tls:
             lines.append("STARTTLS")
+        if self.policy.auth_offered(self) and self.auth_user is None:
+            lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         return "\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}"
 
@@ -402,6 +438,67 @@ class SmtpSession(asyncio.Protocol):
         assert transaction is not None
         return self.policy.message(self, transaction, data)
 
+    def smtp_AUTH(self, arg: str) -> str:
+        """RFC 4954, PLAIN (RFC 4616) and LOGIN; only where the policy offers it."""
+        offered = self.policy.auth_offered(self)
+        if offered is None:
+            return "502 5.5.1 AUTH not available"
+        if not offered:
+            return "538 5.7.11 encryption required: STARTTLS first"
+        if self.helo is None or not self.esmtp:
+            return "503 5.5.1 send EHLO first"
+        if self.auth_user is not None:
+            return "503 5.5.1 already authenticated"
+        if self.transaction is not None:
+            return "503 5.5.1 AUTH not allowed during a mail transaction"
+        mechanism, _, initial = arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            self.auth_step = ("plain", "")
+            return "334 "
+        if mechanism == "LOGIN":
+            if initial:
+                return self._auth_response(initial.encode(), ("login-user", ""))
+            self.auth_step = ("login-user", "")
+            return "334 VXNlcm5hbWU6"  # "Username:"
+        return "504 5.5.4 AUTH mechanism not supported (PLAIN, LOGIN)"
+
+    def _auth_response(self, line: bytes, step: tuple[str, str] | None = None) -> str:
+        step, self.auth_step = step or self.auth_step, None
+        assert step is not None
+        text = line.strip().decode("ascii", "replace")
+        if text == "*":
+            return "501 5.7.0 authentication cancelled"
+        if step[0] == "plain":
+            return self._auth_plain(text)
+        value = _b64(text)
+        if value is None:
+            return "501 5.5.2 cannot decode the response (base64)"
+        if step[0] == "login-user":
+            self.auth_step = ("login-password", value)
+            return "334 UGFzc3dvcmQ6"  # "Password:"
+        return self._auth_check(step[1], value)
+
+    def _auth_plain(self, text: str) -> str:
+        value = _b64(text)
+        if value is None or value.count("\x00") != 2:
+            return "501 5.5.2 cannot decode the PLAIN response"
+        _authzid, user, password = value.split("\x00")
+        return self._auth_check(user, password)
+
+    def _auth_check(self, user: str, password: str) -> str:
+        if user and self.policy.authenticate(self, user, password):
+            self.auth_user = user
+            return "235 2.7.0 authentication successful"
+        self.auth_failures += 1
+        self.state["auth_failed"] = True
+        if self.auth_failures >= 3:
+            self.closing = True
+            return "421 4.7.0 too many failed logins, closing"
+        return "535 5.7.8 authentication credentials invalid"
+
     def smtp_RSET(self, arg: str) -> str:
         self.transaction = None
         return "250 2.0.0 ok"
@@ -449,8 +546,20 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport
         self.tls, self.tls_pending = True, False
         self.helo, self.esmtp, self.transaction = None, False, None
+        self.auth_user, self.auth_step = None, None
         if self.buffer and not self.closing:
             self._answer()
+
+
+def _b64(text: str) -> str | None:
+    """A base64 SASL response as text (UTF-8, undecodable bytes kept), or None."""
+    import binascii
+
+    try:
+        return binascii.a2b_base64(text.encode("ascii", "replace")).decode("utf-8", "surrogateescape") \
+            if text not in ("", "=") else ""
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _has_control(text: str) -> bool:
