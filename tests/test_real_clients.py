@@ -389,7 +389,7 @@ def _decoded_parts(message: bytes) -> list[bytes]:
 
 
 def test_shorten_long_lines_keeps_what_the_parts_decode_to() -> None:
-    from greenarrow.lib.deliver.long_lines import shorten_long_lines
+    from greenarrow.lib.core.wire_encoding import shorten_long_lines
     from greenarrow.pyx import simplemh as fast
 
     out = shorten_long_lines(LONG_MESSAGE)
@@ -645,3 +645,37 @@ def test_auth_rules(root: Root, start: Callable[[], ServerThread],
     lines = smtpd_lines(caplog)
     assert any(line.startswith("failed login client=127.0.0.1 user=app") for line in lines)
     assert not any("guess-1" in line or "Z3Vlc3" in line for line in lines)
+
+
+# ----------------------------------------------------------------- 8BITMIME
+
+
+def test_8bit_to_a_receiver_without_8bitmime_becomes_quoted_printable() -> None:
+    """RFC 6152: no 8-bit data to a receiver that does not offer 8BITMIME."""
+    import asyncio
+
+    from smtp_receivers import ScriptedServer
+
+    from greenarrow.lib.mx import MxHost
+    from greenarrow.lib.smtp_client import Attempt, Timeouts, deliver
+
+    message = (b"From: a@origin.test\r\nTo: r@dest.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+               b"\r\ncaf\xc3\xa9 = cr\xc3\xa8me\r\n.dot\r\n")
+
+    def send(extensions: list[str]) -> bytes:
+        with ScriptedServer(extensions=extensions) as server:
+            attempt = Attempt(message=message, sender="a@origin.test", recipient="r@dest.test",
+                              helo="out.test")
+            result = asyncio.run(asyncio.wait_for(deliver(
+                attempt, [MxHost("mx.dest.test", 10, [server.host])], port=server.port,
+                timeouts=Timeouts(cap=10.0)), 60))
+            assert result.status == "success", result.text
+            raw, = server.raw_messages
+            return raw.replace(b"\r\n..", b"\r\n.")
+
+    plain = send(["PIPELINING", "SIZE 1000000"])
+    assert plain.isascii()
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in plain
+    assert _decoded_parts(plain) == _decoded_parts(message)
+    assert send(["PIPELINING", "8BITMIME"]) == message  # offered: sent as it is

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from greenarrow.lib import control, queue_entry, remote_link
-from greenarrow.lib.deliver.long_lines import shorten_long_lines
+from greenarrow.lib.core.wire_encoding import seven_bit, shorten_long_lines
 from greenarrow.lib.mx import MxError, MxHost, MxResolver
 from greenarrow.lib.paths import Root
 from greenarrow.lib.session_pool import SessionPool
@@ -212,10 +212,13 @@ class RemoteWorker:
         port = settings.port
         if route and route[1]:
             port = int(route[1])
-        # Before signing: the signature must cover the bytes that go out.
-        message = shorten_long_lines(message)
+        # Before signing: the signature must cover the bytes that go out, whichever
+        # receiver takes them (one without 8BITMIME gets 7-bit: core.wire_encoding).
         if settings.dkim is not None:
+            message = seven_bit(message)
             message = (await settings.dkim.sign_async(message, envelope.get("dkim", ""))).message
+        else:
+            message = shorten_long_lines(message)
         attempt = Attempt(
             sender=envelope["sender"],
             recipient=recipient,

@@ -49,6 +49,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
+from greenarrow.lib.core.wire_encoding import seven_bit
 from greenarrow.lib.mx import MxHost
 
 __all__ = [
@@ -331,6 +332,10 @@ class Session:
         t = self._t
         ext = self.extensions
         message = attempt.message
+        if "8BITMIME" not in ext and not message.isascii():
+            # RFC 6152 3: 8-bit data only to a receiver that offers 8BITMIME; a signed
+            # message was made 7-bit before signing (remote_worker), so this keeps DKIM.
+            message = seven_bit(message)
         params = ""
         if "SIZE" in ext:
             params += f" SIZE={len(message)}"

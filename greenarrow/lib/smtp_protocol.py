@@ -16,7 +16,7 @@ octets, the message size (552 after the data), 1000 recipients per message
 (452), and time (below). Data lines may be longer than RFC 5321's 1000
 octets, up to the message size: applications send minified HTML on one line
 (Postfix takes it), and the remote worker re-encodes such a part before it
-goes out (greenarrow.lib.deliver.long_lines).
+goes out (greenarrow.lib.core.wire_encoding).
 
 Time: each command line must arrive whole within `timeout` seconds of the
 previous reply (or the greeting); bytes trickling in do not extend it, so a

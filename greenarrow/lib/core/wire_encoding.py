@@ -1,4 +1,5 @@
-"""No line over 998 octets on the way out (RFC 5321 4.5.3.1.6, RFC 5322 2.1.1).
+"""What may go on the wire: no line over 998 octets (RFC 5321 4.5.3.1.6, RFC 5322
+2.1.1), and 7-bit bodies where 8-bit is not allowed (RFC 6152).
 
 Injection accepts long lines (minified HTML from applications has them;
 Postfix accepts it too), so the remote worker shortens them before DKIM
@@ -10,6 +11,14 @@ one in base64 is re-wrapped in 76-character lines. Multipart bodies are
 walked part by part, `message/rfc822` bodies as messages; every other byte
 is kept as it was. A message without a long line is returned as it is,
 after one scan (the cost for almost every message).
+
+seven_bit() does the same for every leaf part whose body holds an 8-bit
+byte: it becomes quoted-printable, for a receiver that does not offer
+8BITMIME (RFC 6152 section 3: convert, do not send 8-bit data to it). The
+remote worker does it before signing when it signs with DKIM (so the
+signature covers what every receiver gets), and the SMTP client does it for
+an unsigned message when the receiver lacks 8BITMIME. 8-bit bytes in a
+header block cannot be converted this way and are sent as they are.
 
 Left alone (sent as they are): a long line in a header block, in a
 multipart preamble or epilogue, or in a multipart whose boundary is not
@@ -31,12 +40,23 @@ def shorten_long_lines(message: bytes) -> bytes:
     """`message` (CRLF) with every body line over 998 octets re-encoded away."""
     if fast.max_line_length(message) <= MAX_LINE:
         return message
-    return _entity(message, 0, len(message), top=True)
+    return _entity(message, 0, len(message), False, top=True)
 
 
-def _entity(msg: bytes, start: int, end: int, top: bool = False) -> bytes:
-    """The entity msg[start:end] (headers, body) with its long body lines re-encoded."""
-    if fast.max_line_length(msg[start:end]) <= MAX_LINE:
+def seven_bit(message: bytes) -> bytes:
+    """`message` with long lines and 8-bit bodies re-encoded (quoted-printable)."""
+    if message.isascii() and fast.max_line_length(message) <= MAX_LINE:
+        return message
+    return _entity(message, 0, len(message), True, top=True)
+
+
+def _fine(data: bytes, seven: bool) -> bool:
+    return fast.max_line_length(data) <= MAX_LINE and (not seven or data.isascii())
+
+
+def _entity(msg: bytes, start: int, end: int, seven: bool, top: bool = False) -> bytes:
+    """The entity msg[start:end] (headers, body) with its body re-encoded where it must be."""
+    if _fine(msg[start:end], seven):
         return msg[start:end]
     fields, body_start = fast.split_headers(msg, start, end)
     body_start = min(body_start, end)
@@ -58,21 +78,21 @@ def _entity(msg: bytes, start: int, end: int, top: bool = False) -> bytes:
         for line_start, after, closing in delimiters:
             if previous is not None:
                 part_end = max(previous, line_start - 2)  # its CRLF belongs to the delimiter
-                out.append(_entity(msg, previous, part_end))
+                out.append(_entity(msg, previous, part_end, seven))
                 copied = part_end
             out.append(msg[copied:after])
             copied = after
             previous = None if closing else after
         if previous is not None:  # no closing delimiter: the last part runs to the end
-            out.append(_entity(msg, previous, end))
+            out.append(_entity(msg, previous, end, seven))
         else:
             out.append(msg[copied:end])
         return b"".join(out)
     if mime_type == b"message/rfc822":
-        return head + _entity(msg, body_start, end)
+        return head + _entity(msg, body_start, end, seven)
     body = msg[body_start:end]
-    if fast.max_line_length(body) <= MAX_LINE or body_start <= start:
-        return msg[start:end]  # the long line is in the header block (or there is none)
+    if _fine(body, seven) or body_start <= start:
+        return msg[start:end]  # what must change is in the header block (or there is none)
     encoding = values.get(b"content-transfer-encoding", (0, 0, b""))[2].strip().lower()
     try:
         if encoding == b"base64":
