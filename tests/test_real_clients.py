@@ -679,3 +679,29 @@ def test_8bit_to_a_receiver_without_8bitmime_becomes_quoted_printable() -> None:
     assert b"Content-Transfer-Encoding: quoted-printable\r\n" in plain
     assert _decoded_parts(plain) == _decoded_parts(message)
     assert send(["PIPELINING", "8BITMIME"]) == message  # offered: sent as it is
+
+
+def test_tls_failure_is_logged(tls_root: Root, start: Callable[[], ServerThread],
+                               caplog: pytest.LogCaptureFixture) -> None:
+    """A client that answers 220 to STARTTLS with bytes that are not TLS: session line
+    says so (end=tls-failed, and the handshake error)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="smtpd")
+    server = start()
+    sock, pending = raw_session(tls_root)
+    with sock:
+        sock.sendall(b"EHLO broken.test\r\nSTARTTLS\r\n")
+        _read_reply(sock, pending)
+        assert _read_reply(sock, pending).startswith(b"220")
+        sock.sendall(b"this is not a TLS client hello\r\n" * 4)
+        for _ in range(10):  # the server closes; bounded by the socket timeout
+            try:
+                if not sock.recv(4096):
+                    break
+            except ConnectionResetError:
+                break
+    server.wait_sessions_done()
+    line, = [x for x in smtpd_lines(caplog) if x.startswith("session ")]
+    assert line.startswith("session client=127.0.0.1 helo=broken.test tls=no accepted=0 "
+                           "refused=0 end=tls-failed tls_error=")
