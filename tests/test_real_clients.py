@@ -705,3 +705,15 @@ def test_tls_failure_is_logged(tls_root: Root, start: Callable[[], ServerThread]
     line, = [x for x in smtpd_lines(caplog) if x.startswith("session ")]
     assert line.startswith("session client=127.0.0.1 helo=broken.test tls=no accepted=0 "
                            "refused=0 end=tls-failed tls_error=")
+
+
+def test_config_check_names_a_bad_smtp_users_line(inject_root: Root) -> None:
+    """A password stored in clear is refused by `greenarrow_config check`, naming the line."""
+    from click.testing import CliRunner
+
+    from greenarrow.bin.greenarrow_config import main
+
+    (inject_root.control / "smtp.users").write_text("# apps\napp:plaintext\n")
+    result = CliRunner().invoke(main, ["check"], env={"HVMAIL_ROOT": str(inject_root.path)})
+    assert result.exit_code == 1
+    assert "smtp.users line 2" in result.output and "not a scrypt hash" in result.output
