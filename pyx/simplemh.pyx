@@ -1631,6 +1631,19 @@ cdef bytes _with_qp_header(bytes msg, Py_ssize_t start, list hdrs, Py_ssize_t bo
     return b"".join(out)
 
 
+cdef bint _has_body(bytes msg, Py_ssize_t start, Py_ssize_t body_start, Py_ssize_t end):
+    """Whether an entity has a body to write into: body bytes, or an empty line ending its
+    header block. A malformed part that is all header (no empty line, no body) has none:
+    what is appended to its body would land on its last header line, so it is left alone."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(msg)
+    if body_start < end or body_start == start:  # start == body_start: the message itself,
+        return True  # whose header block the caller writes, with its empty line
+    if body_start - start < 2 or s[body_start - 2] != 13 or s[body_start - 1] != 10:
+        return False
+    return body_start - 2 == start or (
+        body_start - start >= 4 and s[body_start - 4] == 13 and s[body_start - 3] == 10)
+
+
 cdef class Part:
     """A text part to rewrite: its encoding, its decoded text and the slots in it (plan_body).
 
@@ -1785,7 +1798,8 @@ cdef class _Walker:
             return 0
         if (mtype == b"text/html" or mtype == b"text/plain") and not (
                 disposition is not None
-                and _content_type(disposition, None) == b"attachment"):
+                and _content_type(disposition, None) == b"attachment") and _has_body(
+                msg, start, body_start, end):
             part = self._plan(start, body_start, end, mtype == b"text/html",
                               (cte or b"").strip().lower(), params.get(b"charset", b"").lower(),
                               top)

@@ -343,7 +343,8 @@ def test_specs_are_complete() -> None:
         assert spec.kind in kinds
         assert spec.doc
         if spec.default is None:
-            assert name == "me" or name.endswith(".concurrencyremote")
+            assert name in ("me", "defaulthost", "defaultdomain", "plusdomain") \
+                or name.endswith(".concurrencyremote")
         elif spec.kind in ("int", "size"):
             assert isinstance(spec.default, int) and spec.default >= 0
         elif spec.kind == "float":

@@ -30,6 +30,7 @@ def test_start_status_crash_restart_and_stop(tmp_path):
         assert "1 restarts" in engine.program("hvmail_init", "status").stdout.decode()
         again = engine.program("hvmail_init", "start")
         assert b"already running" in again.stdout
+        assert again.returncode == 0, again.stderr
         assert (engine.root.log / "remote-1" / "current").exists()
     down = engine.program("hvmail_init", "status")
     assert down.returncode == 1

@@ -123,7 +123,7 @@ def test_daemon_handles_a_request_as_the_python_sendmail_would(root):
     assert envelope["listid"] == "list1" and envelope["recipient"] == "r@dest.test"
     assert message.startswith(b"Received: by client.test (GreenArrow, from userid 1234);\r\n\t")
     assert message.endswith(b"body\r\n")
-    bad = inject_daemon.handle(root, *parse_request(b"8:sendmail,1:1,9:no-at-all,1:0,3:x\n\n,"), 0)
+    bad = inject_daemon.handle(root, *parse_request(b"8:sendmail,1:1,7:no-dom@,1:0,3:x\n\n,"), 0)
     assert bad[0] == 100 and "not of the form local@domain" in bad[1]
     for broken in (b"8:sendmail,5:x", b"8:sendmail,1:1,1:x,1:0,1:x-", b"x:sendmail,",
                    b"8:sendmail,10:1000000000,", b"8:sendmail,1:2,0:,"):
@@ -135,7 +135,7 @@ def test_without_the_daemon_the_client_runs_the_python_program(root):
     result = run_client(root, "sendmail", "-f", "s@origin.test", "r@dest.test")
     assert result.returncode == 0, result.stderr
     assert len(os.listdir(root.queue("ram") / "entries")) == 1
-    refused = run_client(root, "sendmail", "-f", "s@origin.test", "nobody")
+    refused = run_client(root, "sendmail", "-f", "s@origin.test", "nobody@")
     assert refused.returncode == 100 and b"local@domain" in refused.stderr
 
 

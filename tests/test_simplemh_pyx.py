@@ -439,3 +439,26 @@ def test_plan_body_long_line_becomes_quoted_printable() -> None:
 def test_body_plan_only_from_plan_body() -> None:
     with pytest.raises(ValueError):
         fast.BodyPlan().render(None, b"", 0, (b"", b"", b""), b"", b"", b"", b"")
+
+
+def test_pixel_never_goes_into_a_header_block() -> None:
+    """A malformed text/html part with no empty line and no body (MIME corpus): the open
+    pixel is not appended to its Content-Type line; the part is left alone. A part with an
+    empty line and an empty body still gets it, in its body."""
+    from greenarrow.pyx import tracksign
+
+    signer = tracksign.Signer(b"k" * 32)
+
+    def render(msg: bytes) -> bytes:
+        return _plan(msg).render(signer, b"r\x00\x00\x00\x00\x00\x00", 0, (b"C/", b"U/", b"O/"),
+                                 b"", b"", b"", b"\r\n")
+
+    broken = (b"Content-Type: multipart/alternative; boundary=\"b\"\r\n\r\n--b\r\n"
+              b"Content-Type: text/html\r\n--b--\r\n")
+    body = broken[broken.index(b"\r\n\r\n") + 4:]
+    assert _plan(broken).parts == []
+    assert render(broken) == b"\r\n" + body
+    empty = (b"Content-Type: multipart/alternative; boundary=\"b\"\r\n\r\n--b\r\n"
+             b"Content-Type: text/html\r\n\r\n\r\n--b--\r\n")
+    out = render(empty)
+    assert b"Content-Type: text/html\r\n\r\n<img src=\"O/" in out

@@ -36,6 +36,16 @@ def run(argv: list[str], program: str, qmail_inject: bool = False) -> int:
     if argv[:1] in (["--help"], ["-help"]):
         sys.stdout.write(USAGE)
         return EXIT_OK
+    try:
+        smtp = parse_args(argv, qmail_inject).smtp
+    except UsageError:
+        smtp = False  # reported below, as for any other bad arguments
+    if smtp:
+        from greenarrow.lib.core.paths import Root, root_path_from_env
+        from greenarrow.lib.inject import smtp_stdio
+
+        root = Root(root_path_from_env(dict(os.environ)))
+        return smtp_stdio.run(root, dict(os.environ), os.getuid())
     code, error = outcome(argv, sys.stdin.buffer.read(), dict(os.environ), program, qmail_inject)
     sys.stderr.write(error)
     return code

@@ -113,6 +113,10 @@ int main(int argc, char **argv) {
         (int)sizeof addr.sun_path)
         fallback(argv, name);
     if (access(addr.sun_path, F_OK) < 0) fallback(argv, name); /* stopped: stdin still unread */
+    /* -bs is a dialogue on stdin/stdout, not a message to hand over: the Python program
+     * serves it (greenarrow.lib.inject.smtp_stdio). */
+    for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++)
+        if (strcmp(argv[i], "-bs") == 0 && strcmp(name, "sendmail") == 0) fallback(argv, name);
 
     size_t cap = 65536, len = 0;
     char *msg = malloc(cap);

@@ -37,6 +37,13 @@ def _specs(*rows: tuple) -> dict[str, ControlSpec]:
 # A default of None means "derived" (see `read`).
 SPECS: dict[str, ControlSpec] = _specs(
     ("me", "text", None, False, "this server's name (default: the host name)"),
+    ("defaulthost", "text", None, True,
+     "command-line injection: host added to an address without one, as qmail-inject"
+     " (default: me)"),
+    ("defaultdomain", "text", None, True,
+     "command-line injection: domain added to a host name without a dot (default: me)"),
+    ("plusdomain", "text", None, True,
+     "command-line injection: domain that replaces the + ending a host name (default: me)"),
     (
         "smtp.listen",
         "listen",
@@ -259,6 +266,8 @@ def _convert(spec: ControlSpec, text: str) -> object:
 def _derived_default(control_dir: str, name: str) -> object:
     if name == "me":
         return os.uname().nodename or "localhost"
+    if name in ("defaulthost", "defaultdomain", "plusdomain"):
+        return read(control_dir, "me")
     if name.startswith("queue.") and name.endswith(".concurrencyremote"):
         return read(control_dir, "concurrencyremote")
     raise AssertionError(name)

@@ -23,6 +23,7 @@ from greenarrow.lib.config import control
 from greenarrow.lib.core import remote_link
 from greenarrow.lib.core.paths import Root
 from greenarrow.lib.core.remote_link import CONNMAXOUT
+from greenarrow.lib.core.wire_encoding import seven_bit, shorten_long_lines
 from greenarrow.lib.deliver.session_pool import SessionPool
 from greenarrow.lib.deliver.throttle import Program, Throttles
 from greenarrow.lib.queue import entry as queue_entry
@@ -213,8 +214,13 @@ class RemoteWorker:
         port = settings.port
         if route and route[1]:
             port = int(route[1])
+        # Before signing: the signature must cover the bytes that go out, whichever
+        # receiver takes them (one without 8BITMIME gets 7-bit: core.wire_encoding).
         if settings.dkim is not None:
+            message = seven_bit(message)
             message = (await settings.dkim.sign_async(message, envelope.get("dkim", ""))).message
+        else:
+            message = shorten_long_lines(message)
         attempt = Attempt(
             sender=envelope["sender"],
             recipient=recipient,

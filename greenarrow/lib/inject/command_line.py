@@ -33,7 +33,10 @@ Reads a message on standard input and queues it for delivery.
   -F NAME           full name for a From header added when the message has none
   -t                take recipients from the To, Cc and Bcc headers (Bcc is removed)
   -i, -oi           a line with a single dot does not end the message
-  -bm               deliver mail (the default and only mode)
+  -bm               deliver mail (the default mode)
+  -bs               speak SMTP on standard input and output (Symfony Mailer and
+                    Laravel run `sendmail -bs -i`): the checks and queueing of SMTP
+                    injection, every recipient allowed, as for a local user
 Other sendmail flags are accepted and ignored. Environment: GREENARROW_SENDID,
 GREENARROW_LISTID, GREENARROW_MTAID, GREENARROW_MAILCLASS; QMAILUSER or LOGNAME
 or USER, and QMAILHOST, for the default sender (`greenarrow inject`: also HVMAIL_ROOT).
@@ -69,7 +72,7 @@ class UsageError(Exception):
 
 
 class Options:
-    __slots__ = ("sender", "fullname", "from_headers", "ignore_dots", "recipients")
+    __slots__ = ("sender", "fullname", "from_headers", "ignore_dots", "recipients", "smtp")
 
     def __init__(self) -> None:
         self.sender: str | None = None
@@ -77,6 +80,7 @@ class Options:
         self.from_headers = False
         self.ignore_dots = False
         self.recipients: list[str] = []
+        self.smtp = False  # -bs: an SMTP session on stdin/stdout (greenarrow.lib.inject.smtp_stdio)
 
 
 def parse_args(argv: list[str], qmail_inject: bool = False) -> Options:
@@ -114,8 +118,11 @@ def parse_args(argv: list[str], qmail_inject: bool = False) -> Options:
             if rest.startswith("i"):
                 opts.ignore_dots = True
         elif flag == "b":
-            if rest not in ("m", ""):
-                raise UsageError(f"mode -b{rest} is not supported; only -bm (deliver mail)")
+            if rest == "s" and not qmail_inject:
+                opts.smtp = True
+            elif rest not in ("m", ""):
+                raise UsageError(f"mode -b{rest} is not supported; only -bm (deliver mail)"
+                                 " and -bs (SMTP on standard input and output)")
         elif flag == "a" and qmail_inject:
             pass  # qmail-inject -a: recipients from arguments only (our default)
         elif flag == "h" and qmail_inject:
@@ -162,10 +169,52 @@ def header_recipients(message: bytes) -> tuple[list[str], bytes]:
 
 
 def default_sender(me: str, environ: dict[str, str] | None = None) -> str:
+    """$QMAILUSER (or $LOGNAME, $USER) at $QMAILHOST; without $QMAILHOST, at `me`."""
     env = os.environ if environ is None else environ
     user = env.get("QMAILUSER") or env.get("LOGNAME") or env.get("USER") or "root"
     host = env.get("QMAILHOST") or me
     return f"{user}@{host}"
+
+
+def needs_qualifying(address: str) -> bool:
+    """Whether qualify() would change `address`: no host, a host without a dot, or a +."""
+    if not address:
+        return False
+    local, at, host = address.rpartition("@")
+    if not at:
+        return True
+    return bool(host) and not host.startswith("[") and (host.endswith("+") or "." not in host)
+
+
+def qualify(address: str, defaulthost: str, defaultdomain: str, plusdomain: str) -> str:
+    """An envelope address completed as qmail-inject completes it.
+
+    `root` gets `@defaulthost`; then a host ending in `+` has the `+` replaced
+    by `.plusdomain`, and a host without a dot gets `.defaultdomain` (so with
+    the defaults, all `me`: `root` -> `root@me`, `a@web` -> `a@web.me`).
+    """
+    if not needs_qualifying(address):
+        return address
+    local, at, host = address.rpartition("@")
+    if not at:
+        local, host = address, defaulthost
+    if host.endswith("+"):
+        host = f"{host[:-1]}.{plusdomain}"
+    elif host and "." not in host and not host.startswith("["):
+        host = f"{host}.{defaultdomain}"
+    return f"{local}@{host}"
+
+
+def qualify_all(addresses: list[str], folder: str) -> list[str]:
+    """qualify() each address; the three control files are read only when one needs it."""
+    if not any(needs_qualifying(a) for a in addresses):
+        return addresses
+    try:
+        names = [control.read_text(folder, n) for n in ("defaulthost", "defaultdomain",
+                                                            "plusdomain")]
+    except control.ControlError as e:
+        raise injection.InjectionError(False, str(e)) from None
+    return [qualify(a, *names) for a in addresses]
 
 
 def check_fullname(fullname: str) -> str:
@@ -231,6 +280,8 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
     Received field; `root` the install root (default: HVMAIL_ROOT of `environ`).
     """
     opts = parse_args(argv, qmail_inject)
+    if opts.smtp:  # the programs serve -bs themselves; a message handed over cannot be SMTP
+        raise UsageError("mode -bs is served by bin/sendmail itself, not with a message")
     if root is None:
         root = root_path_from_env(environ)  # strings, not pathlib: start-up time
     try:
@@ -247,6 +298,7 @@ def inject(argv: list[str], stdin: bytes, environ: dict[str, str], qmail_inject:
         found, message = header_recipients(message)
         recipients.extend(found)
     sender = default_sender(me, environ) if opts.sender is None else opts.sender
+    sender, *recipients = qualify_all([sender, *recipients], control_dir(root))
     try:
         sender = injection.check_sender(sender)
     except injection.InjectionError as e:

@@ -31,13 +31,15 @@ applies to it, never a loopback rule.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from greenarrow.lib.config import conf as conflib
-from greenarrow.lib.config import control, tcprules
+from greenarrow.lib.config import control, smtp_users, tcprules
 from greenarrow.lib.core import listen_sockets
 from greenarrow.lib.core import message as msglib
 from greenarrow.lib.core.paths import Root, count_path
@@ -55,7 +57,9 @@ NO_MAILBOX = "550 5.1.1 sorry, no mailbox here by that name (#5.1.1)"
 class Settings:
     """What the handler reads from control; re-read on reload (SIGHUP)."""
 
-    def __init__(self, root: Root) -> None:
+    def __init__(self, root: Root, local: bool = False) -> None:
+        """`local`: for `sendmail -bs`, which neither relays by rule nor offers TLS
+        (so a local user need not read smtp.tcp or the TLS key)."""
         self.root = root
         self.me = control.read_text(root.control, "me")
         self.databytes = control.read_int(root.control, "databytes")
@@ -65,13 +69,18 @@ class Settings:
         self.data_rate = control.read_int(root.control, "smtp.data.minrate")
         self.limit = control.read_int(root.control, "queue.ram.limit.messages")
         self.count_file = count_path(str(root.path), "ram")
-        self.rules = tcprules.load(root.control / "smtp.tcp")
         self.queue_dir = str(root.queue("ram"))
         self.fifo = str(root.trigger("ram"))
-        self.tls_context = tls_context(root.control)
         self.conf = conflib.load_root(root)  # incoming_email_domain: incoming_recipient()
         incoming.mailboxes(str(root.path), self.conf)  # a local part twice: refuse the start
         self.incoming_domains = incoming.incoming_domains(self.conf)
+        self.rules = tcprules.parse("", "")
+        self.tls_context: ssl.SSLContext | None = None
+        self.users: dict[str, smtp_users.SmtpUser] = {}
+        if not local:
+            self.users = smtp_users.read(root.control)
+            self.rules = tcprules.load(root.control / "smtp.tcp")
+            self.tls_context = tls_context(root.control)
 
 
 def tls_context(control_dir: Path) -> ssl.SSLContext | None:
@@ -166,6 +175,74 @@ class SessionCount:
             del self.by_address[address]
 
 
+MAX_REFUSAL_LINES = 20  # per session: a client looping on a refused command cannot flood the log
+
+
+def log_value(text: str, most: int = 300) -> str:
+    """`text` for a `key=value` log field: bare when it is printable ASCII without spaces,
+    quotes or backslashes, else in double quotes with `\\`, `\"` and `\\xNN` escapes."""
+    text = text[:most]
+    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' "\\'):
+        return text
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif " " <= c <= "~":
+            out.append(c)
+        else:
+            out.append("".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape")))
+    return '"' + "".join(out) + '"'
+
+
+def _loggable(command: str) -> str:
+    """The command as logged: an AUTH line loses its credentials."""
+    verb = command.split(" ", 2)
+    if verb[0].upper() == "AUTH":
+        return " ".join(verb[:2]) + " ..."
+    return command
+
+
+def session_line(session: SmtpSession) -> str:
+    """The one line logged when a session ends (docs/formats.md section 10)."""
+    if session.quit:
+        end = "quit"
+    elif session.state.get("timed_out"):
+        end = "timeout"
+    elif "tls_failed" in session.state:
+        end = "tls-failed"
+    else:
+        end = "disconnect-in-data" if session.in_data else "disconnect"
+    line = (f"session client={session.peer_ip or 'unknown'}"
+            f" helo={log_value(session.helo or '')} tls={'yes' if session.tls else 'no'}"
+            f" accepted={session.accepted} refused={session.refusals} end={end}")
+    if "tls_failed" in session.state:
+        line += f" tls_error={log_value(session.state['tls_failed'])}"
+    if session.first_refusal is not None:
+        command, reply = session.first_refusal
+        line += f" first_refusal={log_value(f'{_loggable(command)} -> {reply}')}"
+    return line
+
+
+def refusal_line(session: SmtpSession, command: str, reply: str) -> str:
+    """The line logged for each refused command (at most MAX_REFUSAL_LINES a session)."""
+    return (f"refused client={session.peer_ip or 'unknown'} helo={log_value(session.helo or '')}"
+            f" command={log_value(_loggable(command))} reply={log_value(reply)}")
+
+
+def _loopback(address: str) -> bool:
+    """The host itself (127.0.0.1, ::1): where AUTH needs no TLS."""
+    return address in ("127.0.0.1", "::1")
+
+
+def _without_header(data: bytes, name: bytes) -> bytes:
+    """`data` (a message) without the fields `name` (lower-case) of its header block."""
+    crlf = msglib.to_crlf(data)
+    headers, _ = msglib.split_headers(crlf)
+    drop = {i for i, h in enumerate(headers) if h.name == name}
+    return msglib.rebuild(crlf, headers, drop) if drop else data
+
+
 class InjectionPolicy(SessionPolicy):
     """The engine's side of an SMTP session: relay check at RCPT, queue commit at DATA."""
 
@@ -177,6 +254,7 @@ class InjectionPolicy(SessionPolicy):
         self.data_rate = settings.data_rate
         self.tls_context = settings.tls_context
         self.trigger = queue_entry.Trigger(settings.fifo)
+        self.verified: set[tuple[str, bytes]] = set()
 
     def connected(self, session: SmtpSession) -> str | None:
         settings = self.settings
@@ -190,12 +268,15 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def closed(self, session: SmtpSession) -> None:
-        """The session is gone: count it out (once, and only if it was counted in)."""
-        if session.state.pop("counted", False):
-            self.sessions.release(session.peer_ip)
-        if session.state.get("timed_out"):
-            log.info("cut a session from %s: timeout (control/smtp.timeout, smtp.data.minrate)",
-                     session.peer_ip or "an unknown address")
+        """The session is gone: count it out (once, and only if it was counted in), log it."""
+        if not session.state.pop("counted", False):
+            return  # refused at connect: logged there
+        self.sessions.release(session.peer_ip)
+        log.info("%s", session_line(session))
+
+    def refused(self, session: SmtpSession, command: str, reply: str) -> None:
+        if session.refusals <= MAX_REFUSAL_LINES:
+            log.info("%s", refusal_line(session, command, reply))
 
     def _rule(self, session: SmtpSession) -> tcprules.TcpRule | None:
         if "rule" not in session.state:  # once per connection
@@ -211,12 +292,31 @@ class InjectionPolicy(SessionPolicy):
             return f"553 5.1.7 {e.text}"
         return None
 
+    def auth_offered(self, session: SmtpSession) -> bool | None:
+        if not self.settings.users:
+            return None
+        return session.tls or _loopback(session.peer_ip)
+
+    def authenticate(self, session: SmtpSession, user: str, password: str) -> bool:
+        known = self.settings.users.get(user)
+        # A known user's good password is checked once per reload: scrypt costs ~50 ms.
+        key = (user, hashlib.sha256(password.encode("utf-8", "surrogateescape")).digest())
+        ok = key in self.verified or (
+            known is not None and smtp_users.check_password(known.hash, password))
+        if ok:
+            self.verified.add(key)
+        else:
+            log.warning("failed login client=%s user=%s failures=%d",
+                        session.peer_ip or "unknown", log_value(user), session.auth_failures + 1)
+        return ok
+
     def check_recipient(self, session: SmtpSession, address: str) -> str | None:
         local, refusal = incoming_recipient(self.settings, address)
         if local is not None or refusal is not None:
             return refusal
         rule = self._rule(session)
-        if rule is None or not rule.allow or "RELAYCLIENT" not in rule.env:
+        if session.auth_user is None and (
+                rule is None or not rule.allow or "RELAYCLIENT" not in rule.env):
             return RELAY_DENIED
         try:
             injection.check_address(address, "recipient")
@@ -225,18 +325,31 @@ class InjectionPolicy(SessionPolicy):
         return None
 
     def message(self, session: SmtpSession, transaction: Transaction, data: bytes) -> str:
-        settings = self.settings
         rule = self._rule(session)
         env = {k: v for k, v in (rule.env if rule else {}).items() if k.startswith("GREENARROW_")}
+        user = self.settings.users.get(session.auth_user or "")
+        if user is not None and user.mail_class:
+            env["GREENARROW_MAILCLASS"] = user.mail_class
+            if user.force_mail_class:  # engine_user_force_mail_class: the header loses
+                data = _without_header(data, b"x-greenarrow-mailclass")
+
+        def trace() -> bytes:
+            if "GREENARROW_SMTP_RECEIVED_HIDE" in env:
+                return b""
+            peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
+            return msglib.header_field(
+                "Received", f"from {session.helo or 'unknown'} ({peer})",
+                f"by {self.settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
+                f" {msglib.rfc5322_date()}")
+
+        return self.commit(session, transaction, data, env, trace)
+
+    def commit(self, session: SmtpSession, transaction: Transaction, data: bytes,
+               env: dict[str, str], trace: Callable[[], bytes]) -> str:
+        """Queue the message; the reply to the end of DATA."""
+        settings = self.settings
         ours = [incoming_recipient(settings, r)[0] for r in transaction.recipients]
         try:
-            trace = b""
-            if "GREENARROW_SMTP_RECEIVED_HIDE" not in env:
-                peer = f"[{session.peer_ip}]" if session.peer_ip else "unknown"
-                trace = msglib.header_field(
-                    "Received", f"from {session.helo or 'unknown'} ({peer})",
-                    f"by {settings.me} with {'ESMTPS' if session.tls else 'ESMTP'};"
-                    f" {msglib.rfc5322_date()}")
             msguid = injection.accept(
                 settings.queue_dir,
                 self.trigger,
@@ -246,7 +359,7 @@ class InjectionPolicy(SessionPolicy):
                 env,
                 settings.me,
                 source_ip=session.peer_ip,
-                trace=trace,
+                trace=trace(),
                 databytes=settings.databytes,
                 limit=settings.limit,
                 count_file=settings.count_file,
@@ -300,7 +413,8 @@ class SmtpServer:
         try:
             old, self.policy = self.policy, InjectionPolicy(Settings(self.root), self.sessions)
             old.trigger.close()
-        except (control.ControlError, tcprules.TcpRulesError, conflib.ConfError, OSError) as e:
+        except (control.ControlError, tcprules.TcpRulesError, smtp_users.SmtpUsersError,
+                conflib.ConfError, OSError) as e:
             log.error("reload failed, keeping the previous settings: %s", e)
         else:
             log.info("reloaded control files")

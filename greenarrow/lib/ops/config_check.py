@@ -42,7 +42,8 @@ def check_conf(conf: conflib.Block) -> None:
 
 
 def check_root(root: Root, conf_file: Path | None = None) -> None:
-    """Check greenarrow.conf (or `conf_file`) and the DKIM keys; ConfigProblem if unusable."""
+    """Check greenarrow.conf (or `conf_file`), the DKIM keys and control/smtp.users;
+    ConfigProblem if unusable."""
     from greenarrow.lib.dkim.signing import DkimSigner
 
     try:
@@ -51,7 +52,10 @@ def check_root(root: Root, conf_file: Path | None = None) -> None:
     except conflib.ConfError as e:
         raise ConfigProblem(str(e)) from None
     if conf_file is None:
+        from greenarrow.lib.config import smtp_users
+
         try:
             DkimSigner.from_control(root.control)
-        except control.ControlError as e:
+            smtp_users.read(root.control)
+        except (control.ControlError, smtp_users.SmtpUsersError) as e:
             raise ConfigProblem(str(e)) from None

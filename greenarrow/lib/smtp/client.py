@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from greenarrow.lib.core.remote_link import DEFERRAL, FAILURE, SUCCESS
+from greenarrow.lib.core.wire_encoding import seven_bit
 from greenarrow.lib.smtp.mx import MxHost
 
 __all__ = [
@@ -329,6 +330,10 @@ class Session:
         t = self._t
         ext = self.extensions
         message = attempt.message
+        if "8BITMIME" not in ext and not message.isascii():
+            # RFC 6152 3: 8-bit data only to a receiver that offers 8BITMIME; a signed
+            # message was made 7-bit before signing (remote_worker), so this keeps DKIM.
+            message = seven_bit(message)
         params = ""
         if "SIZE" in ext:
             params += f" SIZE={len(message)}"

@@ -12,9 +12,11 @@ the commands of one read in one write (PIPELINING), and leaves policy to a
 Spoken: HELO, EHLO (PIPELINING, SIZE, 8BITMIME, STARTTLS when the policy has
 a TLS context), MAIL (SIZE=, BODY=; SMTPUTF8 is refused with 555), RCPT, DATA,
 RSET, NOOP, VRFY (252), HELP, QUIT, STARTTLS. Limits: command lines of 512
-octets, data lines of 1000 octets (RFC 5321 4.5.3.1: a longer line gets 500
-after the data, nothing is accepted), the message size (552 after the data),
-1000 recipients per message (452), and time (below).
+octets, the message size (552 after the data), 1000 recipients per message
+(452), and time (below). Data lines may be longer than RFC 5321's 1000
+octets, up to the message size: applications send minified HTML on one line
+(Postfix takes it), and the remote worker re-encodes such a part before it
+goes out (greenarrow.lib.core.wire_encoding).
 
 Time: each command line must arrive whole within `timeout` seconds of the
 previous reply (or the greeting); bytes trickling in do not extend it, so a
@@ -37,7 +39,6 @@ import time
 from collections.abc import Callable
 
 MAX_COMMAND = 512
-MAX_LINE = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
 MAX_RECIPIENTS = 1000
 # The HELO argument goes into the Received header: a CR (a bare LF already ends the
 # command line) or a NUL there would let a client smuggle header lines, or a whole
@@ -78,6 +79,19 @@ class SessionPolicy:
     def message(self, session: SmtpSession, transaction: Transaction, data: bytes) -> str:
         """Accept (or refuse) a complete message; the reply to the end of DATA."""
         return "250 ok"
+
+    def refused(self, session: SmtpSession, command: str, reply: str) -> None:
+        """A command got a 4xx or 5xx reply (`command` as the client sent it)."""
+
+    auth_fail_delay = 2.0  # seconds a failed AUTH waits for its reply (reading paused)
+
+    def auth_offered(self, session: SmtpSession) -> bool | None:
+        """True: AUTH PLAIN LOGIN is offered; False: users exist but not here (no TLS);
+        None: no AUTH at all."""
+        return None
+
+    def authenticate(self, session: SmtpSession, user: str, password: str) -> bool:
+        return False
 
 
 def parse_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
@@ -123,8 +137,17 @@ class SmtpSession(asyncio.Protocol):
         self.data_scan = 0  # how far the end-of-data search has looked
         self.closing = False
         self.closed = False  # the connection is gone
-        self.tls_pending = False
+        self.tls_pending = False  # STARTTLS answered, TLS not yet up
+        self.tls_started = False  # start_tls has the transport: what arrives is decrypted
         self.state: dict = {}  # for the policy (its per-connection notes)
+        # What the session log line reports (smtp_injection.InjectionPolicy.closed).
+        self.accepted = 0  # messages answered 250 at the end of DATA
+        self.refusals = 0  # commands (and DATA ends) answered 4xx or 5xx
+        self.first_refusal: tuple[str, str] | None = None  # (command, reply) of the first
+        self.quit = False
+        self.auth_user: str | None = None
+        self.auth_step: tuple[str, str] | None = None  # AUTH waiting for a response line
+        self.auth_failures = 0
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0.0  # time.monotonic() of the last reply: the current command's start
         self._received = 0  # bytes read in this session
@@ -194,28 +217,63 @@ class SmtpSession(asyncio.Protocol):
     # -- input --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.closing or self.tls_pending:
+        if self.closing:
+            return
+        if self.tls_pending:
+            if self.tls_started:
+                # The first application data, decrypted as the handshake ends (GnuTLS
+                # sends EHLO in the handshake's last segment): kept for when TLS is up.
+                self.buffer += data
+                self._received += len(data)
+            # else: plaintext pipelined behind STARTTLS, which RFC 3207 says to forget
             return
         self.buffer += data
         self._received += len(data)
+        self._answer()
+
+    def _answer(self) -> None:
+        """Process what is buffered; send the replies in one write."""
         replies: list[str] = []
         self._process(replies)
         if replies:
             self._touch()
+        if self.state.pop("auth_failed", False) and self.transport is not None:
+            # A failed login's reply waits, and nothing is read meanwhile: guessing is slow.
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(
+                self.policy.auth_fail_delay * self.auth_failures, self._send_late, replies)
+            return
+        self._send(replies)
+
+    def _send(self, replies: list[str]) -> None:
         if replies and self.transport is not None and not self.transport.is_closing():
             self.transport.write(("\r\n".join(replies) + "\r\n").encode("utf-8", "surrogateescape"))
         if self.closing and self.transport is not None:
             self.transport.close()
 
+    def _send_late(self, replies: list[str]) -> None:
+        if self.closed or self.transport is None:
+            return
+        self._send(replies)
+        if not self.closing:
+            self.transport.resume_reading()
+            if self.buffer:  # commands pipelined behind the failed AUTH
+                self._answer()
+
     def _process(self, replies: list[str]) -> None:
         buf = self.buffer
         pos = 0
-        while not self.closing and not self.tls_pending:
+        while not self.closing and not self.tls_pending and "auth_failed" not in self.state:
             if self.in_data:
                 end = self._find_data_end()
                 if end is None:
                     break
-                replies.append(self._end_of_data(bytes(buf[self.data_start:end[0]])))
+                reply = self._end_of_data(bytes(buf[self.data_start:end[0]]))
+                replies.append(reply)
+                if reply[0] in "45":
+                    self._refusal(b"DATA (end of data)", reply)
+                else:
+                    self.accepted += 1
                 pos = end[1]
                 self.in_data = False
                 continue
@@ -223,16 +281,23 @@ class SmtpSession(asyncio.Protocol):
             if eol < 0:
                 if len(buf) - pos > MAX_COMMAND * 4:
                     replies.append("500 5.5.2 line too long")
+                    self._refusal(bytes(buf[pos:pos + 40]) + b"...", replies[-1])
                     self.closing = True
                 break
             line = bytes(buf[pos:eol]).rstrip(b"\r")
             pos = eol + 1
             if len(line) > MAX_COMMAND:
                 replies.append("500 5.5.2 line too long")
+                self._refusal(line[:40] + b"...", replies[-1])
                 continue
-            reply = self._command(line)
+            if self.auth_step is None:
+                reply = self._command(line)
+            else:
+                reply, line = self._auth_response(line), b"AUTH (response)"
             if reply:
                 replies.append(reply)
+                if reply[0] in "45":
+                    self._refusal(line, reply)
             if self.in_data:
                 self.data_start = pos
                 self.data_scan = pos
@@ -250,6 +315,13 @@ class SmtpSession(asyncio.Protocol):
                 self.data_start = 0
                 self.data_scan = 0
                 self.state["too_big"] = True
+
+    def _refusal(self, line: bytes, reply: str) -> None:
+        self.refusals += 1
+        command = line.decode("utf-8", "surrogateescape")
+        if self.first_refusal is None:
+            self.first_refusal = (command, reply)
+        self.policy.refused(self, command, reply)
 
     def _find_data_end(self) -> tuple[int, int] | None:
         """(end of message, start of what follows) for the `.` line; None if not here yet."""
@@ -295,6 +367,8 @@ class SmtpSession(asyncio.Protocol):
         lines.append(f"SIZE {self.policy.databytes}" if self.policy.databytes else "SIZE")
         if self.policy.tls_context is not None and not self.tls:
             lines.append("STARTTLS")
+        if self.policy.auth_offered(self) and self.auth_user is None:
+            lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         return "\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}"
 
@@ -320,7 +394,7 @@ class SmtpSession(asyncio.Protocol):
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 BODY can only be 7BIT or 8BITMIME"
-            elif key not in ("AUTH", "RET", "ENVID"):
+            elif key != "AUTH":  # RET, ENVID: DSN is not offered (RFC 3461), so not ignored
                 return f"555 5.5.4 MAIL parameter {key} not supported"
         refusal = self.policy.check_sender(self, address)
         if refusal is not None:
@@ -334,6 +408,9 @@ class SmtpSession(asyncio.Protocol):
         parsed = parse_path(arg, "TO:")
         if parsed is None or not parsed[0]:
             return "501 5.5.4 syntax: RCPT TO:<address>"
+        if parsed[1]:  # NOTIFY=, ORCPT= (DSN) or anything else: nothing is offered for RCPT
+            key = parsed[1][0].partition("=")[0].upper()
+            return f"555 5.5.4 RCPT parameter {key} not supported"
         if len(self.transaction.recipients) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients"
         refusal = self.policy.check_recipient(self, parsed[0])
@@ -359,12 +436,71 @@ class SmtpSession(asyncio.Protocol):
         if self.state.pop("too_big", False) or (
                 self.policy.databytes and len(data) > self.policy.databytes):
             return "552 5.3.4 message size exceeds fixed maximum message size"
-        if len(data) > MAX_LINE - 2 and _longest_line(data) > MAX_LINE:
-            return "500 5.5.2 line too long (see RFC 5321 4.5.3.1.6)"
-        if b"\r\n." in data or data.startswith(b"."):
+        if b"\n." in data or data.startswith(b"."):
             data = _unstuff(data)
         assert transaction is not None
         return self.policy.message(self, transaction, data)
+
+    def smtp_AUTH(self, arg: str) -> str:
+        """RFC 4954, PLAIN (RFC 4616) and LOGIN; only where the policy offers it."""
+        offered = self.policy.auth_offered(self)
+        if offered is None:
+            return "502 5.5.1 AUTH not available"
+        if not offered:
+            return "538 5.7.11 encryption required: STARTTLS first"
+        if self.helo is None or not self.esmtp:
+            return "503 5.5.1 send EHLO first"
+        if self.auth_user is not None:
+            return "503 5.5.1 already authenticated"
+        if self.transaction is not None:
+            return "503 5.5.1 AUTH not allowed during a mail transaction"
+        mechanism, _, initial = arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            self.auth_step = ("plain", "")
+            return "334 "
+        if mechanism == "LOGIN":
+            if initial:
+                return self._auth_response(initial.encode(), ("login-user", ""))
+            self.auth_step = ("login-user", "")
+            return "334 VXNlcm5hbWU6"  # "Username:"
+        return "504 5.5.4 AUTH mechanism not supported (PLAIN, LOGIN)"
+
+    def _auth_response(self, line: bytes, step: tuple[str, str] | None = None) -> str:
+        step, self.auth_step = step or self.auth_step, None
+        assert step is not None
+        text = line.strip().decode("ascii", "replace")
+        if text == "*":
+            return "501 5.7.0 authentication cancelled"
+        if step[0] == "plain":
+            return self._auth_plain(text)
+        value = _b64(text)
+        if value is None:
+            return "501 5.5.2 cannot decode the response (base64)"
+        if step[0] == "login-user":
+            self.auth_step = ("login-password", value)
+            return "334 UGFzc3dvcmQ6"  # "Password:"
+        return self._auth_check(step[1], value)
+
+    def _auth_plain(self, text: str) -> str:
+        value = _b64(text)
+        if value is None or value.count("\x00") != 2:
+            return "501 5.5.2 cannot decode the PLAIN response"
+        _authzid, user, password = value.split("\x00")
+        return self._auth_check(user, password)
+
+    def _auth_check(self, user: str, password: str) -> str:
+        if user and self.policy.authenticate(self, user, password):
+            self.auth_user = user
+            return "235 2.7.0 authentication successful"
+        self.auth_failures += 1
+        self.state["auth_failed"] = True
+        if self.auth_failures >= 3:
+            self.closing = True
+            return "421 4.7.0 too many failed logins, closing"
+        return "535 5.7.8 authentication credentials invalid"
 
     def smtp_RSET(self, arg: str) -> str:
         self.transaction = None
@@ -380,7 +516,7 @@ class SmtpSession(asyncio.Protocol):
         return "214 2.0.0 see RFC 5321"
 
     def smtp_QUIT(self, arg: str) -> str:
-        self.closing = True
+        self.closing = self.quit = True
         return f"221 2.0.0 {self.policy.hostname} closing connection"
 
     def smtp_STARTTLS(self, arg: str) -> str:
@@ -396,22 +532,37 @@ class SmtpSession(asyncio.Protocol):
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         assert self.transport is not None
-        leftover = bytes(self.buffer)
+        # RFC 3207: forget everything from before TLS, including anything the client
+        # pipelined after STARTTLS, which it must not do.
         self.buffer.clear()
+        self.tls_started = True
         try:
             transport = await loop.start_tls(self.transport, self, context, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError):
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            self.state["tls_failed"] = str(e) or type(e).__name__
             self._close()
             return
         if transport is None:
+            self.state["tls_failed"] = "no transport"
             self._close()
             return
         self.transport = transport
         self.tls, self.tls_pending = True, False
-        # RFC 3207: forget everything from before TLS, including anything the client
-        # pipelined after STARTTLS (`leftover`), which it must not do.
-        del leftover
         self.helo, self.esmtp, self.transaction = None, False, None
+        self.auth_user, self.auth_step = None, None
+        if self.buffer and not self.closing:
+            self._answer()
+
+
+def _b64(text: str) -> str | None:
+    """A base64 SASL response as text (UTF-8, undecodable bytes kept), or None."""
+    import binascii
+
+    try:
+        return binascii.a2b_base64(text.encode("ascii", "replace")).decode("utf-8", "surrogateescape") \
+            if text not in ("", "=") else ""
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _has_control(text: str) -> bool:
@@ -419,12 +570,14 @@ def _has_control(text: str) -> bool:
     return any(c < " " or c == "\x7f" for c in text)
 
 
-def _longest_line(data: bytes) -> int:
-    return max(map(len, data.split(b"\r\n"))) + 2
-
-
 def _unstuff(data: bytes) -> bytes:
-    """Undo the dot-stuffing of RFC 5321 4.5.2."""
+    """Undo the dot-stuffing of RFC 5321 4.5.2.
+
+    After a bare LF too: a client that takes LF for a line end (as the
+    message it was given did) stuffs the dot after it, and the line becomes
+    CRLF at injection; Postfix unstuffs there as well. Only the end of the
+    data stays CRLF.CRLF alone (SMTP smuggling).
+    """
     if data.startswith(b"."):
         data = data[1:]
-    return data.replace(b"\r\n.", b"\r\n")
+    return data.replace(b"\n.", b"\n")
