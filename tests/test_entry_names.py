@@ -14,8 +14,10 @@ from greenarrow.lib.queue import entry as queue_entry
 NAME_CHARS = st.sampled_from("abc019-._ ~\u00e9\u0661")
 
 
-def scanned(name: str) -> tuple[str, int, int] | None:
-    """What queue-send's scan makes of a file named `name` (None: skipped or a stray)."""
+def scanned(name: str) -> tuple[int, int] | None:
+    """(attempts, due) of what queue-send's scan makes of a file named `name`
+    (None: skipped or a stray). The scan names files as the folder lists them; the
+    entry id itself is the name's text before the last two dots either way."""
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, name), "w"):
             pass
@@ -23,12 +25,12 @@ def scanned(name: str) -> tuple[str, int, int] | None:
         if not found.names:
             return None
         (only,) = list(found)
-        return queue_entry.split_name(only[0])[0], only[1], only[2]
+        return only[1], only[2]
 
 
-def parsed(name: str) -> tuple[str, int, int] | None:
+def parsed(name: str) -> tuple[int, int] | None:
     try:
-        return queue_entry.split_name(name)
+        return queue_entry.split_name(name)[1:]
     except ValueError:
         return None
 

@@ -455,6 +455,6 @@ def test_inodes_with_the_top_bit_fit_in_a_bigint():
     from greenarrow.lib.events import recorder as recorder_module
 
     for inode in (12, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
-        stored = recorder_module._inode_to_db(inode)
+        stored = recorder_module.inode_to_db(inode)
         assert -(1 << 63) <= stored < 1 << 63
-        assert recorder_module._position_from_db(("current", stored, "h", 0)).inode == inode
+        assert recorder_module.position_from_db(("current", stored, "h", 0)).inode == inode

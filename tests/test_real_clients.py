@@ -24,6 +24,7 @@ from smtp_receivers import self_signed_context
 from test_smtpd import MESSAGE, RELAY_RULES, WAIT, ServerThread, free_port, queued
 
 from greenarrow.lib.config import control
+from greenarrow.lib.core import users
 from greenarrow.lib.core.paths import Root
 from greenarrow.lib.ops.install_root import init_root
 
@@ -435,6 +436,7 @@ def test_long_lines_accepted_and_delivered_within_998_octets_and_signed(tmp_path
         engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}))
         (engine.root.control / "dkim" / "origin.test").mkdir(parents=True)
         (engine.root.control / "dkim" / "origin.test" / "default.pem").write_bytes(key)
+        users.restrict(engine.root.control / "dkim" / "origin.test" / "default.pem")
         keys = DkimKeys.from_control(engine.root.control)
         record = keys.get("origin.test", "default")
         assert record is not None
