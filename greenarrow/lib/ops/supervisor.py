@@ -75,17 +75,26 @@ def _die_with_parent() -> None:
 
 
 def _conditions(root: Root) -> dict[str, bool]:
-    """The conditions an `init/services` line may name in `[if NAME]`."""
+    """The conditions an `init/services` line may name in `[if NAME]`: a service with
+    nothing to do is not started (its polling would cost every message CPU)."""
     from greenarrow.lib.config import conf
     from greenarrow.lib.events import database
 
     try:
-        bundled = database.bundled(root)
+        loaded = conf.load_root(root)
+        db = database.configured(root, loaded)
+        destinations = bool(loaded.blocks_named("event_delivery_destination"))
     except conf.ConfError as exc:
-        # The services report the mistake themselves; the database runs as by default.
+        # The services report the mistake themselves; start them as by default.
         log.error("%s", exc)
-        bundled = True
-    return {"bundled_database": bundled}
+        return dict.fromkeys(("bundled_database", "database", "event_destinations",
+                              "tracker"), True)
+    tracker = bool(control.read(root.control, "tracker.listen")
+                   or control.read(root.control, "tracker.tls.listen"))
+    return {"bundled_database": db.kind == database.BUNDLED,
+            "database": db.kind != database.NONE,
+            "event_destinations": destinations and db.kind != database.NONE,
+            "tracker": tracker}
 
 
 def _options(text: str, where: str, conditions: dict[str, bool]
@@ -108,8 +117,9 @@ def _options(text: str, where: str, conditions: dict[str, bool]
 def read_services(root: Root) -> list[Service]:
     """The services of `init/services`: `name program [args] [[options]]`; `{worker}`
     lines are repeated for each remote worker (`control/remote.workers`); options
-    in brackets: `if bundled_database` (start the line only then), `stop SIGINT`
-    (the signal that stops it instead of SIGTERM)."""
+    in brackets: `if CONDITION` (start the line only then: `bundled_database`,
+    `database`, `event_destinations`, `tracker`), `stop SIGINT` (the signal that
+    stops it instead of SIGTERM)."""
     workers = control.read_int(root.control, "remote.workers")
     services = []
     conditions: dict[str, bool] | None = None
