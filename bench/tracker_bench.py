@@ -148,7 +148,7 @@ def bench_nginx(work: Path, args: argparse.Namespace) -> dict:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
     folder = work / "nginx"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     conf = folder / "nginx.conf"
     conf.write_text(NGINX_CONF.format(work=folder, port=port, redirect=REDIRECT))
     proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(folder)],
