@@ -107,16 +107,22 @@ def new_entry_name(msguid: str, index: int, attempts: int = 0, due: int = 0) -> 
     return f"{msguid}-{index}.{attempts}.{due}"
 
 
+_parse_name = None  # the compiled scanner's parser, imported at the first split_name
+
+
 def split_name(name: str) -> tuple[str, int, int]:
     """(entry id, attempts, due) of an entry file name; ValueError if it is not one.
 
     The compiled scanner's parser decides, so a name is an entry for every
     reader or for none: `queue-send`'s scan and the queue tools agree.
     """
-    # Imported here: command-line injection imports this module but never parses names.
-    from greenarrow.pyx.queue_scan import parse_name
+    global _parse_name
+    if _parse_name is None:
+        # Not at import: command-line injection imports this module but never parses names.
+        from greenarrow.pyx.queue_scan import parse_name
 
-    parsed = None if name.startswith(".") else parse_name(name)
+        _parse_name = parse_name
+    parsed = None if name.startswith(".") else _parse_name(name)
     if parsed is None:
         raise ValueError(f"not a queue entry name: {name!r}")
     return parsed
