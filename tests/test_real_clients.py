@@ -459,7 +459,7 @@ def test_long_lines_accepted_and_delivered_within_998_octets_and_signed(tmp_path
 
 
 def smtpd_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "smtpd"]
+    return [r.getMessage() for r in caplog.records if r.name in ("smtpd", "smtpd.session")]
 
 
 def test_sessions_and_refusals_are_logged(root: Root, start: Callable[[], ServerThread],

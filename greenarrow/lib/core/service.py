@@ -30,13 +30,15 @@ LOG_DELAY = 0.2  # seconds an INFO line may wait for company before it is writte
 
 
 class BatchedStderr(logging.Handler):
-    """Writes log lines to standard error in batches: one write(2) per LOG_DELAY.
+    """Writes log lines to standard error; the lines of a `*.session` logger in batches.
 
     The supervisor reads every service's standard error into its log file; a
     write per line (smtpd logs a line per SMTP session) cost the supervisor a
-    wake-up and a write per message. A WARNING or worse, 16 KiB of lines, or
-    the process's exit (logging.shutdown) writes at once, so what matters is
-    never held back; a kill -9 may lose up to LOG_DELAY of INFO lines.
+    wake-up and a write per message. So the lines of a logger whose name ends
+    in `.session` wait up to LOG_DELAY for company; any other line, a WARNING or
+    worse, 16 KiB of lines, or the process's exit (logging.shutdown) writes
+    everything waiting at once, in order. A kill -9 may lose up to LOG_DELAY
+    of session lines.
     """
 
     def __init__(self, delay: float = LOG_DELAY, limit: int = 16384) -> None:
@@ -54,7 +56,8 @@ class BatchedStderr(logging.Handler):
             return
         self.parts.append(line)
         self.size += len(line)
-        if record.levelno >= logging.WARNING or self.size >= self.limit:
+        if (record.levelno >= logging.WARNING or self.size >= self.limit
+                or not record.name.endswith(".session")):
             self._write()
         elif self.timer is None:
             self.timer = threading.Timer(self.delay, self.flush)

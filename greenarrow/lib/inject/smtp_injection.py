@@ -49,6 +49,8 @@ from greenarrow.lib.routing import incoming
 from greenarrow.lib.smtp.server import SessionPolicy, SmtpSession, Transaction
 
 log = logging.getLogger("smtpd")
+# The per-session and per-refusal lines: written in batches (core.service.BatchedStderr).
+session_log = logging.getLogger("smtpd.session")
 
 RELAY_DENIED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
 NO_MAILBOX = "550 5.1.1 sorry, no mailbox here by that name (#5.1.1)"
@@ -272,11 +274,11 @@ class InjectionPolicy(SessionPolicy):
         if not session.state.pop("counted", False):
             return  # refused at connect: logged there
         self.sessions.release(session.peer_ip)
-        log.info("%s", session_line(session))
+        session_log.info("%s", session_line(session))
 
     def refused(self, session: SmtpSession, command: str, reply: str) -> None:
         if session.refusals <= MAX_REFUSAL_LINES:
-            log.info("%s", refusal_line(session, command, reply))
+            session_log.info("%s", refusal_line(session, command, reply))
 
     def _rule(self, session: SmtpSession) -> tcprules.TcpRule | None:
         if "rule" not in session.state:  # once per connection
