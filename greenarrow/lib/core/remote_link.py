@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Awaitable, Callable
 
 # The one table of delivery statuses. A worker answers one of the first five;
 # queue-send turns a deferral or connmaxout past the queue lifetime into
@@ -78,3 +80,29 @@ class LineBatch:
         lines, self.lines = self.lines, []
         if lines and not self.writer.is_closing():
             self.writer.write(b"".join(lines))
+
+
+async def serve_jobs(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     handle: Callable[[dict, LineBatch], Awaitable[None]], batches: set,
+                     tasks: set, delay: float, log: logging.Logger) -> None:
+    """Serve one queue-send link of a delivery agent (a remote worker, the local agent).
+
+    Each job line starts `handle(job, results)` as a task of `tasks`; results wait
+    up to `delay` to share a write (the message is delivered already, only
+    queue-send's bookkeeping waits). The result batch is in `batches` while the
+    link is open, so a stopping agent can flush it.
+    """
+    results = LineBatch(writer, delay)
+    batches.add(results)
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            task = asyncio.create_task(handle(decode(line), results))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except (ConnectionError, ValueError) as e:
+        log.warning("queue-send link closed: %s", e)
+    finally:
+        batches.discard(results)

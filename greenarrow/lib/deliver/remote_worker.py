@@ -138,23 +138,8 @@ class RemoteWorker:
         await self.pool.close_all()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Results wait up to RESULT_DELAY to share a write: the message is
-        # delivered already, only queue-send's bookkeeping waits.
-        results = remote_link.LineBatch(writer, RESULT_DELAY)
-        self.batches.add(results)
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                job = remote_link.decode(line)
-                task = asyncio.create_task(self._attempt(job, results))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-        except (ConnectionError, ValueError) as e:
-            log.warning("queue-send link closed: %s", e)
-        finally:
-            self.batches.discard(results)
+        await remote_link.serve_jobs(reader, writer, self._attempt, self.batches, self.tasks,
+                                     RESULT_DELAY, log)
 
     async def _attempt(self, job: dict, results: remote_link.LineBatch) -> None:
         try:

@@ -109,21 +109,8 @@ class LocalAgent:
             batch.flush()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        results = remote_link.LineBatch(writer, RESULT_DELAY)
-        self.batches.add(results)
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                job = remote_link.decode(line)
-                task = asyncio.create_task(self._deliver(job, results))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-        except (ConnectionError, ValueError) as e:
-            log.warning("queue-send link closed: %s", e)
-        finally:
-            self.batches.discard(results)
+        await remote_link.serve_jobs(reader, writer, self._deliver, self.batches, self.tasks,
+                                     RESULT_DELAY, log)
 
     async def _deliver(self, job: dict, results: remote_link.LineBatch) -> None:
         try:
