@@ -13,6 +13,7 @@ The engine tests need root (CI runs as root); the checks of secret files do not.
 from __future__ import annotations
 
 import grp
+import http.client
 import os
 import pwd
 import smtplib
@@ -140,6 +141,29 @@ def test_services_run_as_their_users_and_smtpd_listens_on_a_socket_it_was_given(
                                                                     "u2@dest.test"]
             wait_until(lambda: len(engine.records()) >= 2, 30, "two delivery log lines")
             assert {r["status"] for r in engine.records()} == {"success"}
+
+
+@needs_root
+def test_the_tracker_serves_a_privileged_port_through_a_socket_it_was_given(tmp_path):
+    """The tracker runs as the queue owner, yet answers on a port below 1024 (80 in a
+    real deployment) through the socket the supervisor bound for tracker.listen."""
+    port = free_privileged_port()
+    engine = Engine(tmp_path, controls={"tracker.listen": [f"127.0.0.1:{port}"]})
+    with engine:
+        pids = supervisor.service_pids(engine.root)
+        assert ps([pids["tracker"]])[pids["tracker"]][0] == users.QUEUE_USER
+        log_file = engine.root.service_log("tracker") / "current"
+        wait_until(lambda: log_file.exists() and "listening for HTTP" in log_file.read_text(),
+                   30, "the tracker listening")
+        assert (f"listening for HTTP on 127.0.0.1:{port} (socket from the supervisor)"
+                in log_file.read_text())
+        assert listening_inodes(port) & socket_inodes(pids["tracker"])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", "/t/click?qs=not-a-tracking-link")
+            assert conn.getresponse().status == 404  # served, and no open redirect
+        finally:
+            conn.close()
 
 
 @needs_root

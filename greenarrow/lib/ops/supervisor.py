@@ -13,7 +13,7 @@ rewritten on every change).
 Started as root, it stays root (it mounts the ram disks and must start
 services as other users) and runs each service as its user of
 greenarrow.lib.core.users, in the engine group only, with umask 027; it
-binds `smtp.listen` itself and passes the sockets to `smtpd`
+binds `smtp.listen` and `tracker.listen` itself and passes the sockets to `smtpd` and the tracker
 (greenarrow.lib.core.listen_sockets), so that nothing listens as root.
 Started as any other user, every service runs as that user.
 """
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -157,15 +158,16 @@ class Supervisor:
         self.log_max = control.read_int(c, "log.service.maxbytes")
         self.log_keep = control.read_int(c, "log.service.keep")
         self.accounts = users.service_accounts() if users.separated() else {}
-        self.listen: list = []  # smtpd's sockets, bound once, kept across its restarts
+        # control file -> its sockets, bound once, kept across the service's restarts
+        self.listen: dict[str, list[socket.socket]] = {}
 
     def spawn_options(self, service: Service) -> dict:
         """create_subprocess_exec's arguments that set who a service runs as.
 
         Root-started: its user, the engine group alone, its umask, HOME and
-        USER of that user; smtpd gets the `smtp.listen` sockets (bound here,
-        as root) instead of binding. OSError when a socket cannot be bound,
-        ControlError for a bad `smtp.listen`.
+        USER of that user; smtpd and the tracker get the sockets of their
+        listen files (bound here, as root) instead of binding. OSError when a
+        socket cannot be bound, ControlError for a bad listen file.
         """
         env = dict(os.environ, HVMAIL_ROOT=str(self.root.path), PYTHONUNBUFFERED="1")
         if not self.accounts:
@@ -174,11 +176,14 @@ class Supervisor:
         env.update(HOME="/", USER=acct.name, LOGNAME=acct.name)
         options = {"user": acct.uid, "group": acct.gid, "extra_groups": [acct.gid],
                    "umask": users.umask_for(acct.name), "env": env}
-        if service.program == "smtpd":
-            if not self.listen:
-                self.listen = listen_sockets.bind(control.read(self.root.control, "smtp.listen"))
-            env[listen_sockets.ENV] = listen_sockets.env_value(self.listen)
-            options["pass_fds"] = [s.fileno() for s in self.listen]
+        passed: list[socket.socket] = []
+        for name, variable in listen_sockets.LISTEN_FILES.get(service.program, ()):
+            if name not in self.listen:
+                self.listen[name] = listen_sockets.bind(control.read(self.root.control, name))
+            env[variable] = listen_sockets.env_value(self.listen[name])
+            passed += self.listen[name]
+        if passed:
+            options["pass_fds"] = [s.fileno() for s in passed]
         return options
 
     def write_status(self) -> None:
@@ -301,8 +306,9 @@ class Supervisor:
                 self.root.service_pid(service.name).unlink()
             except FileNotFoundError:
                 pass
-        for sock in self.listen:
-            sock.close()
+        for sockets in self.listen.values():
+            for sock in sockets:
+                sock.close()
         self.write_status()
         (self.root.var / PID_FILE).unlink(missing_ok=True)
         log.info("stopped")

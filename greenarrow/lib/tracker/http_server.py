@@ -20,6 +20,7 @@ import email.utils
 import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -86,12 +87,16 @@ class TrackerServer:
         self.date = email.utils.formatdate(usegmt=True)
         self.answered = 0
 
-    async def listen(self, host: str, port: int, ssl=None) -> asyncio.AbstractServer:
+    async def listen(self, host: str | None = None, port: int | None = None, ssl=None,
+                     sock: socket.socket | None = None) -> asyncio.AbstractServer:
+        """Serve on host:port, or on `sock`, a listening socket bound by the supervisor."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        where = {"sock": sock} if sock is not None else {
+            "host": host, "port": port, "reuse_address": True, "backlog": 1024}
         server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, ssl=ssl, reuse_address=True,
-            backlog=1024, ssl_handshake_timeout=self.settings.timeout if ssl else None)
+            lambda: HttpConnection(self), ssl=ssl,
+            ssl_handshake_timeout=self.settings.timeout if ssl else None, **where)
         self.servers.append(server)
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep())

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 from greenarrow.lib.config import control
+from greenarrow.lib.core import listen_sockets
 from greenarrow.lib.core.paths import Root
 from greenarrow.lib.tracker import settings as tracker_settings
 from greenarrow.lib.tracker import spool, tls
 from greenarrow.lib.tracker.http_server import TrackerServer
 
 log = logging.getLogger("tracker")
+
+
+def _sockets(addresses: list[tuple[str, int]], variable: str) -> list[tuple[tuple[str, int], socket.socket | None]]:
+    """Each address with None (bind it here), or, when a root supervisor bound them,
+    each passed socket with its address (the file may have changed since: the
+    supervisor keeps its sockets until it restarts)."""
+    passed = listen_sockets.inherited(name=variable)
+    if passed is None:
+        return [(address, None) for address in addresses]
+    return [(sock.getsockname()[:2], sock) for sock in passed]
+
+
+def _given(sock: socket.socket | None) -> str:
+    return "" if sock is None else " (socket from the supervisor)"
 
 
 class Tracker:
@@ -34,13 +50,13 @@ class Tracker:
                     f"{self.root.control / 'tracker.tls.listen'} is set, but "
                     f"{self.root.control / tls.DIRECTORY} holds no *.pem certificate")
             self.sni = tls.SniListener(certificates)
-        for host, port in plain:
-            await self.server.listen(host, port)
-            log.info("listening for HTTP on %s:%d", host, port)
-        for host, port in secure:
-            await self.server.listen(host, port, ssl=self.sni.context)
-            log.info("listening for HTTPS on %s:%d (%d certificates)", host, port,
-                     len(self.sni.certificates.files))
+        for (host, port), sock in _sockets(plain, listen_sockets.ENV):
+            await self.server.listen(host, port, sock=sock)
+            log.info("listening for HTTP on %s:%d%s", host, port, _given(sock))
+        for (host, port), sock in _sockets(secure, listen_sockets.TLS_ENV):
+            await self.server.listen(host, port, ssl=self.sni.context, sock=sock)
+            log.info("listening for HTTPS on %s:%d (%d certificates)%s", host, port,
+                     len(self.sni.certificates.files), _given(sock))
         if not plain and not secure:
             log.info("control/tracker.listen and tracker.tls.listen are empty: not listening")
         log.info("server_id %s; %d Apple egress ranges from %s; spool %s",
