@@ -44,6 +44,13 @@ ip_address * {{
 """
 
 
+# The events scenario: every delivery attempt posted to the bench's receiver.
+EVENTS_CONF = """event_delivery_destination bench {{
+  event_delivery_url "{url}"
+  event_delivery_events delivery_attempt
+}}
+"""
+
 # The simplemh scenario's Mail Class (its name is in bench.genmsg.SIMPLEMH_CLASS):
 # click and open tracking, an encoded bounce address, List-Unsubscribe; and
 # a DKIM key for the sender's domain (RSA 2048, made once per work folder).
@@ -109,11 +116,13 @@ class Peer:
     smtp_port = 0
 
     def configure(self, sink_port: int, retry_scale: float | None = None,
-                  simplemh: bool = False) -> None:
+                  simplemh: bool = False, events_url: str | None = None) -> None:
         """Make the MTA relay all mail to 127.0.0.1:sink_port (and retry quickly if asked).
 
         `simplemh`: the engine also runs its SimpleMH Mail Class and DKIM
         (SIMPLEMH_CONF); Postfix has neither and relays the same message as is.
+        `events_url`: the engine records delivery_attempt events in its bundled
+        PostgreSQL and posts them there (the events scenario; engine only).
         """
         raise NotImplementedError
 
@@ -191,7 +200,7 @@ class EnginePeer(Peer):
         return run_cmd([sys.executable, "-m", f"greenarrow.bin.{name}", *args], timeout, self.env)
 
     def configure(self, sink_port: int, retry_scale: float | None = None,
-                  simplemh: bool = False) -> None:
+                  simplemh: bool = False, events_url: str | None = None) -> None:
         from greenarrow.lib.config import control
         from greenarrow.lib.core.paths import Root
         from greenarrow.lib.ops.install_root import init_root
@@ -212,8 +221,13 @@ class EnginePeer(Peer):
             control.write(root.control, "queue.retry.scale", retry_scale)
         if self.ramdisk_mb:
             control.write(root.control, "queue.ram.ramdisk.size", self.ramdisk_mb)
-        # The bench measures mail, not events: no database (nor PostgreSQL's refusal of root).
-        conf = ROUTE_ALL.format(port=sink_port) + "general {\n  events_database_url none\n}\n"
+        # The bench measures mail, not events: no database, unless the events scenario
+        # asks for the bundled PostgreSQL and a destination.
+        conf = ROUTE_ALL.format(port=sink_port)
+        if events_url is None:
+            conf += "general {\n  events_database_url none\n}\n"
+        else:
+            conf += EVENTS_CONF.format(url=events_url)
         if simplemh:
             conf += SIMPLEMH_CONF
             dkim_key(root.control / "dkim" / SENDER_DOMAIN / "default.pem", self.work)
@@ -398,7 +412,7 @@ class PostfixPeer(Peer):
         return run_cmd(["postfix", "status"], 30).returncode == 0
 
     def configure(self, sink_port: int, retry_scale: float | None = None,
-                  simplemh: bool = False) -> None:
+                  simplemh: bool = False, events_url: str | None = None) -> None:
         """The shared harness's main.cf settings; relayhost = the sink; with `simplemh`,
         OpenDKIM as the signing milter. Rewritten only when one of them changes."""
         if simplemh and not OpenDkim.installed():

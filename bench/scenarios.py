@@ -17,6 +17,11 @@ Metrics (all times in seconds unless the name says ms):
                  MTA's process tree, sampled every 0.1 s), inject_s
   latency        p50_ms, p90_ms, p99_ms, max_ms from the 250 to DATA until the
                  sink read the final dot; rate_sent (msgs/s actually sent)
+  events         the smtp metrics of the engine with its events store and a
+                 destination, and of the same engine without events; with
+                 events: events_received (delivery_attempt events at the HTTP
+                 receiver), events_after_s (last event after the sink's last
+                 message)
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import genmsg
+from bench.events_processor_bench import receiver_state, start_receiver
 from bench.injectors import SmtpInjector, cli_inject
 from bench.peers import EnginePeer, Peer, PostfixPeer
 from bench.procs import RssSampler, descendants, free_port, loadavg1, tree_cpu_seconds
 from bench.profile import Profiler
 from bench.sinks import Sink, StampingSink, counting_sink, smtp_source_path, wait_count
 
-SCENARIOS = ("smtp", "direct", "cli", "backlog", "latency", "simplemh")
+NO_EVENTS = "engine without events"  # the events scenario's reference run (bench.report)
+SCENARIOS = ("smtp", "direct", "cli", "backlog", "latency", "simplemh", "events")
 # Not measured figures: asked for by name or --profile. profile-simplemh: where the
 # engine's time goes in the simplemh scenario (DKIM signing, SimpleMH rewriting).
 EXTRA = ("profile", "profile-simplemh")
@@ -190,26 +197,30 @@ class Bench:
             problems.append(problem)
 
     def _restart(self, peer: Peer, sink_port: int, retry_scale: float | None = None,
-                 simplemh: bool = False) -> None:
+                 simplemh: bool = False, events_url: str | None = None) -> None:
         peer.stop()
         if isinstance(peer, PostfixPeer) and peer.queue_count():
             self.note(f"postfix queue held {peer.queue_count()} files before a run: cleared")
             peer.clear_queue()
-        peer.configure(sink_port, retry_scale, simplemh)
+        peer.configure(sink_port, retry_scale, simplemh, events_url)
         peer.start()
 
     # -- smtp / direct -------------------------------------------------------
 
     def smtp_run(
         self, peer: Peer | None, rep: int, n: int | None = None, profile: Path | None = None,
-        simplemh: bool = False,
+        simplemh: bool = False, events: int | None = None,
     ) -> Run:
         """N messages over `sessions` SMTP sessions into the MTA (or, peer None, the sink).
 
         With `profile` (a folder), the MTA's processes are profiled during the
         run (bench.profile) and the findings kept in `self.profile_lines`.
         `simplemh`: SimpleMH mail and the engine's Mail Class and DKIM key
-        (the simplemh scenario).
+        (the simplemh scenario). `events`: the events scenario, the port of its
+        HTTP receiver (bench.events_processor_bench), or 0 for its reference run
+        without events; with a port, the run also waits (bounded) until every
+        delivery attempt has reached the receiver, and its CPU counts the
+        engine's event services until then.
         """
         opts = self.opts
         n = n or opts.n
@@ -221,13 +232,22 @@ class Bench:
             message = genmsg.single_simplemh(opts.work / f"msg-simplemh-{opts.msg_size}.eml",
                                              opts.msg_size)
         variant = f"{opts.sessions} sessions, {'reuse' if opts.reuse else '1 msg/conn'}"
-        run = Run(scenario, variant, peer.name if peer else "sink", rep, n)
+        mta = peer.name if peer else "sink"
+        events_url = None
+        if events is not None:
+            scenario = "events"
+            if events:
+                events_url = f"http://127.0.0.1:{events}/events"
+                before = receiver_state(events)["events"]
+            else:
+                mta = NO_EVENTS
+        run = Run(scenario, variant, mta, rep, n)
         sink = self.sink()
         run.tools = f"{tool} -> {'MTA -> ' if peer else ''}{sink.kind}"
         problems: list[str] = []
         try:
             if peer is not None:
-                self._restart(peer, sink.port, simplemh=simplemh)
+                self._restart(peer, sink.port, simplemh=simplemh, events_url=events_url)
             sink.start()
             target = peer.smtp_port if peer is not None else sink.port
             inj = SmtpInjector(
@@ -241,6 +261,12 @@ class Bench:
             meter = CpuMeter(peer).start()
             t0 = inj.go()
             arrival = wait_count(sink, n, opts.timeout, 0.0, stop_early=inj.failed)
+            if events and arrival.reached is not None:
+                received = self._wait_events(events, before + n, t0 + opts.timeout)
+                run.metrics["events_received"] = received[0] - before
+                run.metrics["events_after_s"] = received[1] - arrival.reached
+                if received[0] - before < n:
+                    problems.append(f"the receiver got {received[0] - before} of {n} events")
             meter.stop()
             meter.apply(run, n)
             if profiler is not None:
@@ -274,6 +300,18 @@ class Bench:
                 self._stop_quietly(peer, problems)
             sink.stop()
         return self._record(run, problems)
+
+    @staticmethod
+    def _wait_events(port: int, count: int, deadline: float) -> tuple[int, float]:
+        """Poll the receiver until it has counted `count` events or `deadline` (monotonic)
+        passes: (its count, when it was last seen to grow)."""
+        seen, when = receiver_state(port)["events"], time.monotonic()
+        while seen < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = receiver_state(port)["events"]
+            if now != seen:
+                seen, when = now, time.monotonic()
+        return seen, when
 
     def _stop_quietly(self, peer: Peer, problems: list[str]) -> None:
         try:
@@ -459,6 +497,9 @@ class Bench:
             if not run.ok:
                 self.note(f"profile run failed: {run.note}")
             return
+        if name == "events":
+            self.events_runs()
+            return
         if name == "latency":
             rate = self.latency_rate()
             self.say(f"  latency rate: {rate:.1f} msgs/s")
@@ -480,6 +521,22 @@ class Bench:
                     self.latency_run(peer, rep, rate)
                 else:
                     raise ValueError(f"unknown scenario {name!r}")
+
+    def events_runs(self) -> None:
+        """Each rep: the engine's smtp run without events, then with its events store and
+        a destination on a local HTTP receiver (one receiver for the whole scenario)."""
+        engine = next(p for p in self.peers if p.name == "engine")
+        self.note("events: the engine with its bundled PostgreSQL, the event recorder and "
+                  "processor, and one destination (delivery_attempt) on a local aiohttp "
+                  f"receiver, against the same engine with `events_database_url none` ({NO_EVENTS})")
+        receiver, port = start_receiver("count")
+        try:
+            for rep in range(1, self.opts.reps + 1):
+                self.smtp_run(engine, rep, events=0)
+                self.smtp_run(engine, rep, events=port)
+        finally:
+            receiver.kill()
+            receiver.wait(10)
 
     def dkim_probe(self, peer: Peer) -> None:
         """Before the simplemh runs: one SimpleMH message through `peer` (configured as

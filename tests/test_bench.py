@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 from bench import report  # noqa: E402
 from bench.loadgen import MessageFactory, message_id  # noqa: E402
 from bench.run import main  # noqa: E402
-from bench.scenarios import Run, match_latencies  # noqa: E402
+from bench.scenarios import NO_EVENTS, Run, match_latencies  # noqa: E402
 from bench.sinks import read_smtp_sink_count, smtp_sink_path, smtp_source_path  # noqa: E402
 from bench.stampsink import message_id as header_message_id  # noqa: E402
 
@@ -82,10 +82,14 @@ def test_quick_mode_engine_only(tmp_path: Path) -> None:
     data = json.loads(results[0].read_text())
     runs = data["runs"]
     seen = {(r["scenario"], r["variant"]) for r in runs}
-    assert {s for s, _ in seen} == {"smtp", "direct", "cli", "backlog", "latency", "simplemh"}
+    assert {s for s, _ in seen} == {"smtp", "direct", "cli", "backlog", "latency", "simplemh",
+                                    "events"}
     assert ("cli", "2 parallel") in seen
     assert all(r["ok"] for r in runs), output
-    assert all(r["mta"] in ("engine", "sink") for r in runs)
+    assert all(r["mta"] in ("engine", "sink", NO_EVENTS) for r in runs)
+    # events: every delivery attempt of the run with events reached the HTTP receiver
+    (with_events,) = [r for r in runs if r["scenario"] == "events" and r["mta"] == "engine"]
+    assert with_events["metrics"]["events_received"] == with_events["n"]
     latency = next(r for r in runs if r["scenario"] == "latency")
     assert latency["metrics"]["p50_ms"] <= latency["metrics"]["p99_ms"]
     backlog = next(r for r in runs if r["scenario"] == "backlog")
