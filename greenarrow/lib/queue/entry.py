@@ -247,8 +247,8 @@ def _no_line(size: int) -> str:
     return "queue entry has no envelope line (no newline)"
 
 
-def _open_entry(path: str | os.PathLike) -> int:
-    """Open an entry to read; BadEntry if it is not a regular file.
+def _open_entry(path: str | os.PathLike) -> tuple[int, int]:
+    """Open an entry to read: (descriptor, size); BadEntry if it is not a regular file.
 
     An entry is always a file renamed into place: a symbolic link (which
     could make a worker send any file the engine can read) or a FIFO (which
@@ -261,18 +261,19 @@ def _open_entry(path: str | os.PathLike) -> int:
             raise BadEntry("queue entry is a symbolic link") from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise BadEntry("queue entry is not a regular file")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st.st_size
 
 
 def read_envelope(path: str | os.PathLike) -> dict:
     """The checked envelope alone, without reading the message; BadEntry if it is bad."""
     # os.read rather than a file object: queue-send reads one per attempt.
-    fd = _open_entry(path)
+    fd, _ = _open_entry(path)
     try:
         head = os.read(fd, 4096)
         nl = head.find(b"\n")
@@ -292,9 +293,9 @@ def read_envelope(path: str | os.PathLike) -> dict:
 
 def read_entry(path: str | os.PathLike) -> tuple[dict, bytes]:
     """(checked envelope, message) of an entry file; BadEntry if the envelope is bad."""
-    fd = _open_entry(path)
+    fd, size = _open_entry(path)
     try:
-        chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
+        chunks = [os.read(fd, size + 1)]
         while chunks[-1]:  # the file grew, or a short read: read to the end
             chunks.append(os.read(fd, 65536))
     finally:
