@@ -17,6 +17,7 @@ import pg
 import psycopg
 from engine import wait_until
 from event_receiver import Receiver
+from processes import stop
 
 from greenarrow.lib.core.delivery_log import DeliveryLogWriter
 from greenarrow.lib.core.paths import Root
@@ -55,16 +56,6 @@ def start(root: Root, program: str) -> subprocess.Popen:
                             env=dict(os.environ, HVMAIL_ROOT=str(root.path)),
                             stdout=subprocess.DEVNULL,
                             stderr=open(root.path / f"{program}.log", "ab"))
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def kill_postgresql(cluster: pg.Cluster) -> None:
@@ -137,7 +128,7 @@ def test_kill_9_of_recorder_processor_and_postgresql_loses_nothing(tmp_path: Pat
                        "every delivery attempt at the receiver")
         finally:
             for proc in procs.values():
-                stop(proc)
+                stop(proc, 20)
         received = msguids(receiver)
     assert set(received) == {f"m{n:08d}" for n in range(total)}
     assert min(kills[v] for v in ("event_recorder", "event_processor", "postgresql")) >= 3

@@ -17,6 +17,7 @@ import pg
 import psycopg
 import pytest
 from engine import wait_until
+from processes import stop
 
 from greenarrow.lib.core.delivery_log import FIELDS as LOG_FIELDS
 from greenarrow.lib.core.delivery_log import DeliveryLogWriter, format_line
@@ -258,16 +259,6 @@ def count(conninfo: str) -> int:
         return -1  # down, or the recorder has not created the table yet
 
 
-def stop_recorder(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 def assert_all_once(conninfo: str, total: int) -> None:
     assert msguids(conninfo) == [f"m{i:08d}" for i in range(total)]
     with psycopg.connect(conninfo) as conn:
@@ -295,7 +286,7 @@ def test_kill_9_during_a_stream_neither_loses_nor_doubles(tmp_path, pg_conninfo)
         assert stream.written == total
         wait_until(lambda: count(pg_conninfo) >= total, 120, "every line in the events table")
     finally:
-        stop_recorder(proc)
+        stop(proc)
     assert kills >= 8
     assert_all_once(pg_conninfo, total)
 
@@ -321,7 +312,7 @@ def test_postgresql_down_during_the_stream(tmp_path, own_cluster):
         assert stream.written == total
         wait_until(lambda: count(conninfo) >= total, 120, "every line in the events table")
     finally:
-        stop_recorder(proc)
+        stop(proc)
     assert_all_once(conninfo, total)
     log_text = (root.path / "recorder.log").read_text()
     assert "events database unavailable" in log_text and "is back" in log_text
@@ -337,7 +328,7 @@ def test_no_database_configured_leaves_the_recorder_idle(tmp_path):
                    30, "the idle notice")
         assert proc.poll() is None
     finally:
-        stop_recorder(proc)
+        stop(proc)
     assert proc.returncode == 0
 
 

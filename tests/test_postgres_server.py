@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from processes import listening_inodes, socket_inodes
 
 from greenarrow.bin.greenarrow_config import main as greenarrow_config
 from greenarrow.lib.config import conf as conflib
@@ -40,29 +41,6 @@ def _connect(engine: Engine) -> psycopg.Connection:
     return conn
 
 
-def _listening_tcp_inodes() -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in list(f)[1:]:
-                fields = line.split()
-                if fields[3] == "0A":  # LISTEN
-                    inodes.add(fields[9])
-    return inodes
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
 def test_bundled_server_serves_on_the_var_socket_only(engine: Engine) -> None:
     assert postgres.data_dir(engine.root).joinpath("PG_VERSION").exists()
     assert postgres.socket_path(engine.root).is_socket()
@@ -73,7 +51,7 @@ def test_bundled_server_serves_on_the_var_socket_only(engine: Engine) -> None:
         assert conn.execute("SHOW max_connections").fetchone() == (
             str(postgres.DEFAULT_MAX_CONNECTIONS),)
     pid = engine.service_pid("postgres")
-    assert not _socket_inodes(pid) & _listening_tcp_inodes(), "postgres listens on TCP"
+    assert not socket_inodes(pid) & listening_inodes(), "postgres listens on TCP"
     status = engine.program("hvmail_init", "status").stdout.decode()
     assert f"postgres: up (pid {pid})" in status
     assert "database: bundled PostgreSQL at " in status

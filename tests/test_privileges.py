@@ -27,6 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from engine import Engine, free_port, reachable_tmp, route_conf, wait_until
+from processes import listening_inodes, socket_inodes
 from smtp_receivers import Receiver
 
 from greenarrow.lib.config import control, secret_constants
@@ -63,29 +64,6 @@ def proc_ids(pid: int) -> tuple[list[int], list[int], list[int]]:
         if key in ("Uid", "Gid", "Groups"):
             fields[key] = [int(v) for v in value.split()]
     return fields["Uid"], fields["Gid"], fields["Groups"]
-
-
-def listening_inodes(port: int) -> set[str]:
-    """The socket inodes listening on 127.0.0.1:port (/proc/net/tcp, state 0A)."""
-    wanted = f"0100007F:{port:04X}"
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        if parts[1] == wanted and parts[3] == "0A":
-            inodes.add(parts[9])
-    return inodes
-
-
-def socket_inodes(pid: int) -> set[str]:
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(target[len("socket:["):-1])
-    return found
 
 
 def free_privileged_port() -> int:

@@ -56,20 +56,6 @@ def tls_root(root: Root) -> Root:
     return root
 
 
-@pytest.fixture
-def start(root: Root) -> Iterator[Callable[[], ServerThread]]:
-    started: list[ServerThread] = []
-
-    def run() -> ServerThread:
-        server = ServerThread(root).start()
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        server.stop()
-
-
 def port_of(root: Root) -> int:
     return control.read(root.control, "smtp.listen")[0][1]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,20 +39,6 @@ def make_cert(folder: Path, name: str = NAME) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     self_signed_context(folder, name)
     return folder / "cert.pem", folder / "key.pem"
-
-
-@pytest.fixture
-def start(root: Root) -> Iterator[Callable[[], ServerThread]]:
-    started: list[ServerThread] = []
-
-    def run() -> ServerThread:
-        server = ServerThread(root).start()
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        server.stop()
 
 
 def client(root: Root) -> smtplib.SMTP:
