@@ -174,7 +174,7 @@ def _click_event(found: tracking_url.TrackingData, request: Request,
         click_url=target, click_tracking_id=found.click_tracking_id,
         engine_ip=request.client_ip,
         user_agent=request.user_agent if settings.include_user_agent else None,
-        linkid=None, mailclass=found.mailclass, instanceid=found.instanceid)
+        linkid=found.linkid, mailclass=found.mailclass, instanceid=found.instanceid)
 
 
 def _open_event(found: tracking_url.TrackingData, request: Request,
