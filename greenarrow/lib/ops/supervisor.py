@@ -80,22 +80,26 @@ def _conditions(root: Root) -> dict[str, bool]:
     nothing to do is not started (its polling would cost every message CPU)."""
     from greenarrow.lib.config import conf
     from greenarrow.lib.events import database
+    from greenarrow.lib.routing import incoming
 
     try:
         loaded = conf.load_root(root)
         db = database.configured(root, loaded)
         destinations = bool(loaded.blocks_named("event_delivery_destination"))
+        unsubscribe = any(b.kind == incoming.UNSUBSCRIBE
+                          for b in incoming.mailboxes(str(root.path), loaded))
     except conf.ConfError as exc:
         # The services report the mistake themselves; start them as by default.
         log.error("%s", exc)
         return dict.fromkeys(("bundled_database", "database", "event_destinations",
-                              "tracker"), True)
+                              "tracker", "unsubscribe_mailbox"), True)
     tracker = bool(control.read(root.control, "tracker.listen")
                    or control.read(root.control, "tracker.tls.listen"))
     return {"bundled_database": db.kind == database.BUNDLED,
             "database": db.kind != database.NONE,
             "event_destinations": destinations and db.kind != database.NONE,
-            "tracker": tracker}
+            "tracker": tracker,
+            "unsubscribe_mailbox": unsubscribe}
 
 
 def _options(text: str, where: str, conditions: dict[str, bool]
