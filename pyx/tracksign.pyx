@@ -608,6 +608,7 @@ cdef class Signer:
         """The bytes that replace each slot of a part, for one recipient.
 
         kinds[i]: "c" or "u" -> bases[kind] + data(prefixes[kind], targets[i]);
+        "i" -> bases["c"] + data(prefixes["i"], targets[i]) (a click with a link id);
         "p" -> pixel_open + bases["o"] + data(prefixes["o"], b"") + pixel_close;
         "s" -> targets[i] as it is; anything else -> b"" (a slot removed).
         """
@@ -618,6 +619,8 @@ cdef class Signer:
             k = kinds[i]
             if k == "c" or k == "u":
                 out.append(self._data(bases[k], prefixes[k], targets[i], 10))
+            elif k == "i":
+                out.append(self._data(bases["c"], prefixes["i"], targets[i], 10))
             elif k == "p":
                 out.append(pixel_open + self._data(bases["o"], prefixes["o"], b"", 10)
                            + pixel_close)

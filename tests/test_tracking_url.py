@@ -343,6 +343,9 @@ def test_links_packed_signs_a_link_with_an_id_as_encode_does(sha_mode) -> None:
     assert [tu.decode(tu.data_from_url(u)[1], C).linkid for u in urls] == [
         None, "spring-sale", "x"]
     assert tu.decode(tu.data_from_url(urls[2])[1], C).url == "http://b/"
+    assert enc.replacements(["c", "i", "i"], [b"http://a/", b"http://a/\0spring-sale",
+                                              b"http://b/\0x"], False, b"", b"") == [
+        u.encode() for u in urls]
 
 
 def test_html_link_with_an_id_is_a_linkid_slot() -> None:

@@ -306,12 +306,14 @@ class Encoder:
                      pixel_open: bytes, pixel_close: bytes) -> list[bytes]:
         """The tracking URLs (or open pixel) for a part's slots, in one C loop.
 
-        kinds: "c" click, "u" unsubscribe link, "p" the open pixel
+        kinds: "c" click, "i" click with a link id (target URL NUL ID), "u"
+        unsubscribe link, "p" the open pixel
         (pixel_open + open URL + pixel_close), "s" the target as it is,
         anything else nothing.
         """
         prefixes = self._prefixes
         by_kind = {k: prefixes.get((k, text)) or self._prefix(k, text)
                    for k in (CLICK, UNSUBSCRIBE, OPEN)}
+        by_kind["i"] = bytes((VERSION_LINKID,)) + by_kind[CLICK][1:]
         return self._signer.replacements(kinds, targets, by_kind, self._bases, pixel_open,
                                          pixel_close)
