@@ -4,7 +4,7 @@ Usage (from the repository root; needs Debian's nginx and wrk:
 `apt-get install -y nginx wrk`):
 
     python -m bench.tracker_bench [--duration 10] [--connections 64] [--reps 1]
-                                  [--loops uvloop,asyncio] [--quick]
+                                  [--loops uvloop,asyncio] [--processes 1,2] [--quick]
 
 Everything runs on loopback. Per repetition, in turn:
 
@@ -14,14 +14,17 @@ Everything runs on loopback. Per repetition, in turn:
 2. the tracker, once per event loop in `--loops`: `uvloop` is the program
    hvmail_init runs (`python -m greenarrow.bin.tracker`), `asyncio` the same
    code on the standard event loop (`python -m bench.tracker_bench serve`),
-   each in a fresh install root.
+   each in a fresh install root; and for each count in `--processes` above 1
+   (default: the number of CPUs, hvmail_init's default), that many numbered
+   tracker processes on the one address (SO_REUSEPORT, a spool each), as
+   hvmail_init runs them.
 
 Each gets `wrk -t2 -c<connections> -d<duration> --latency` on a click URL
 (maximum rate), then a paced run at about half that rate (wrk's Lua
 `delay()`: every connection waits 10 ms between requests, with rate/100
 connections), and we report requests per second and p99 latency of both.
-For the tracker, every click must be recorded: the events in the spool
-(`log/events/tracker/`) must number at least the responses wrk counted and
+For the tracker, every click must be recorded: the events in the spools
+(`log/events/tracker*/`) must number at least the responses wrk counted and
 at most that plus the connections (requests answered as wrk stopped).
 
 It prints a Markdown table (and `--json` the raw figures). No figure is
@@ -165,14 +168,18 @@ def bench_nginx(work: Path, args: argparse.Namespace) -> dict:
 # -- the tracker -------------------------------------------------------------
 
 
-def bench_tracker(work: Path, args: argparse.Namespace, loop: str) -> dict:
+def bench_tracker(work: Path, args: argparse.Namespace, loop: str, processes: int = 1) -> dict:
+    """One tracker configuration: `processes` 1 is the tracker run alone; more are
+    numbered processes as hvmail_init starts them (control/tracker.processes), each
+    binding the address with SO_REUSEPORT and writing its own spool."""
     from greenarrow.lib.config import control, secret_constants
     from greenarrow.lib.core.paths import Root
     from greenarrow.lib.ops.install_root import init_root
     from greenarrow.lib.simplemh import tracking_url as tu
     from greenarrow.lib.tracker import spool
 
-    root = Root(work / f"tracker-{loop}")
+    name = f"tracker-{loop}-x{processes}"
+    root = Root(work / name)
     init_root(root, me="bench.test")
     port = free_port()
     control.write(root.control, "tracker.listen", [f"127.0.0.1:{port}"])
@@ -181,23 +188,34 @@ def bench_tracker(work: Path, args: argparse.Namespace, loop: str) -> dict:
                      "news", "20261204", "42", REDIRECT, stateless=True)
     url = tu.tracking_url(f"http://127.0.0.1:{port}/t", "b", tu.CLICK, data)
     env = dict(os.environ, HVMAIL_ROOT=str(root.path))
-    program = (["-m", "greenarrow.bin.tracker"] if loop == "uvloop"
-               else ["-m", "bench.tracker_bench", "serve", "--loop", loop])
-    log = open(work / f"tracker-{loop}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, *program], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    numbers = [None] if processes == 1 else list(range(processes))
+    procs, logs = [], []
     try:
+        for number in numbers:
+            program = (["-m", "greenarrow.bin.tracker"] if loop == "uvloop"
+                       else ["-m", "bench.tracker_bench", "serve", "--loop", loop])
+            if number is not None:
+                program += [str(number)] if loop == "uvloop" else ["--process", str(number)]
+            log_path = work / f"{name}-{number or 0}.log"
+            log = open(log_path, "wb")  # noqa: SIM115
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, *program], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+            if not wait_log(log_path, "listening for HTTP on"):
+                raise RuntimeError(f"the tracker did not listen: see {log_path}")
         if not wait_port(port):
-            raise RuntimeError(f"the tracker did not listen: see {log.name}")
+            raise RuntimeError(f"the tracker did not listen on {port}")
         check = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{redirect_url}", url],
                                capture_output=True, text=True, timeout=30)
         if check.stdout != REDIRECT:
             raise RuntimeError(f"the tracker redirected to {check.stdout!r}")
         result = measure(url, args.connections, args.duration, work)
     finally:
-        stop(proc)
-        log.close()
-    recorded = len(spool.read_events(spool.spool_dir(root))) - 1  # less the curl check
+        for proc in procs:
+            stop(proc)
+        for log in logs:
+            log.close()
+    recorded = len(spool.read_all_events(root)) - 1  # less the curl check
     answered = result["max"]["responses"] + result["half"]["responses"]
     slack = result["max"]["connections"] + result["half"]["connections"]
     result["recorded"] = recorded
@@ -208,7 +226,16 @@ def bench_tracker(work: Path, args: argparse.Namespace, loop: str) -> dict:
     return result
 
 
-def serve(loop_name: str) -> None:
+def wait_log(path: Path, text: str, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def serve(loop_name: str, process: int | None = None) -> None:
     """The tracker on a chosen event loop (the program itself always uses uvloop)."""
     from greenarrow.lib.core import service
     from greenarrow.lib.core.paths import root_from_env
@@ -220,7 +247,7 @@ def serve(loop_name: str) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     async def main(stop_event: asyncio.Event, reload: asyncio.Event) -> None:
-        tracker = Tracker(root_from_env())
+        tracker = Tracker(root_from_env(), process)
         await tracker.start()
         await service.wait_stop_or_reload(stop_event, reload, tracker.reload)
         await tracker.close()
@@ -254,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", default="uvloop", help="serve: asyncio or uvloop")
     parser.add_argument("--loops", default="uvloop,asyncio",
                         help="tracker event loops to measure (default: uvloop,asyncio)")
+    parser.add_argument("--processes", default=f"1,{os.cpu_count() or 1}",
+                        help="tracker process counts to measure, comma-separated (default: "
+                             "1 and the number of CPUs, hvmail_init's default)")
+    parser.add_argument("--process", type=int, default=None,
+                        help="serve: this process's number (SO_REUSEPORT, own spool)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--reps", type=int, default=1)
@@ -261,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.loop)
+        serve(args.loop, args.process)
         return 0
     if args.quick:
         args.duration, args.connections, args.reps = 1, 8, 1
@@ -277,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for rep in range(1, args.reps + 1):
             runs.append({"server": "nginx", "rep": rep, **bench_nginx(work, args)})
-            for loop in args.loops.split(","):
-                runs.append({"server": f"tracker {loop}", "rep": rep,
-                             **bench_tracker(work, args, loop)})
+            for processes in sorted({int(p) for p in args.processes.split(",")}):
+                for loop in args.loops.split(","):
+                    server = f"tracker {loop}" + (f" x{processes}" if processes > 1 else "")
+                    runs.append({"server": server, "rep": rep,
+                                 **bench_tracker(work, args, loop, processes)})
     load = open("/proc/loadavg").read().split()[0]
     print(f"tracker bench: wrk -t2 -c{args.connections} -d{args.duration}s, loopback, "
           f"{os.cpu_count()} cores, load average {load}\n")

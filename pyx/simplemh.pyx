@@ -1409,12 +1409,15 @@ cdef bytes _unescape(const unsigned char* s, Py_ssize_t n):
 
 # --------------------------------------------------------------------------- slots
 
-# Slot kinds, one byte per slot: c a tracked click, u a tracked ##unsubscribetag## link,
-# s a ##unsubscribetag## prefix stripped (no URL domain; the target is what follows it),
-# p the open pixel, d a further <opentag/> removed.
+# Slot kinds, one byte per slot: c a tracked click, i a tracked click with a link id
+# (##linkid:ID##URL; target URL NUL ID), u a tracked ##unsubscribetag## link,
+# s a ##unsubscribetag## or ##linkid:ID## prefix stripped (no URL domain, or click
+# tracking off; the target is what follows it), p the open pixel, d a further
+# <opentag/> removed.
 cdef enum:
     K_CLICK = 99
     K_REMOVE = 100
+    K_LINKID = 105
     K_PIXEL = 112
     K_STRIP = 115
     K_UNSUB = 117
@@ -1456,6 +1459,7 @@ cdef int _html_slots(bytes html, bint track, bint has_base, tuple own, _Vec* slo
     cdef bint placed = False
     cdef _Vec hrefs, opentags, extra
     cdef bytes url, target
+    cdef tuple found
     hrefs.v = opentags.v = extra.v = NULL
     hrefs.n = hrefs.cap = opentags.n = opentags.cap = extra.n = extra.cap = 0
     try:
@@ -1485,7 +1489,12 @@ cdef int _html_slots(bytes html, bint track, bint has_base, tuple own, _Vec* slo
             if a == b or memchr(s + a, 10, b - a) != NULL or memchr(s + a, 13, b - a) != NULL:
                 continue
             url = _unescape(s + a, b - a)
-            if _starts_ci(url, b"##unsubscribetag##", 18):
+            if _starts_ci(url, b"##linkid:", 9):
+                found = _linkid_slot(html, a, b, url, track, has_base, own)
+                if found is None:
+                    continue
+                kind, target = found
+            elif _starts_ci(url, b"##unsubscribetag##", 18):
                 if has_base:
                     kind = K_UNSUB
                     target = url[18:]
@@ -1514,6 +1523,32 @@ cdef int _html_slots(bytes html, bint track, bint has_base, tuple own, _Vec* slo
         PyMem_Free(opentags.v)
         PyMem_Free(extra.v)
     return 0
+
+
+MAX_LINKID = 100  # bytes of a link's user-defined id (##linkid:ID##)
+
+
+cdef tuple _linkid_slot(bytes html, Py_ssize_t a, Py_ssize_t b, bytes url, bint track,
+                        bint has_base, tuple own):
+    """The (kind, target) of an href `##linkid:ID##URL`: K_LINKID (target URL NUL ID)
+    when the http(s) URL is tracked; K_STRIP (target the raw value after the tag)
+    when it is not; None (left alone) when the tag is not closed, or ID is empty,
+    too long or holds NUL or `#`."""
+    cdef Py_ssize_t close = url.find(b"##", 9), raw_close
+    cdef bytes linkid, rest
+    if close < 0:
+        return None
+    linkid = url[9:close]
+    if not 0 < len(linkid) <= MAX_LINKID or b"\0" in linkid or b"#" in linkid:
+        return None
+    rest = url[close + 2:]
+    if (track and has_base and (_starts_ci(rest, b"http://", 7) or _starts_ci(rest, b"https://", 8))
+            and not (own and _is_own(rest, own))):
+        return (K_LINKID, rest + b"\0" + linkid)
+    raw_close = html.find(b"##", a + 9, b)
+    if raw_close < 0:
+        return None
+    return (K_STRIP, html[raw_close + 2:b])
 
 
 cdef int _text_slots(bytes text, bint track, bint has_base, tuple own, _Vec* slots,
@@ -1554,10 +1589,11 @@ def html_link_slots(bytes html, bint track, bint has_base, tuple own):
     """What to rewrite in an HTML text: (spans, kinds, targets), in text order.
 
     Per href to change, kind is "c" (a tracked click; target the URL,
-    character references decoded), "u" (a ##unsubscribetag## link to
+    character references decoded), "i" (a tracked click of an href
+    `##linkid:ID##URL`; target URL NUL ID), "u" (a ##unsubscribetag## link to
     track; target the URL after the tag) or "s" (a ##unsubscribetag## link
-    with no URL domain: the tag is stripped; target the raw value without
-    it). Only http(s) links are tracked, never ones starting with one of
+    with no URL domain, or a ##linkid:ID## link not tracked: the tag is
+    stripped; target the raw value without it). Only http(s) links are tracked, never ones starting with one of
     `own` (already tracking URLs); values holding a line break are left
     alone. With `track`, the open pixel is a "p" slot: at the first
     <opentag/> (any others become "d", removed), else an insertion before

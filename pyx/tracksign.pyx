@@ -475,9 +475,10 @@ cdef class Signer:
         return npre + nb + enc + npost
 
     cdef void _prefix_state(self, Sha* s, unsigned char* head, int kind, int flags,
-                            bytes fields) noexcept:
-        """s = the inner state after bytes((1, kind, flags)) + fields; head = those 3 bytes."""
-        head[0] = 1
+                            bytes fields, unsigned char version=1) noexcept:
+        """s = the inner state after bytes((version, kind, flags)) + fields; head = those
+        3 bytes (version 2: the target is the URL, NUL, the link's user-defined id)."""
+        head[0] = version
         head[1] = <unsigned char>kind
         head[2] = <unsigned char>flags
         s[0] = self.inner
@@ -502,7 +503,8 @@ cdef class Signer:
         with the payload prefix of kind k being bytes((1, k, flags)) + fields.
 
         kinds[i] (one byte per slot): b"c" -> bases[0] + DATA(c, targets[i]);
-        b"u" -> bases[1] + DATA(u, targets[i]); b"p" -> pixel_open + bases[2] +
+        b"i" -> bases[0] + version-2 DATA(c, targets[i]) (a click whose target is
+        the URL, NUL, its link id); b"u" -> bases[1] + DATA(u, targets[i]); b"p" -> pixel_open + bases[2] +
         DATA(o, b"") + pixel_close; b"s" -> targets[i] as it is; anything else
         -> b"" (a slot removed). The state after each kind's prefix is computed
         once per call.
@@ -524,10 +526,10 @@ cdef class Signer:
         cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(kinds)
         cdef const unsigned char* f = <const unsigned char*>PyBytes_AS_STRING(fields)
         cdef Py_ssize_t nf = PyBytes_GET_SIZE(fields)
-        cdef Sha states[3]
+        cdef Sha states[4]
         cdef Sha s
-        cdef unsigned char heads[9]
-        cdef bint have[3]
+        cdef unsigned char heads[12]
+        cdef bint have[4]
         cdef int which
         cdef bytes target, base
         cdef Py_ssize_t* off
@@ -542,8 +544,8 @@ cdef class Signer:
         for i in range(n):  # the sizes first: one allocation
             target = <bytes?>targets[i]
             nt = PyBytes_GET_SIZE(target)
-            if k[i] == 99 or k[i] == 117:  # c u
-                total += (PyBytes_GET_SIZE(<bytes>bases[0 if k[i] == 99 else 1])
+            if k[i] == 99 or k[i] == 117 or k[i] == 105:  # c u i
+                total += (PyBytes_GET_SIZE(<bytes>bases[1 if k[i] == 117 else 0])
                           + ((3 + nf + nt + 10) * 4 + 2) // 3)
             elif k[i] == 112:  # p
                 total += (PyBytes_GET_SIZE(pixel_open) + PyBytes_GET_SIZE(<bytes>bases[2])
@@ -554,18 +556,21 @@ cdef class Signer:
         offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * sizeof(Py_ssize_t))
         o = <unsigned char*>PyBytes_AS_STRING_RW(data)
         off = <Py_ssize_t*>PyBytes_AS_STRING_RW(offsets)
-        have[0] = have[1] = have[2] = False
+        have[0] = have[1] = have[2] = have[3] = False
         for i in range(n):
             off[i] = w
             target = <bytes>targets[i]
-            if k[i] == 99 or k[i] == 117 or k[i] == 112:  # c u p
-                which = 0 if k[i] == 99 else (1 if k[i] == 117 else 2)
+            if k[i] == 99 or k[i] == 117 or k[i] == 112 or k[i] == 105:  # c u p i
+                which = 0 if k[i] == 99 else (1 if k[i] == 117 else (2 if k[i] == 112 else 3))
                 if not have[which]:
-                    self._prefix_state(&states[which], heads + 3 * which,
-                                       111 if which == 2 else k[i], flags, fields)
+                    if which == 3:
+                        self._prefix_state(&states[3], heads + 9, 99, flags, fields, 2)
+                    else:
+                        self._prefix_state(&states[which], heads + 3 * which,
+                                           111 if which == 2 else k[i], flags, fields)
                     have[which] = True
                 s = states[which]
-                base = <bytes>bases[which]
+                base = <bytes>bases[0 if which == 3 else which]
                 if which == 2:
                     w += self._sign_into(
                         &s, heads + 6, 3, f, nf,
@@ -603,6 +608,7 @@ cdef class Signer:
         """The bytes that replace each slot of a part, for one recipient.
 
         kinds[i]: "c" or "u" -> bases[kind] + data(prefixes[kind], targets[i]);
+        "i" -> bases["c"] + data(prefixes["i"], targets[i]) (a click with a link id);
         "p" -> pixel_open + bases["o"] + data(prefixes["o"], b"") + pixel_close;
         "s" -> targets[i] as it is; anything else -> b"" (a slot removed).
         """
@@ -613,6 +619,8 @@ cdef class Signer:
             k = kinds[i]
             if k == "c" or k == "u":
                 out.append(self._data(bases[k], prefixes[k], targets[i], 10))
+            elif k == "i":
+                out.append(self._data(bases["c"], prefixes["i"], targets[i], 10))
             elif k == "p":
                 out.append(pixel_open + self._data(bases["o"], prefixes["o"], b"", 10)
                            + pixel_close)

@@ -511,6 +511,7 @@ throttle_program careful {
 incoming_email_domain bounces.example.com {
     bounce_mailbox return
     spam_complaint_mailbox fbl
+    unsubscribe_mailbox unsub
     mailbox postmaster
 }
 lite_bounce_processor_address lite-bounces@bounces.example.com

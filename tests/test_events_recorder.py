@@ -216,6 +216,33 @@ def test_spool_events_are_stored_as_written_and_rotated_files_removed(tmp_path, 
     assert (spool.directory / "current").exists()
 
 
+def test_every_tracker_process_spool_is_recorded(tmp_path, pg_conninfo):
+    """Each tracker process writes its own spool (tracker-0, tracker-1, ...), the
+    unsubscribe processor another: the recorder stores the events of all of them."""
+    from greenarrow.lib.tracker import spool as tracker_spool
+    from greenarrow.lib.tracker.unsubscribe_mailbox import SPOOL
+
+    root = make_root(tmp_path, pg_conninfo, conf="")
+    spools = [tracker_spool.open_spool(root, 0), tracker_spool.open_spool(root, 1),
+              RotatingLog(spool_root(root) / SPOOL)]
+    written = set()
+    for n, spool in enumerate(spools):
+        for i in range(20):
+            event = make_event("engine_unsub", 1_700_000_000 + i, "srv", f"{n}-{i}",
+                               email=f"u{i}@x.test", click_url="")
+            spool.write_bytes(tracker_spool.event_line(event))
+            written.add(event["event_unique_id"])
+    with psycopg.connect(pg_conninfo) as conn:
+        schema.migrate(conn)
+        rec = recorder(root)
+        rec.load_positions(conn)
+        drain(rec, conn)
+        stored = {r[0] for r in conn.execute("SELECT event->>'event_unique_id' FROM events")}
+    for spool in spools:
+        spool.close()
+    assert stored == written and len(stored) == 60
+
+
 # -- the service, as a process ------------------------------------------------
 
 

@@ -63,3 +63,31 @@ def test_services_stop_when_the_supervisor_is_killed(tmp_path):
                "every service to exit with its supervisor")
     engine.start()  # and the engine starts again cleanly
     engine.stop()
+
+
+def test_tracker_lines_repeat_per_tracker_process(tmp_path):
+    """`{process}` lines: control/tracker.processes copies, 0 meaning one per CPU; the
+    tracker and the unsubscribe processor start only when configured."""
+    from greenarrow.lib.config import control
+    from greenarrow.lib.core.paths import Root
+    from greenarrow.lib.ops.install_root import init_root
+
+    root = Root(tmp_path / "hvmail")
+    init_root(root, me="svc.test")
+    (root.control / "greenarrow.conf").write_text("general {\n  events_database_url none\n}\n")
+
+    def names() -> list[str]:
+        return [s.name for s in supervisor.read_services(root)
+                if s.program in ("tracker", "unsubscribe_processor")]
+
+    assert names() == []  # no listen address, no unsubscribe mailbox
+    control.write(root.control, "tracker.listen", ["127.0.0.1:8080"])
+    control.write(root.control, "tracker.processes", 3)
+    services = [s for s in supervisor.read_services(root) if s.program == "tracker"]
+    assert [(s.name, s.args) for s in services] == [
+        ("tracker-0", ["0"]), ("tracker-1", ["1"]), ("tracker-2", ["2"])]
+    control.write(root.control, "tracker.processes", 0)
+    assert names() == [f"tracker-{n}" for n in range(os.cpu_count() or 1)]
+    with (root.control / "greenarrow.conf").open("a") as conf:
+        conf.write("incoming_email_domain b.test {\n  unsubscribe_mailbox unsub\n}\n")
+    assert names()[-1] == "unsubscribe-processor"

@@ -124,18 +124,24 @@ def test_services_run_as_their_users_and_smtpd_listens_on_a_socket_it_was_given(
 @needs_root
 def test_the_tracker_serves_a_privileged_port_through_a_socket_it_was_given(tmp_path):
     """The tracker runs as the queue owner, yet answers on a port below 1024 (80 in a
-    real deployment) through the socket the supervisor bound for tracker.listen."""
+    real deployment) through the socket the supervisor bound for tracker.listen: both
+    tracker processes accept on that one socket."""
     port = free_privileged_port()
-    engine = Engine(tmp_path, controls={"tracker.listen": [f"127.0.0.1:{port}"]})
+    engine = Engine(tmp_path, controls={"tracker.listen": [f"127.0.0.1:{port}"],
+                                        "tracker.processes": 2})
     with engine:
         pids = supervisor.service_pids(engine.root)
-        assert ps([pids["tracker"]])[pids["tracker"]][0] == users.QUEUE_USER
-        log_file = engine.root.service_log("tracker") / "current"
-        wait_until(lambda: log_file.exists() and "listening for HTTP" in log_file.read_text(),
-                   30, "the tracker listening")
-        assert (f"listening for HTTP on 127.0.0.1:{port} (socket from the supervisor)"
-                in log_file.read_text())
-        assert listening_inodes(port) & socket_inodes(pids["tracker"])
+        trackers = [pids["tracker-0"], pids["tracker-1"]]
+        assert {row[0] for row in ps(trackers).values()} == {users.QUEUE_USER}
+        for name in ("tracker-0", "tracker-1"):
+            log_file = engine.root.service_log(name) / "current"
+            wait_until(lambda f=log_file: f.exists() and "listening for HTTP" in f.read_text(),
+                       30, f"{name} listening")
+            assert (f"listening for HTTP on 127.0.0.1:{port} (socket from the supervisor)"
+                    in log_file.read_text())
+        listening = listening_inodes(port)
+        assert len(listening) == 1  # one socket, shared
+        assert all(listening & socket_inodes(pid) for pid in trackers)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         try:
             conn.request("GET", "/t/click?qs=not-a-tracking-link")

@@ -484,8 +484,10 @@ def test_list_unsubscribe_added(root: Root, constants) -> None:
     env, msg = one(root, "X-GreenArrow-MailClass: news\n")
     value = header(msg, "List-Unsubscribe")
     mailto, https = re.findall(r"<([^>]+)>", value)
-    d = ba.decode(mailto.removeprefix("mailto:"), constants)
+    address, _, subject = mailto.removeprefix("mailto:").partition("?subject=unsubscribe-")
+    d = ba.decode(address, constants)
     assert d.unsubscribe and (d.recipient, d.sendid) == (RCPT, env["sendid"])
+    assert subject == tu.data_from_url(re.findall(r"<([^>]+)>", value)[1])[1]  # one-click's
     assert https.startswith("https://links.example.com/unsub?")
     assert tu.decode(tu.data_from_url(https)[1], constants).kind == "l"
     assert header(msg, "List-Unsubscribe-Post") == "List-Unsubscribe=One-Click"

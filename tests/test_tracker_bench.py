@@ -46,7 +46,8 @@ def test_parse_wrk_reads_rate_p99_count_and_errors() -> None:
                     and not Path("/usr/sbin/nginx").exists(),
                     reason="wrk and nginx are not installed (apt-get install -y nginx wrk)")
 def test_quick_run_reports_every_server(capsys: pytest.CaptureFixture[str]) -> None:
-    assert tracker_bench.main(["--quick", "--loops", "uvloop"]) == 0
+    assert tracker_bench.main(["--quick", "--loops", "uvloop", "--processes", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "| nginx (rep 1) |" in out and "| tracker uvloop (rep 1) |" in out
-    assert "yes (" in out
+    assert "| tracker uvloop x2 (rep 1) |" in out
+    assert out.count("yes (") == 2

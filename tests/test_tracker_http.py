@@ -57,14 +57,26 @@ class Tracker:
             control.write(self.root.control, key, value)
         self.constants = secret_constants.read(self.root.control)
         self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
 
-    def start(self, port: int | None = None) -> None:
+    def start(self, port: int | None = None, processes: int | None = None) -> None:
+        """One tracker run alone, or `processes` numbered ones (as hvmail_init starts
+        them: each binds the address with SO_REUSEPORT and has its own spool)."""
         self.log = open(self.root.path / "tracker.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "greenarrow.bin.tracker"],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self._listening(port or self.port) or self.proc.poll() is not None,
-                   30, "the tracker to listen")
-        assert self.proc.poll() is None, self.log_text()
+        numbers = [[]] if processes is None else [[str(n)] for n in range(processes)]
+        before = self.log_text().count("listening for HTTP on")
+        for started, number in enumerate(numbers, 1):
+            proc = subprocess.Popen([sys.executable, "-m", "greenarrow.bin.tracker", *number],
+                                    env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+            self.procs.append(proc)
+            wait_until(lambda p=proc: self._listening(port or self.port) or p.poll() is not None,
+                       30, "the tracker to listen")
+            if processes is not None:  # this one too, not only an earlier one, listens
+                wait_until(lambda p=proc, n=before + started: p.poll() is not None
+                           or self.log_text().count("listening for HTTP on") >= n,
+                           30, "its log line")
+            assert proc.poll() is None, self.log_text()
+        self.proc = self.procs[0]
 
     def _listening(self, port: int) -> bool:
         try:
@@ -77,19 +89,22 @@ class Tracker:
         return (self.root.path / "tracker.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             try:
-                self.proc.wait(20)
+                proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                proc.kill()
+                proc.wait(10)
         self.proc = None
+        self.procs = []
         if getattr(self, "log", None):
             self.log.close()
 
     def events(self) -> list[dict]:
-        return spool.read_events(spool.spool_dir(self.root))
+        return spool.read_all_events(self.root)
 
     def data(self, kind: str = tu.CLICK, url: str = "https://example.com/", **kw: object) -> str:
         fields = dict(recipient="r@example.com", listid="t100", sendid="news-1",
@@ -435,6 +450,69 @@ def test_kill_9_under_load_loses_no_answered_click(tmp_path: Path) -> None:
         json.dumps(t.events()[-1])
     finally:
         t.stop()
+
+
+def test_two_processes_killed_under_load_lose_no_answered_click(tmp_path: Path) -> None:
+    """Two numbered trackers on one address (SO_REUSEPORT), each with its own spool:
+    kill -9 one under load, the other keeps answering, then kill -9 it too; every
+    answered click is in one of the two spools, once."""
+    t = Tracker(tmp_path)
+    t.start(processes=2)
+    answered: set[int] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    targets = [_path(t.url(tu.CLICK, url=f"https://example.com/n/{n}")) for n in range(40000)]
+
+    def client(first: int, step: int) -> None:
+        pending = list(range(first, len(targets), step))
+        for _ in range(2000):  # connections; a new one every 20 requests or after an error
+            if stop.is_set() or not pending:
+                return
+            conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
+            try:
+                for _ in range(20):
+                    if stop.is_set() or not pending:
+                        return
+                    n = pending.pop(0)
+                    conn.request("GET", targets[n])
+                    resp = conn.getresponse()
+                    resp.read()
+                    if resp.status == 302:
+                        with lock:
+                            answered.add(n)
+            except (OSError, http.client.HTTPException):
+                pass  # that process was killed: connect again (the other one answers)
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client, args=(i, 8)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(answered) >= 1500, 120, "1500 answered clicks")
+        first, second = t.procs
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(20)
+        with lock:
+            at_first_kill = len(answered)
+        wait_until(lambda: len(answered) >= at_first_kill + 1000, 120,
+                   "1000 clicks answered by the survivor")
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        t.stop()
+    folders = spool.spool_dirs(t.root)
+    assert [f.name for f in folders] == ["tracker-0", "tracker-1"]
+    assert all(spool.read_events(folder) for folder in folders)  # both answered clicks
+    events = t.events()
+    recorded = [e["click_url"] for e in events]
+    recorded_n = {int(url.rsplit("/", 1)[1]) for url in recorded}
+    assert answered and answered <= recorded_n, sorted(answered - recorded_n)[:10]
+    assert len(recorded) == len(recorded_n)  # each recorded once
+    assert len({e["event_unique_id"] for e in events}) == len(recorded)
 
 
 def test_unwritable_spool_answers_503_and_never_redirects() -> None:

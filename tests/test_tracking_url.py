@@ -308,3 +308,57 @@ def test_pack_fields_refuses_nul() -> None:
     assert tu.pack_fields(("a", "é"), ("x", "y")) == b"a\0\xc3\xa9\0"
     with pytest.raises(ValueError, match="y may not contain NUL"):
         tu.pack_fields(("a", "b\0"), ("x", "y"))
+
+
+def test_link_id_is_carried_in_version_2_data_and_version_1_still_decodes() -> None:
+    """A link with a user-defined id gets version-2 DATA carrying it; DATA made
+    before link ids (version 1) decodes as it did, with no linkid."""
+    old = make()
+    assert tu.decode(old, C).linkid is None
+    new = make(linkid="promo-1")
+    assert tu.b64url(b"\x02")[:1] == new[:1].encode() == b"A"
+    d = tu.decode(new, C)
+    assert (d.kind, d.recipient, d.url, d.linkid) == (
+        "c", "r@example.com", "https://example.com/a?x=1&y=2", "promo-1")
+    assert tu.decode(make(linkid="é", url=b""), C).linkid == "é"
+    for bad in ("", "a#b", "x\0y", "x" * 101):
+        with pytest.raises(ValueError):
+            make(linkid=bad)
+
+
+def test_links_packed_signs_a_link_with_an_id_as_encode_does(sha_mode) -> None:
+    """Slot kind "i" (an href ##linkid:ID##URL, target URL NUL ID) is encode(linkid=ID)."""
+    ids = ("r@example.com", "t1", "s1", "news", "i1", "77")
+    fields = tu.pack_fields(ids, ("recipient", "listid", "sendid", "mailclass", "instanceid",
+                                  "click_tracking_id"))
+    enc = tu.Encoder(C, BASE, "b", *ids, True)
+    bases = (enc._bases[tu.CLICK], enc._bases[tu.UNSUBSCRIBE], enc._bases[tu.OPEN])
+    data, offsets = tu.signer(C).links_packed(
+        b"cii", [b"http://a/", b"http://a/\0spring-sale", b"http://b/\0x"], fields, 1, bases,
+        b"", b"")
+    off = memoryview(offsets).cast("n").tolist()
+    urls = [data[a:b].decode() for a, b in zip(off, off[1:], strict=False)]
+    assert urls[1] == BASE + "/click?" + tu.encode(C, tu.CLICK, *ids, url="http://a/",
+                                                   stateless=True, linkid="spring-sale")
+    assert [tu.decode(tu.data_from_url(u)[1], C).linkid for u in urls] == [
+        None, "spring-sale", "x"]
+    assert tu.decode(tu.data_from_url(urls[2])[1], C).url == "http://b/"
+    assert enc.replacements(["c", "i", "i"], [b"http://a/", b"http://a/\0spring-sale",
+                                              b"http://b/\0x"], False, b"", b"") == [
+        u.encode() for u in urls]
+
+
+def test_html_link_with_an_id_is_a_linkid_slot() -> None:
+    from greenarrow.pyx import simplemh
+
+    html = (b'<a href="##linkid:promo-1##https://ex.test/a?b=1&amp;c=2">x</a>'
+            b'<a href="https://ex.test/z">z</a><a href="##linkid:##https://ex.test/y">no id</a>'
+            b'<a href="##LinkID:t##mailto:a@ex.test">m</a>')
+    spans, kinds, targets = simplemh.html_link_slots(html, True, True, ())
+    assert kinds == ["i", "c", "s", "p"]
+    assert targets[:3] == [b"https://ex.test/a?b=1&c=2\0promo-1", b"https://ex.test/z",
+                           b"mailto:a@ex.test"]
+    # click tracking off: the tag is taken out, the URL left as written
+    spans, kinds, targets = simplemh.html_link_slots(html, False, True, ())
+    assert kinds == ["s", "s"]
+    assert targets == [b"https://ex.test/a?b=1&amp;c=2", b"mailto:a@ex.test"]

@@ -647,6 +647,7 @@ SCHEMA: tuple[Rule, ...] = (
     directive("bounce_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
     directive("spam_complaint_mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
     directive("mailbox", "incoming_email_domain", LOCAL_PART, multiple=True),
+    directive("unsubscribe_mailbox", "incoming_email_domain", LOCAL_PART),  # tracker stage
     directive("lite_bounce_processor_address", (ROOT, "general"), ADDRESS, multiple=True),
     directive("lite_fbl_processor_address", (ROOT, "general"), ADDRESS, multiple=True),
     # bounce and complaint processors: greenarrow.lib.feedback.feedback_settings

@@ -159,6 +159,8 @@ SPECS: dict[str, ControlSpec] = _specs(
      "HTTP listeners of the click/open/unsubscribe tracker, lines of ip:port (empty: none)"),
     ("tracker.tls.listen", "listen", [], False,
      "HTTPS listeners of the tracker, lines of ip:port; certificates in control/tracker.tls/"),
+    ("tracker.processes", "int", 0, False,
+     "tracker processes sharing its listeners, each with its own event spool (0: one per CPU)"),
     ("tracker.timeout", "int", 10, True,
      "seconds a tracker client has to send a whole request (and idle keep-alive limit)"),
     ("opt.treat_qsbf_bounces_as_local_server_names", "lines", [], True,

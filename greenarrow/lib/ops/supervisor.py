@@ -80,22 +80,26 @@ def _conditions(root: Root) -> dict[str, bool]:
     nothing to do is not started (its polling would cost every message CPU)."""
     from greenarrow.lib.config import conf
     from greenarrow.lib.events import database
+    from greenarrow.lib.routing import incoming
 
     try:
         loaded = conf.load_root(root)
         db = database.configured(root, loaded)
         destinations = bool(loaded.blocks_named("event_delivery_destination"))
+        unsubscribe = any(b.kind == incoming.UNSUBSCRIBE
+                          for b in incoming.mailboxes(str(root.path), loaded))
     except conf.ConfError as exc:
         # The services report the mistake themselves; start them as by default.
         log.error("%s", exc)
         return dict.fromkeys(("bundled_database", "database", "event_destinations",
-                              "tracker"), True)
+                              "tracker", "unsubscribe_mailbox"), True)
     tracker = bool(control.read(root.control, "tracker.listen")
                    or control.read(root.control, "tracker.tls.listen"))
     return {"bundled_database": db.kind == database.BUNDLED,
             "database": db.kind != database.NONE,
             "event_destinations": destinations and db.kind != database.NONE,
-            "tracker": tracker}
+            "tracker": tracker,
+            "unsubscribe_mailbox": unsubscribe}
 
 
 def _options(text: str, where: str, conditions: dict[str, bool]
@@ -115,13 +119,23 @@ def _options(text: str, where: str, conditions: dict[str, bool]
     return applies, stop_signal
 
 
+def tracker_processes(root: Root) -> int:
+    """`control/tracker.processes`, 0 (the default) meaning one per CPU."""
+    wanted = control.read_int(root.control, "tracker.processes")
+    if wanted < 0:
+        raise ValueError(f"{root.control / 'tracker.processes'}: must be 0 (one per CPU) or more")
+    return wanted or os.cpu_count() or 1
+
+
 def read_services(root: Root) -> list[Service]:
     """The services of `init/services`: `name program [args] [[options]]`; `{worker}`
-    lines are repeated for each remote worker (`control/remote.workers`); options
-    in brackets: `if CONDITION` (start the line only then: `bundled_database`,
+    lines are repeated for each remote worker (`control/remote.workers`), `{process}`
+    lines for each tracker process (`tracker_processes`); options in brackets:
+    `if CONDITION` (start the line only then: `bundled_database`,
     `database`, `event_destinations`, `tracker`), `stop SIGINT` (the signal that
     stops it instead of SIGTERM)."""
-    workers = control.read_int(root.control, "remote.workers")
+    repeats = {"{worker}": control.read_int(root.control, "remote.workers"),
+               "{process}": tracker_processes(root)}
     services = []
     conditions: dict[str, bool] | None = None
     text = (data_dir("init") / "services").read_text()
@@ -142,9 +156,14 @@ def read_services(root: Root) -> list[Service]:
             raise ValueError(f"init/services:{number}: expected 'name program [args]'")
         if not applies:
             continue
-        copies = range(workers) if "{worker}" in line else [None]
-        for worker in copies:
-            expand = [w.replace("{worker}", str(worker)) for w in words]
+        marks = [mark for mark in repeats if mark in line]
+        if len(marks) > 1:
+            raise ValueError(f"init/services:{number}: both {' and '.join(marks)}")
+        if not marks:
+            services.append(Service(words[0], words[1], words[2:], stop_signal))
+            continue
+        for copy in range(repeats[marks[0]]):
+            expand = [w.replace(marks[0], str(copy)) for w in words]
             services.append(Service(expand[0], expand[1], expand[2:], stop_signal))
     return services
 

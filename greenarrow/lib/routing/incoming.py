@@ -5,6 +5,7 @@ greenarrow.conf names them (docs/configuration.md "Incoming mail"):
     incoming_email_domain bounces.example.com {
         bounce_mailbox return          # -> the bounce processor
         spam_complaint_mailbox fbl     # -> the spam complaint processor
+        unsubscribe_mailbox unsub      # -> the unsubscribe processor
         mailbox postmaster             # a plain Maildir
     }
     lite_bounce_processor_address lite-bounces@bounces.example.com
@@ -31,6 +32,12 @@ Decisions (GreenArrow's documentation is silent on them):
   the bounce processor, which has the secret constants. A lite bounce
   address `lite@domain` takes any extension `lite-<anything>@domain`
   (the sender encodes what it wants in its MAIL FROM).
+* An unsubscribe request, the mailto: of SimpleMH's List-Unsubscribe (the
+  unsubscribe form of a bounce mailbox's encoded address, versions 3, 4,
+  7 and 8 of greenarrow.lib.simplemh.return_path), goes to the
+  domain's `unsubscribe_mailbox` when it has one (else to the bounce
+  mailbox, whose processor refuses it), so that mail sent before the
+  directive was set is handled too.
 * A local part configured twice in one domain is an error.
 """
 
@@ -48,7 +55,8 @@ SPAM_COMPLAINT = "spam_complaint"
 MAILBOX = "mailbox"
 LITE_BOUNCE = "lite_bounce"
 LITE_FBL = "lite_fbl"
-KINDS = (BOUNCE, SPAM_COMPLAINT, MAILBOX, LITE_BOUNCE, LITE_FBL)
+UNSUBSCRIBE = "unsubscribe"
+KINDS = (BOUNCE, SPAM_COMPLAINT, MAILBOX, LITE_BOUNCE, LITE_FBL, UNSUBSCRIBE)
 POSTMASTER = "postmaster"
 MAILDATA = "maildata"
 
@@ -57,6 +65,7 @@ _DOMAIN_DIRECTIVES = (
     ("bounce_mailbox", BOUNCE),
     ("spam_complaint_mailbox", SPAM_COMPLAINT),
     ("mailbox", MAILBOX),
+    ("unsubscribe_mailbox", UNSUBSCRIBE),
 )
 _LITE_DIRECTIVES = (
     ("lite_bounce_processor_address", LITE_BOUNCE),
@@ -129,6 +138,7 @@ class _Index:
         for domain in self.domains:
             if (domain, POSTMASTER) not in self.boxes:
                 add(domain, POSTMASTER, MAILBOX, None)
+        self.unsubscribe = {b.domain: b for b in self.order if b.kind == UNSUBSCRIBE}
         # bounce and lite bounce mailboxes that take extensions, longest first
         self.extended = sorted(
             (b for b in self.order if b.kind in (BOUNCE, LITE_BOUNCE)),
@@ -160,7 +170,11 @@ class _Index:
         for box in self.extended:
             if box.domain != domain or not local.startswith(box.local + "-"):
                 continue
-            if box.kind == LITE_BOUNCE or _encoded_shape(local):
+            if box.kind == LITE_BOUNCE:
+                return box
+            if _encoded_shape(local):
+                if _unsubscribe_request(local) and domain in self.unsubscribe:
+                    return self.unsubscribe[domain]
                 return box
         return None
 
@@ -181,6 +195,12 @@ def _encoded_shape(local: str) -> bool:
     last = local.rpartition("-")[2]
     return (len(last) == 1 + bounce_address.TAG_CHARS and last[0] in bounce_address.VERSIONS
             and _TAG_CHARS.issuperset(last[1:]))
+
+
+def _unsubscribe_request(local: str) -> bool:
+    """Whether an encoded address (shape checked) is the unsubscribe form (mailto:)."""
+    version = local.rpartition("-")[2][0]
+    return bounce_address.VERSIONS[version][1]
 
 
 _last: tuple[str, conflib.Block, _Index] | None = None

@@ -435,8 +435,10 @@ class Renderer:
                          encoder: _Links | tracking_url.Encoder | None) -> bytes:
         """List-Unsubscribe (RFC 2369) and List-Unsubscribe-Post (RFC 8058) for one recipient.
 
-        mailto: the unsubscribe form of the bounce address (short form, with
-        the recipient's data in the subject, past 64 octets); https: the
+        mailto: the unsubscribe form of the bounce address (short form past 64
+        octets), with the recipient's data (the one-click URL's DATA) in the
+        subject, which the short form needs and which gives the unsubscribe
+        processor (tracker.unsubscribe_mailbox) every field of the event; https: the
         X-GreenArrow-List-Unsubscribe-HTTP-URL, else the tracker's one-click
         URL. One-Click is offered only for the tracker's URL, or when the
         -Post header asks for it. A URI that would make a line longer than
@@ -447,10 +449,8 @@ class Renderer:
         if job.bounce_mailbox:
             address = bounce_address.encode(job.bounce_mailbox, job.listid, job.sendid, who,
                                             job.constants, unsubscribe=True)
-            mailto = b"mailto:" + address.encode("ascii")
-            if not bounce_address.is_full(address):
-                mailto += (b"?subject=unsubscribe-"
-                           + self.data(tracking_url.LIST_UNSUBSCRIBE, who, encoder))
+            mailto = (b"mailto:" + address.encode("ascii") + b"?subject=unsubscribe-"
+                      + self.data(tracking_url.LIST_UNSUBSCRIBE, who, encoder))
             if len(mailto) + 3 <= MAX_LINE:
                 uris.append(mailto)
         post = b""

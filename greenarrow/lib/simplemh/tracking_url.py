@@ -19,6 +19,11 @@ DATA is the unpadded base64url encoding (`A-Z a-z 0-9 - _`) of
       NUL click_tracking_id NUL target URL
     | tag (10 bytes)
 
+or, for a link with a user-defined id (`##linkid:ID##URL` in an href),
+version 2, the same with `NUL linkid` after the target URL. Version 1 DATA
+(every URL made before link ids, and every link without one) decodes as
+before, with no linkid.
+
 kind: `c` click, `u` unsubscribe link, `o` open, `l` List-Unsubscribe,
 `m` X-Mailer-Info. flags: 1 = stateless metadata storage, 2 = the link was
 in a text/plain part. The tag is the first 80 bits of HMAC-SHA256 over
@@ -41,6 +46,8 @@ import hmac
 from greenarrow.lib.config import secret_constants
 
 VERSION = 1
+VERSION_LINKID = 2  # the target is followed by NUL and the link's user-defined id
+MAX_LINKID = 100  # bytes (greenarrow.pyx.simplemh takes no longer id)
 TAG_BYTES = 10
 FORMATS = ("a", "b", "c")
 DEFAULT_FORMAT = "b"
@@ -83,10 +90,11 @@ class TrackingData:
     """What a DATA carries; `url` is the target as a URL string."""
 
     __slots__ = ("kind", "stateless", "text", "recipient", "listid", "sendid", "mailclass",
-                 "instanceid", "click_tracking_id", "url_bytes")
+                 "instanceid", "click_tracking_id", "url_bytes", "linkid")
 
     def __init__(self, kind: str, stateless: bool, text: bool, fields: list[str],
-                 url_bytes: bytes) -> None:
+                 url_bytes: bytes, linkid: str | None = None) -> None:
+        self.linkid = linkid
         self.kind = kind
         self.stateless = stateless
         self.text = text
@@ -116,28 +124,36 @@ def pack_fields(values: tuple[str, ...], names: tuple[str, ...]) -> bytes:
     return joined.encode("utf-8") + b"\0"
 
 
-def _payload(kind: str, flags: int, fields: tuple[str, ...], url: bytes) -> bytes:
+def _payload(kind: str, flags: int, fields: tuple[str, ...], url: bytes,
+             linkid: str | None = None) -> bytes:
     parts = [_field(v, n) for v, n in zip(fields, ("recipient", "listid", "sendid", "mailclass",
                                                     "instanceid", "click_tracking_id"),
                                            strict=True)]
     if b"\0" in url:
         raise ValueError("url may not contain NUL")
     parts.append(url)
-    return bytes((VERSION, ord(kind), flags)) + b"\0".join(parts)
+    if linkid is None:
+        return bytes((VERSION, ord(kind), flags)) + b"\0".join(parts)
+    raw = _field(linkid, "linkid")
+    if not 0 < len(raw) <= MAX_LINKID or b"#" in raw:
+        raise ValueError(f"linkid must be 1 to {MAX_LINKID} bytes without '#'")
+    parts.append(raw)
+    return bytes((VERSION_LINKID, ord(kind), flags)) + b"\0".join(parts)
 
 
 def encode(constants: tuple[str, str], kind: str, recipient: str, listid: str = "",
            sendid: str = "", mailclass: str = "", instanceid: str = "",
            click_tracking_id: str = "", url: bytes | str = b"", stateless: bool = False,
-           text: bool = False) -> str:
-    """DATA for one link (or pixel, List-Unsubscribe URL, X-Mailer-Info)."""
+           text: bool = False, linkid: str | None = None) -> str:
+    """DATA for one link (or pixel, List-Unsubscribe URL, X-Mailer-Info); with a
+    `linkid`, version 2 DATA that carries it."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
     if isinstance(url, str):
         url = url.encode("utf-8")
     flags = (FLAG_STATELESS if stateless else 0) | (FLAG_TEXT if text else 0)
     payload = _payload(kind, flags, (recipient, listid, sendid, mailclass, instanceid,
-                                     click_tracking_id), url)
+                                     click_tracking_id), url, linkid)
     tag = hmac.digest(derive_key(constants), payload, "sha256")[:TAG_BYTES]
     return b64url(payload + tag).decode("ascii")
 
@@ -166,13 +182,24 @@ def decode(data: str | bytes, constants: tuple[str, str],
     if not hmac.compare_digest(tag, expected):
         raise TrackingDataError("tracking data failed verification (tampered, truncated or "
                                 "made with other secret constants)")
-    if payload[0] != VERSION:
+    if payload[0] not in (VERSION, VERSION_LINKID):
         raise TrackingDataError(f"unknown tracking data version {payload[0]}")
     kind = chr(payload[1])
     if kind not in KINDS or (kinds is not None and kind not in kinds):
         raise TrackingDataError(f"tracking data of kind {kind!r} not accepted here")
     flags = payload[2]
-    parts = payload[3:].split(b"\0", _FIELDS - 1)
+    linkid = None
+    if payload[0] == VERSION_LINKID:
+        rest, sep, raw_linkid = payload[3:].rpartition(b"\0")
+        if not sep or not raw_linkid:
+            raise TrackingDataError("malformed tracking data")
+        try:
+            linkid = raw_linkid.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TrackingDataError("malformed tracking data") from None
+    else:
+        rest = payload[3:]
+    parts = rest.split(b"\0", _FIELDS - 1)
     if len(parts) != _FIELDS:
         raise TrackingDataError("malformed tracking data")
     try:
@@ -180,7 +207,7 @@ def decode(data: str | bytes, constants: tuple[str, str],
     except UnicodeDecodeError:
         raise TrackingDataError("malformed tracking data") from None
     return TrackingData(kind, bool(flags & FLAG_STATELESS), bool(flags & FLAG_TEXT), fields,
-                        parts[-1])
+                        parts[-1], linkid)
 
 
 def tracking_url(base: str, fmt: str, kind: str, data: str) -> str:
@@ -279,12 +306,14 @@ class Encoder:
                      pixel_open: bytes, pixel_close: bytes) -> list[bytes]:
         """The tracking URLs (or open pixel) for a part's slots, in one C loop.
 
-        kinds: "c" click, "u" unsubscribe link, "p" the open pixel
+        kinds: "c" click, "i" click with a link id (target URL NUL ID), "u"
+        unsubscribe link, "p" the open pixel
         (pixel_open + open URL + pixel_close), "s" the target as it is,
         anything else nothing.
         """
         prefixes = self._prefixes
         by_kind = {k: prefixes.get((k, text)) or self._prefix(k, text)
                    for k in (CLICK, UNSUBSCRIBE, OPEN)}
+        by_kind["i"] = bytes((VERSION_LINKID,)) + by_kind[CLICK][1:]
         return self._signer.replacements(kinds, targets, by_kind, self._bases, pixel_open,
                                          pixel_close)

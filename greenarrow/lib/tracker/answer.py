@@ -108,7 +108,7 @@ def answer(request: Request, settings: TrackerSettings, now_ns: int, serial: str
             return not_found(head)
         if kind == tracking_url.UNSUBSCRIBE:
             location = with_recipient(target, found.recipient, found.sendid, found.listid)
-            event = None if head else _unsub_event(found, settings, now_ns, data, target)
+            event = None if head else unsub_event(found, settings.server_id, now_ns, data, target)
         else:
             location = target
             event = None if head else _click_event(found, request, settings, now_ns, data,
@@ -117,7 +117,7 @@ def answer(request: Request, settings: TrackerSettings, now_ns: int, serial: str
     if kind == tracking_url.LIST_UNSUBSCRIBE:
         if method == "POST" and is_one_click(request.content_type, request.body):
             return Reply(200, _HTML, pages.DONE_PAGE,
-                         _unsub_event(found, settings, now_ns, data, ""))
+                         unsub_event(found, settings.server_id, now_ns, data, ""))
         return Reply(200, _HTML, pages.CONFIRM_PAGE, None, head)
     return not_found(head)  # X-Mailer-Info DATA is no URL
 
@@ -174,7 +174,7 @@ def _click_event(found: tracking_url.TrackingData, request: Request,
         click_url=target, click_tracking_id=found.click_tracking_id,
         engine_ip=request.client_ip,
         user_agent=request.user_agent if settings.include_user_agent else None,
-        linkid=None, mailclass=found.mailclass, instanceid=found.instanceid)
+        linkid=found.linkid, mailclass=found.mailclass, instanceid=found.instanceid)
 
 
 def _open_event(found: tracking_url.TrackingData, request: Request,
@@ -191,10 +191,12 @@ def _open_event(found: tracking_url.TrackingData, request: Request,
         mailclass=found.mailclass, instanceid=found.instanceid)
 
 
-def _unsub_event(found: tracking_url.TrackingData, settings: TrackerSettings, now_ns: int,
-                 data: str, click_url: str) -> dict[str, Any]:
+def unsub_event(found: tracking_url.TrackingData, server_id: str, now_ns: int,
+                data: str, click_url: str) -> dict[str, Any]:
+    """`engine_unsub` for DATA: its id is made from DATA alone, so every repeat (and a
+    mailto: request carrying the same DATA, tracker.unsubscribe_mailbox) is one event."""
     return make_event(
-        "engine_unsub", now_ns // 1_000_000_000, settings.server_id, _key(data, "unsub"),
+        "engine_unsub", now_ns // 1_000_000_000, server_id, _key(data, "unsub"),
         email=found.recipient, listid=found.listid, sendid=found.sendid,
         click_url=click_url, click_tracking_id=found.click_tracking_id,
         mailclass=found.mailclass, instanceid=found.instanceid)

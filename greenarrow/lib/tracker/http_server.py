@@ -88,12 +88,16 @@ class TrackerServer:
         self.answered = 0
 
     async def listen(self, host: str | None = None, port: int | None = None, ssl=None,
-                     sock: socket.socket | None = None) -> asyncio.AbstractServer:
-        """Serve on host:port, or on `sock`, a listening socket bound by the supervisor."""
+                     sock: socket.socket | None = None,
+                     reuse_port: bool = False) -> asyncio.AbstractServer:
+        """Serve on host:port (with SO_REUSEPORT if `reuse_port`: other tracker
+        processes bind the same address), or on `sock`, a listening socket bound
+        by the supervisor."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         where = {"sock": sock} if sock is not None else {
-            "host": host, "port": port, "reuse_address": True, "backlog": 1024}
+            "host": host, "port": port, "reuse_address": True, "backlog": 1024,
+            "reuse_port": reuse_port}
         server = await loop.create_server(
             lambda: HttpConnection(self), ssl=ssl,
             ssl_handshake_timeout=self.settings.timeout if ssl else None, **where)

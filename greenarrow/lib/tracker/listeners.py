@@ -30,14 +30,22 @@ def _given(sock: socket.socket | None) -> str:
 
 
 class Tracker:
-    """`start()` listens on control/tracker.listen (HTTP) and tracker.tls.listen (HTTPS)."""
+    """`start()` listens on control/tracker.listen (HTTP) and tracker.tls.listen (HTTPS).
 
-    def __init__(self, root: Root) -> None:
+    `process` is this process's number among hvmail_init's tracker processes
+    (None: a tracker run alone). Numbered processes that bind themselves (not
+    root-started) bind with SO_REUSEPORT, so that each has its own socket on
+    the same address and the kernel spreads the connections; root-started,
+    they all accept on the sockets the supervisor bound once.
+    """
+
+    def __init__(self, root: Root, process: int | None = None) -> None:
         self.root = root
+        self.process = process
         self.settings = tracker_settings.load(root)
         if self.settings.timeout < 1:
             raise control.ControlError(f"{root.control / 'tracker.timeout'}: must be 1 or more")
-        self.server = TrackerServer(self.settings, lambda: spool.open_spool(root))
+        self.server = TrackerServer(self.settings, lambda: spool.open_spool(root, process))
         self.sni: tls.SniListener | None = None
 
     async def start(self) -> None:
@@ -50,18 +58,20 @@ class Tracker:
                     f"{self.root.control / 'tracker.tls.listen'} is set, but "
                     f"{self.root.control / tls.DIRECTORY} holds no *.pem certificate")
             self.sni = tls.SniListener(certificates)
+        shared = self.process is not None
         for (host, port), sock in _sockets(plain, listen_sockets.ENV):
-            await self.server.listen(host, port, sock=sock)
+            await self.server.listen(host, port, sock=sock, reuse_port=shared)
             log.info("listening for HTTP on %s:%d%s", host, port, _given(sock))
         for (host, port), sock in _sockets(secure, listen_sockets.TLS_ENV):
-            await self.server.listen(host, port, ssl=self.sni.context, sock=sock)
+            await self.server.listen(host, port, ssl=self.sni.context, sock=sock,
+                                     reuse_port=shared)
             log.info("listening for HTTPS on %s:%d (%d certificates)%s", host, port,
                      len(self.sni.certificates.files), _given(sock))
         if not plain and not secure:
             log.info("control/tracker.listen and tracker.tls.listen are empty: not listening")
         log.info("server_id %s; %d Apple egress ranges from %s; spool %s",
                  self.settings.server_id, self.settings.ranges.count,
-                 self.settings.ranges.source, spool.spool_dir(self.root))
+                 self.settings.ranges.source, spool.spool_dir(self.root, self.process))
 
     def reload(self) -> None:
         """Re-read settings, ranges and certificates (SIGHUP); a bad file keeps the old ones."""
