@@ -21,7 +21,12 @@ to an address that bounces -> bounce_all and bounce_bad_address (a hard,
 synchronous bounce mailed back as a qmail-style bounce), and a message
 accepted and bounced later (a soft DSN) -> bounce_all only.
 
-Runs as root (CI does); without root it is skipped with the reason.
+Two layouts run the same steps. `netns` (root only; CI runs as root): the
+namespaces above, ports 25 and 80. `loopback` (any user): every host an
+address of its own on 127.231.0.0/24 (Linux routes all of 127/8 to the
+loopback), the engines on one free port for SMTP (`remote.port` set to it,
+so MX hosts are reached there) and one for the tracker, no ramdisk unless
+root; what it cannot show is separate network stacks.
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ import re
 import smtplib
 import subprocess
 import urllib.parse
+from contextlib import AbstractContextManager, nullcontext
 from email import message_from_bytes, policy
 from pathlib import Path
 
 import dns.resolver
 import pytest
 from dns_server import DnsServer
-from engine import Engine, wait_until
+from engine import Engine, free_port, wait_until
 from event_receiver import Receiver as EventDestination
 from netns import TestNetwork, available, inside
 from smtp_receivers import Receiver
@@ -46,30 +52,65 @@ from smtp_receivers import Receiver
 from greenarrow.lib.events import postgres, types
 from greenarrow.lib.simplemh import return_path, tracking_url
 
-_why_not = available() or (None if postgres.candidate_dirs() else
-                           "needs PostgreSQL server binaries for the event server")
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=str(_why_not))
+pytestmark = pytest.mark.skipif(
+    not postgres.candidate_dirs(),
+    reason="needs PostgreSQL server binaries for the event server (apt-get install postgresql)")
 
-SUBNET = "10.231.0"
-HUB = f"{SUBNET}.1"  # DNS, event destination, the subscriber
-RX_ACCEPT, RX_REJECT = f"{SUBNET}.30", f"{SUBNET}.31"
+# Last octets: the hub (DNS, event destination, the subscriber), the receiving hosts, servers.
+HUB, RX_ACCEPT, RX_REJECT = 1, 30, 31
 ADDRESSES = {"send1": 11, "send2": 12, "event": 20}
 NAMES = {"send1": "send1.split.test", "send2": "send2.split.test", "event": "event.split.test"}
 SENDERS = ("send1", "send2")
 BOUNCE_DOMAIN = "bounce.split.test"
 URL_DOMAIN = "links.split.test"
-EVENT_IP = f"{SUBNET}.{ADDRESSES['event']}"
 WAIT = 120  # seconds any one event may take to reach the destination
 
-ZONE = {
-    BOUNCE_DOMAIN: "MX 10 event.split.test",
-    "event.split.test": f"A {EVENT_IP}",
-    URL_DOMAIN: f"A {EVENT_IP}",
-    "dest.test": "MX 10 mx.dest.test",
-    "mx.dest.test": f"A {RX_ACCEPT}",
-    "reject.test": "MX 10 mx.reject.test",
-    "mx.reject.test": f"A {RX_REJECT}",
-}
+
+class Layout:
+    """Where each host is and how a program runs there (see the module docstring)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.subnet = "10.231.0" if kind == "netns" else "127.231.0"
+        self.net = TestNetwork(f"gas{os.getpid()}", self.subnet) if kind == "netns" else None
+        self.smtp_port = 25 if kind == "netns" else free_port(self.ip(ADDRESSES["event"]))
+        self.http_port = 80
+        while kind != "netns" and self.http_port in (80, self.smtp_port):
+            self.http_port = free_port(self.ip(ADDRESSES["event"]))
+
+    def ip(self, n: int) -> str:
+        return f"{self.subnet}.{n}"
+
+    def host_ip(self, host: str) -> str:
+        return self.ip(ADDRESSES[host])
+
+    @property
+    def event_ip(self) -> str:
+        return self.host_ip("event")
+
+    @property
+    def hub_ip(self) -> str:
+        return self.ip(HUB)
+
+    @property
+    def url_base(self) -> str:
+        port = "" if self.http_port == 80 else f":{self.http_port}"
+        return f"http://{URL_DOMAIN}{port}"
+
+    def hub(self) -> AbstractContextManager[None]:
+        """Where the test's own servers and clients run."""
+        return inside(self.net.hub) if self.net else nullcontext()
+
+    def zone(self) -> dict[str, str]:
+        return {
+            BOUNCE_DOMAIN: "MX 10 event.split.test",
+            "event.split.test": f"A {self.event_ip}",
+            URL_DOMAIN: f"A {self.event_ip}",
+            "dest.test": "MX 10 mx.dest.test",
+            "mx.dest.test": f"A {self.ip(RX_ACCEPT)}",
+            "reject.test": "MX 10 mx.reject.test",
+            "mx.reject.test": f"A {self.ip(RX_REJECT)}",
+        }
 
 EVENT_CONF = f"""
 incoming_email_domain {BOUNCE_DOMAIN} {{
@@ -79,12 +120,12 @@ incoming_email_domain {BOUNCE_DOMAIN} {{
 """
 
 # The Mail Class of both senders; send2 gives the bounce address in a header instead.
-MAIL_CLASS = f"""
-mail_class news {{
+MAIL_CLASS = """
+mail_class news {
     listid split1
     track_clicks_and_opens yes
-    url_domain http://{URL_DOMAIN}
-{{bounce}}}}
+    url_domain {url_base}
+{bounce}}
 """
 
 # Faster delivery of bounces (seed: NAT route, connection reuse, throttles).
@@ -135,9 +176,9 @@ def message(sender: str, to: str, instance: str) -> bytes:
 class World:
     """Everything the test made, torn down in reverse order whatever happened."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, layout: Layout) -> None:
         self.tmp_path = tmp_path
-        self.net = TestNetwork(f"gas{os.getpid()}", SUBNET)
+        self.lay = layout
         self.engines: dict[str, Engine] = {}
         self.dns: DnsServer | None = None
         self.destination: EventDestination | None = None
@@ -153,7 +194,8 @@ class World:
         for server in (self.rx_accept, self.rx_reject, self.destination, self.dns):
             if server is not None:
                 server.stop()
-        self.net.delete()
+        if self.lay.net is not None:
+            self.lay.net.delete()
 
 
 def _unmount_under(path: Path) -> None:
@@ -165,9 +207,11 @@ def _unmount_under(path: Path) -> None:
             subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def world(tmp_path: Path):
-    w = World(tmp_path)
+@pytest.fixture(params=["netns", "loopback"])
+def world(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "netns" and available() is not None:
+        pytest.skip(f"the network-namespace layout {available()}; the loopback one runs")
+    w = World(tmp_path, Layout(request.param))
     try:
         yield w
     finally:
@@ -182,35 +226,42 @@ def run(engine: Engine, program: str, *args: str) -> str:
 
 
 def build_network(w: World) -> None:
-    w.net.create([1, 30, 31])
-    for host, n in ADDRESSES.items():
-        w.net.add_host(host, n)
-    with inside(w.net.hub):
-        w.dns = DnsServer(ZONE, address=HUB).start()
-        w.destination = EventDestination(HUB).start()
-        w.rx_accept = Receiver(RX_ACCEPT, 25, hostname="mx.dest.test").start()
-        w.rx_reject = Receiver(RX_REJECT, 25, rcpt_reply="550 5.1.1 <bob> no such user here",
-                               hostname="mx.reject.test").start()
+    lay = w.lay
+    if lay.net is not None:
+        lay.net.create([HUB, RX_ACCEPT, RX_REJECT])
+        for host, n in ADDRESSES.items():
+            lay.net.add_host(host, n)
+    with lay.hub():
+        w.dns = DnsServer(lay.zone(), address=lay.hub_ip).start()
+        w.destination = EventDestination(lay.hub_ip).start()
+        w.rx_accept = Receiver(lay.ip(RX_ACCEPT), lay.smtp_port,
+                               hostname="mx.dest.test").start()
+        w.rx_reject = Receiver(lay.ip(RX_REJECT), lay.smtp_port, hostname="mx.reject.test",
+                               rcpt_reply="550 5.1.1 <bob> no such user here").start()
 
 
 def make_engine(w: World, host: str, conf: str, database: str = "none") -> Engine:
     folder = w.tmp_path / host
     folder.mkdir()
-    ip = f"{SUBNET}.{ADDRESSES[host]}"
+    lay = w.lay
     assert w.dns is not None
     controls: dict[str, object] = {
         "me": NAMES[host],
-        "smtp.listen": [f"{ip}:25"],
-        "dns.servers": [f"{HUB}:{w.dns.port}"],
+        "smtp.listen": [f"{lay.host_ip(host)}:{lay.smtp_port}"],
+        "dns.servers": [f"{lay.hub_ip}:{w.dns.port}"],
     }
+    if lay.smtp_port != 25:
+        controls["remote.port"] = lay.smtp_port  # every MX host listens there
     engine = Engine(folder, conf=conf, controls=controls, database=database)
-    engine.command_prefix = w.net.enter(host)
+    if lay.net is not None:
+        engine.command_prefix = lay.net.enter(host)
     w.engines[host] = engine
     return engine
 
 
 def configure(w: World) -> dict[str, Engine]:
     """The seeds' procedure, step by step, with this engine's commands."""
+    lay = w.lay
     event = make_engine(w, "event", EVENT_CONF + f"""
 event_delivery_destination app {{
     event_delivery_url "{w.destination.url if w.destination else ''}"
@@ -221,10 +272,11 @@ event_delivery_destination app {{
     for host in SENDERS:
         bounce = (f"    bounce_address return@{BOUNCE_DOMAIN}\n" if host == "send1" else "")
         # send1 is "behind NAT" (a static route to the event server); send2 finds it by MX.
-        route = f"        smtp_route {EVENT_IP}\n" if host == "send1" else ""
-        conf = (MAIL_CLASS.replace("{bounce}", bounce)
+        route = (f"        smtp_route {lay.event_ip}:{lay.smtp_port}\n" if host == "send1"
+                 else "")
+        conf = (MAIL_CLASS.replace("{bounce}", bounce).replace("{url_base}", lay.url_base)
                 + SENDER_BOUNCE_ROUTE.replace("{route}", route).replace(
-                    "{source}", f"{SUBNET}.{ADDRESSES[host]}")
+                    "{source}", lay.host_ip(host))
                 + "general {\n    default_virtual_mta mta1\n}\n")
         if host == "send2":  # the other spelling of stateless event handling (seed 001)
             conf += "general {\n    default_event_tracking_metadata_storage stateless\n}\n"
@@ -248,7 +300,7 @@ event_delivery_destination app {{
     (event.root.control / "opt.treat_qsbf_bounces_as_local_server_names").write_text(
         "".join(NAMES[h] + "\n" for h in SENDERS))
     # The URL domain's tracker on the event server, on port 80.
-    (event.root.control / "tracker.listen").write_text(f"{EVENT_IP}:80\n")
+    (event.root.control / "tracker.listen").write_text(f"{lay.event_ip}:{lay.http_port}\n")
 
     for engine in engines.values():
         run(engine, "greenarrow_config", "check")
@@ -261,11 +313,12 @@ def tune_and_restart(engine: Engine) -> None:
         (engine.root.control / name).write_text(f"{value}\n")
     run(engine, "hvmail_init", "restart")
     status = run(engine, "hvmail_init", "status")
-    assert "bounce-queue: tmpfs of 200 MB, 50000 inodes" in status, status
+    if os.geteuid() == 0:  # only root mounts the tmpfs
+        assert "bounce-queue: tmpfs of 200 MB, 50000 inodes" in status, status
 
 
 def test_split_deployment_end_to_end(world: World) -> None:
-    w = world
+    w, lay = world, world.lay
     build_network(w)
     engines = configure(w)
     assert w.dns and w.destination and w.rx_accept and w.rx_reject
@@ -275,15 +328,16 @@ def test_split_deployment_end_to_end(world: World) -> None:
         tune_and_restart(engines[host])
         run(engines[host], "greenarrow_config", "reload")
 
-    with inside(w.net.hub):
+    with lay.hub():
         resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [HUB]
+        resolver.nameservers = [lay.hub_ip]
         resolver.port = w.dns.port
         # First, check for DNS misconfigurations.
-        assert [r.address for r in resolver.resolve(URL_DOMAIN, "A")] == [EVENT_IP]
+        assert [r.address for r in resolver.resolve(URL_DOMAIN, "A")] == [lay.event_ip]
         (mx,) = resolver.resolve(BOUNCE_DOMAIN, "MX")
-        assert [r.address for r in resolver.resolve(mx.exchange, "A")] == [EVENT_IP]
-        wait_until(lambda: _listening(EVENT_IP, 80) and _listening(EVENT_IP, 25), 60,
+        assert [r.address for r in resolver.resolve(mx.exchange, "A")] == [lay.event_ip]
+        wait_until(lambda: _listening(lay.event_ip, lay.http_port)
+                   and _listening(lay.event_ip, lay.smtp_port), 60,
                    "the event server's tracker and SMTP server")
 
         constants = _constants(engines["event"])
@@ -295,7 +349,8 @@ def _sequence(w: World, engine: Engine, host: str, instance: str,
               constants: tuple[str, str]) -> None:
     """The seeds' six test steps from one sending server (runs inside the hub)."""
     assert w.destination and w.rx_accept and w.rx_reject
-    dest, source = w.destination, f"{SUBNET}.{ADDRESSES[host]}"
+    lay = w.lay
+    dest, source, hub = w.destination, lay.host_ip(host), lay.hub_ip
     ann = f"ann.{host}@dest.test"
     sendid = f"news-{instance}"
     identity = {"email": ann, "listid": "split1", "sendid": sendid, "mailclass": "news",
@@ -310,22 +365,22 @@ def _sequence(w: World, engine: Engine, host: str, instance: str,
     assert return_path.decode(copy.sender, constants).recipient == ann
     assert copy.sender.endswith(f"@{BOUNCE_DOMAIN}")
     html = message_from_bytes(copy.content, policy=policy.default).get_content()
-    base = re.escape(f"http://{URL_DOMAIN}/")
+    base = re.escape(f"{lay.url_base}/")
     (pixel,) = re.findall(base + r"open\?[A-Za-z0-9_-]+", html)
     click, unsub = re.findall(base + r"click\?[A-Za-z0-9_-]+", html)
     data = tracking_url.decode(tracking_url.data_from_url(click)[1], constants)
     assert data.stateless and data.sendid == sendid  # stateless event handling is on
 
     # 2. Images loaded -> engine_open.
-    assert _get(pixel)[0] == 200
-    _check(_event(dest, "engine_open", ann), identity, engine_ip=HUB)
+    assert _get(lay, pixel)[0] == 200
+    _check(_event(dest, "engine_open", ann), identity, engine_ip=hub)
     # 3. A link clicked -> its URL and engine_click.
     target = f"https://shop.example.com/p/1?from={host}"
-    assert _get(click) == (302, target)
-    _check(_event(dest, "engine_click", ann), identity, click_url=target, engine_ip=HUB)
+    assert _get(lay, click) == (302, target)
+    _check(_event(dest, "engine_click", ann), identity, click_url=target, engine_ip=hub)
     # 4. The unsubscribe link -> its URL (with the subscriber's identity) and engine_unsub.
     query = urllib.parse.urlencode({"email": ann, "sendid": sendid, "listid": "split1"})
-    assert _get(unsub) == (302, f"https://shop.example.com/bye?{query}")
+    assert _get(lay, unsub) == (302, f"https://shop.example.com/bye?{query}")
     _check(_event(dest, "engine_unsub", ann), identity, click_url="https://shop.example.com/bye")
 
     # 5. The raw headers of message 1 mailed to the spam-complaint mailbox -> scomp.
@@ -338,7 +393,7 @@ def _sequence(w: World, engine: Engine, host: str, instance: str,
                  "This subscriber reported the attached message as spam.\r\n\r\n"
                  "--c1\r\nContent-Type: message/rfc822\r\n\r\n").encode() + headers + (
         b"\r\n\r\n--c1--\r\n")
-    _mail_to_mx("postmaster@dest.test", f"fbl@{BOUNCE_DOMAIN}", complaint)
+    _mail_to_mx(lay, "postmaster@dest.test", f"fbl@{BOUNCE_DOMAIN}", complaint)
     _check(_event(dest, "scomp", ann), identity)
 
     # 6. A message to an address that bounces: refused with 550 -> the sending server's
@@ -358,7 +413,7 @@ def _sequence(w: World, engine: Engine, host: str, instance: str,
                            message=message(host, carol, instance))
     assert sent.returncode == 0, sent.stderr
     late = _delivered(w.rx_accept, carol)
-    _mail_to_mx("", late.sender, _dsn(late, carol))
+    _mail_to_mx(lay, "", late.sender, _dsn(late, carol))
     carol_identity = {**identity, "email": carol}
     _check(_event(dest, "bounce_all", carol), carol_identity, bounce_type="s",
            synchronous=False)
@@ -392,13 +447,14 @@ def _delivered(rx: Receiver, recipient: str):
     return found[0]
 
 
-def _get(url: str) -> tuple[int, str | None]:
-    """GET `url` as a mail client would: its host looked up in the test DNS (hub)."""
+def _get(lay: Layout, url: str) -> tuple[int, str | None]:
+    """GET `url` as the subscriber's mail client would (its host's A record was checked)."""
     parts = urllib.parse.urlsplit(url)
-    assert parts.hostname == URL_DOMAIN
-    conn = http.client.HTTPConnection(EVENT_IP, 80, timeout=20)
+    assert (parts.hostname, parts.port or 80) == (URL_DOMAIN, lay.http_port)
+    conn = http.client.HTTPConnection(lay.event_ip, lay.http_port, timeout=20,
+                                      source_address=(lay.hub_ip, 0))
     try:
-        conn.request("GET", f"{parts.path}?{parts.query}", headers={"Host": URL_DOMAIN})
+        conn.request("GET", f"{parts.path}?{parts.query}", headers={"Host": parts.netloc})
         resp = conn.getresponse()
         resp.read()
         return resp.status, resp.getheader("Location")
@@ -406,10 +462,11 @@ def _get(url: str) -> tuple[int, str | None]:
         conn.close()
 
 
-def _mail_to_mx(sender: str, recipient: str, content: bytes) -> None:
-    """Send as another MTA would: to the bounce domain's MX (checked first), port 25."""
+def _mail_to_mx(lay: Layout, sender: str, recipient: str, content: bytes) -> None:
+    """Send as another MTA would: to the bounce domain's MX (checked first)."""
     assert recipient.endswith(f"@{BOUNCE_DOMAIN}")
-    with smtplib.SMTP(EVENT_IP, 25, local_hostname="mx.dest.test", timeout=30) as smtp:
+    with smtplib.SMTP(lay.event_ip, lay.smtp_port, local_hostname="mx.dest.test", timeout=30,
+                      source_address=(lay.ip(RX_ACCEPT), 0)) as smtp:
         smtp.sendmail(sender, [recipient], content)
 
 
