@@ -277,7 +277,8 @@ event_delivery_destination app {{
         conf = (MAIL_CLASS.replace("{bounce}", bounce).replace("{url_base}", lay.url_base)
                 + SENDER_BOUNCE_ROUTE.replace("{route}", route).replace(
                     "{source}", lay.host_ip(host))
-                + "general {\n    default_virtual_mta mta1\n}\n")
+                + "general {\n    default_virtual_mta mta1\n"
+                "    simplemh_validate_bounce_address no\n}\n")
         if host == "send2":  # the other spelling of stateless event handling (seed 001)
             conf += "general {\n    default_event_tracking_metadata_storage stateless\n}\n"
         senders[host] = make_engine(w, host, conf)
