@@ -272,8 +272,8 @@ event_delivery_destination app {{
     for host in SENDERS:
         bounce = (f"    bounce_address return@{BOUNCE_DOMAIN}\n" if host == "send1" else "")
         # send1 is "behind NAT" (a static route to the event server); send2 finds it by MX.
-        route = (f"        smtp_route {lay.event_ip}:{lay.smtp_port}\n" if host == "send1"
-                 else "")
+        port = "" if lay.smtp_port == 25 else f":{lay.smtp_port}"
+        route = f"        smtp_route {lay.event_ip}{port}\n" if host == "send1" else ""
         conf = (MAIL_CLASS.replace("{bounce}", bounce).replace("{url_base}", lay.url_base)
                 + SENDER_BOUNCE_ROUTE.replace("{route}", route).replace(
                     "{source}", lay.host_ip(host))
