@@ -16,7 +16,8 @@ checked at the event destination with the fields of seed 003:
 (1) an HTML message with click tracking and an unsubscribe link; (2) its
 images loaded -> engine_open; (3) a link clicked -> redirect and
 engine_click; (4) the unsubscribe link -> redirect and engine_unsub; (5) its
-raw headers mailed to the spam-complaint mailbox -> scomp; (6) a message
+raw headers mailed to the spam-complaint mailbox (pasted into the text
+from one sender, attached from the other) -> scomp; (6) a message
 to an address that bounces -> bounce_all and bounce_bad_address (a hard,
 synchronous bounce mailed back as a qmail-style bounce), and a message
 accepted and bounced later (a soft DSN) -> bounce_all only.
@@ -385,15 +386,20 @@ def _sequence(w: World, engine: Engine, host: str, instance: str,
     _check(_event(dest, "engine_unsub", ann), identity, click_url="https://shop.example.com/bye")
 
     # 5. The raw headers of message 1 mailed to the spam-complaint mailbox -> scomp.
-    # Forwarded as an attachment (message/rfc822), as a mail client forwards them.
+    # send1's: pasted into the text, as a person does; send2's: forwarded as an attachment
+    # (message/rfc822), as a mail client does.
     headers = copy.content.split(b"\r\n\r\n", 1)[0]
-    complaint = (f"From: postmaster@dest.test\r\nTo: fbl@{BOUNCE_DOMAIN}\r\n"
-                 "Subject: spam complaint\r\nMIME-Version: 1.0\r\n"
-                 'Content-Type: multipart/mixed; boundary="c1"\r\n\r\n'
-                 "--c1\r\nContent-Type: text/plain\r\n\r\n"
-                 "This subscriber reported the attached message as spam.\r\n\r\n"
-                 "--c1\r\nContent-Type: message/rfc822\r\n\r\n").encode() + headers + (
-        b"\r\n\r\n--c1--\r\n")
+    head = (f"From: postmaster@dest.test\r\nTo: fbl@{BOUNCE_DOMAIN}\r\n"
+            "Subject: spam complaint\r\n").encode()
+    if host == "send1":
+        complaint = head + b"\r\nThe headers of the message:\r\n\r\n" + headers + b"\r\n"
+    else:
+        complaint = head + (
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="c1"\r\n\r\n'
+            b"--c1\r\nContent-Type: text/plain\r\n\r\n"
+            b"This subscriber reported the attached message as spam.\r\n\r\n"
+            b"--c1\r\nContent-Type: message/rfc822\r\n\r\n") + headers + (
+            b"\r\n\r\n--c1--\r\n")
     _mail_to_mx(lay, "postmaster@dest.test", f"fbl@{BOUNCE_DOMAIN}", complaint)
     _check(_event(dest, "scomp", ann), identity)
 

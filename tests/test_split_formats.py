@@ -16,6 +16,7 @@ import pytest
 
 from greenarrow.lib.feedback import classify, feedback_message
 from greenarrow.lib.queue import failure_notice
+from greenarrow.lib.routing import incoming
 from greenarrow.lib.simplemh import return_path, tracking_url
 
 C = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210")
@@ -113,3 +114,39 @@ def test_qsbf_of_a_sending_server_gives_the_whole_identity(quote: str) -> None:
     assert who is not None, why
     assert (who.email, who.listid, who.sendid, who.mailclass, who.instanceid,
             who.click_tracking_id) == IDENTITY
+
+
+FBL = incoming.Mailbox("bounce.example.com", "fbl", incoming.SPAM_COMPLAINT, "/nonexistent")
+SETTINGS = feedback_message.Settings(server_id="event.example.com", constants=C)
+
+
+def _pasted(headers: bytes, content_type: str = "text/plain") -> bytes:
+    return (b"Delivered-To: fbl@bounce.example.com\r\nFrom: someone@dest.example\r\n"
+            b"To: fbl@bounce.example.com\r\nSubject: look at this\r\n"
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n"
+            b"I never asked for this. The headers:\r\n\r\n" + headers + b"\r\n")
+
+
+@pytest.mark.parametrize("quote", [b"", b"> "])
+def test_headers_pasted_into_a_message_to_the_complaint_mailbox_are_a_complaint(
+        quote: bytes) -> None:
+    """Seed 000's test step 5: the raw headers mailed to the spam complaint mailbox."""
+    headers = _original().split(b"\r\n\r\n")[0]
+    text = b"\r\n".join(quote + line for line in headers.split(b"\r\n"))
+    outcome = feedback_message.analyse(_pasted(text), FBL, 1_700_000_000, "k", SETTINGS)
+    assert not outcome.refused, outcome.refused
+    (event,) = outcome.events
+    assert event["event_type"] == "scomp"
+    assert (event["email"], event["listid"], event["sendid"], event["mailclass"],
+            event["instanceid"], event["click_tracking_id"]) == IDENTITY
+
+
+@pytest.mark.parametrize("headers", [
+    b"From: a@b\r\nSubject: no identity here",
+    # a DATA changed by one character fails verification
+    b"X-Mailer-Info: " + DATA_V1["m"][:-1].encode() + (b"A" if DATA_V1["m"][-1] != "A" else b"B"),
+    b"X-Mailer-Info: " + DATA_V1["c"].encode(),  # a link's DATA is not an X-Mailer-Info
+])
+def test_pasted_text_without_a_valid_mailer_info_is_refused(headers: bytes) -> None:
+    outcome = feedback_message.analyse(_pasted(headers), FBL, 1_700_000_000, "k", SETTINGS)
+    assert outcome.refused and not outcome.events
