@@ -40,6 +40,12 @@ def available() -> str | None:
     for tool in ("ip", "nsenter"):
         if shutil.which(tool) is None:
             return f"needs `{tool}` (iproute2, util-linux)"
+    probe = f"ga-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                          timeout=30)
+    if made.returncode != 0:  # root in a container without CAP_SYS_ADMIN, say
+        return f"cannot create network namespaces here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=30)
     return None
 
 

@@ -187,16 +187,24 @@ class World:
         self.rx_reject: Receiver | None = None
 
     def close(self) -> None:
+        """Stop everything, each part even when another failed; then raise the first error."""
+        errors: list[BaseException] = []
         for engine in self.engines.values():
-            try:
-                engine.stop()
-            finally:
-                _unmount_under(engine.root.path)
+            for step in (engine.stop, lambda e=engine: _unmount_under(e.root.path)):
+                try:
+                    step()
+                except BaseException as exc:  # noqa: BLE001 - the rest must still stop
+                    errors.append(exc)
         for server in (self.rx_accept, self.rx_reject, self.destination, self.dns):
             if server is not None:
-                server.stop()
+                try:
+                    server.stop()
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
         if self.lay.net is not None:
             self.lay.net.delete()
+        if errors:
+            raise errors[0]
 
 
 def _unmount_under(path: Path) -> None:
@@ -210,8 +218,9 @@ def _unmount_under(path: Path) -> None:
 
 @pytest.fixture(params=["netns", "loopback"])
 def world(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "netns" and available() is not None:
-        pytest.skip(f"the network-namespace layout {available()}; the loopback one runs")
+    why_not = available() if request.param == "netns" else None
+    if why_not is not None:
+        pytest.skip(f"the network-namespace layout {why_not}; the loopback one runs")
     w = World(tmp_path, Layout(request.param))
     try:
         yield w
