@@ -40,11 +40,7 @@ import hmac
 
 from greenarrow.lib.config import secret_constants
 
-VERSION = 1  # what encode() makes
-# What decode() reads: every version a sending server of the fleet may still make
-# (seed 000: event servers are upgraded first, so they read older senders' DATA).
-# A new layout takes a new number and keeps the old ones decoding.
-DECODES = frozenset({1})
+VERSION = 1
 TAG_BYTES = 10
 FORMATS = ("a", "b", "c")
 DEFAULT_FORMAT = "b"
@@ -170,7 +166,7 @@ def decode(data: str | bytes, constants: tuple[str, str],
     if not hmac.compare_digest(tag, expected):
         raise TrackingDataError("tracking data failed verification (tampered, truncated or "
                                 "made with other secret constants)")
-    if payload[0] not in DECODES:
+    if payload[0] != VERSION:
         raise TrackingDataError(f"unknown tracking data version {payload[0]}")
     kind = chr(payload[1])
     if kind not in KINDS or (kinds is not None and kind not in kinds):
