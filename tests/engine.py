@@ -117,12 +117,16 @@ class Engine:
             conf += f"\ngeneral {{\n  events_database_url {json.dumps(database)}\n}}\n"
         (self.root.control / "greenarrow.conf").write_text(conf)
         self.started = False
+        # Put before every command the test runs for this engine, e.g.
+        # ["nsenter", "--net=/run/netns/NS"]: an engine in a network namespace.
+        self.command_prefix: list[str] = []
 
     # -- programs ----------------------------------------------------------
 
     def program(self, name: str, *args: str, input: bytes | None = None,
                 env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", f"greenarrow.bin.{name}", *args],
+        return subprocess.run([*self.command_prefix, sys.executable, "-m",
+                               f"greenarrow.bin.{name}", *args],
                               input=input, capture_output=True, env=env or self.env,
                               timeout=timeout)
 
@@ -158,7 +162,8 @@ class Engine:
 
     def sendmail(self, *args: str, message: bytes, env: dict[str, str] | None = None
                  ) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.root.bin / "sendmail"), *args], input=message,
+        return subprocess.run([*self.command_prefix, str(self.root.bin / "sendmail"), *args],
+                              input=message,
                               capture_output=True, env={**self.env, **(env or {})}, timeout=60)
 
     # -- what happened -----------------------------------------------------

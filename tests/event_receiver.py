@@ -17,7 +17,8 @@ from aiohttp import web
 
 
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.mode = "ok"
         self.slow_seconds = 5.0
         self.batches: list[list[dict]] = []  # batches answered 2xx
@@ -33,7 +34,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/events"
+        return f"http://{self.host}:{self.port}/events"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -64,7 +65,7 @@ class Receiver:
         app.router.add_post("/events", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         loop.run_until_complete(site.start())
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._ready.set()

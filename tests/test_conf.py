@@ -470,6 +470,7 @@ general {
     process_x_job_header yes
     process_x_virtual_mta_header no
     default_event_tracking_metadata_storage stateless
+    simplemh_validate_bounce_address no
     simplemh_bad_address_dev_null_domain badaddress.discardallmail.drh.net
 }
 ip_address ipaddr-1 {

@@ -587,6 +587,8 @@ SCHEMA: tuple[Rule, ...] = (
     directive("default_event_tracking_metadata_storage", "general",
               one_of("local", "stateless", "external")),
     directive("default_virtual_mta", "general", VMTA_NAME),
+    # yes: a Mail Class's bounce_address must be a bounce_mailbox here (greenarrow.lib.ops.config_check)
+    directive("simplemh_validate_bounce_address", "general", YES_NO),
     # the database of the events (greenarrow.lib.events.database, .postgres)
     directive("events_database_url", "general", DATABASE_URL),
     directive("postgres_max_connections", "general", INT),

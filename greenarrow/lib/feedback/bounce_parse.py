@@ -650,6 +650,20 @@ def transcript_command(human: str) -> str:
     return ""
 
 
+def _unquote(lines: list[str]) -> str:
+    """A quoted copy without its `>` marks and the indent of its first line.
+
+    Only that indent is removed from each line, so a folded header (a long
+    X-Mailer-Info, say) keeps the white space that makes its next line a
+    continuation.
+    """
+    lines = [line[1:] if line.startswith(">") else line for line in lines]
+    first = next((line for line in lines if line.strip()), "")
+    pad = " " * (len(first) - len(first.lstrip(" ")))
+    return "\n".join(line[len(pad):] if line.startswith(pad) else line.lstrip(" ")
+                     for line in lines)
+
+
 def _original_headers(parts: list[Part], text: str) -> dict[str, list[str]]:
     """Headers of the returned original message, wherever the bounce put them."""
     for part in parts:
@@ -668,8 +682,7 @@ def _original_headers(parts: list[Part], text: str) -> dict[str, list[str]]:
         if nl < 0:
             continue
         rest = part.body[nl + 1:nl + 1 + 64 * 1024].lstrip("\n")
-        rest = "\n".join(line[1:].lstrip(" ") if line.startswith(">") else line.lstrip(" ")
-                         for line in rest.split("\n", 400)[:400])
+        rest = _unquote(rest.split("\n", 400)[:400])
         headers, _ = parse_headers(rest)
         if headers:
             return headers

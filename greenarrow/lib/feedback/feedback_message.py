@@ -28,7 +28,7 @@ from typing import Any
 
 from greenarrow.lib.events.types import make_event
 from greenarrow.lib.feedback import arf, classify
-from greenarrow.lib.feedback.bounce_parse import first_address, parse, parse_headers, to_text
+from greenarrow.lib.feedback.bounce_parse import first_address, parse, parse_headers, to_text, walk
 from greenarrow.lib.routing import incoming
 from greenarrow.lib.simplemh import return_path as bounce_address
 from greenarrow.lib.simplemh import tracking_url
@@ -131,6 +131,28 @@ def _mailer_info(text: str, constants: tuple[str, str]) -> tracking_url.Tracking
         return None
 
 
+# An X-Mailer-Info line in a text part, maybe quoted with `>`, with its folded lines.
+_PASTED_MAILER_INFO = re.compile(
+    r"^>?[ \t]*X-Mailer-Info[ \t]*:[ \t]*([A-Za-z0-9_-]+(?:\n>?[ \t]+[A-Za-z0-9_-]+)*)",
+    re.IGNORECASE | re.MULTILINE)
+
+
+def pasted_mailer_info(message: bytes) -> str:
+    """The X-Mailer-Info DATA of headers pasted into a message's text, or "".
+
+    A person (or a feedback loop that is not ARF) may send the headers of a
+    message the engine sent as plain text. The DATA is signed, so the
+    caller verifies it as it does an ARF report's.
+    """
+    _, parts = walk(to_text(message))
+    for part in parts:
+        if part.ctype.startswith("text/"):
+            found = _PASTED_MAILER_INFO.search(part.body)
+            if found:
+                return re.sub(r"[\s>]", "", found.group(1))
+    return ""
+
+
 def identity(candidates: list[str], mailer_info: str, constants: tuple[str, str],
              domains: frozenset[str]) -> tuple[Identity | None, str]:
     """The verified identity of a returned message, or None and why not.
@@ -187,6 +209,10 @@ def analyse(message: bytes, mailbox: incoming.Mailbox, when: int, source_key: st
     if result.kind == "arf":
         return _complaint(result, envelope, when, source_key, settings, domains)
     if mailbox.kind == incoming.SPAM_COMPLAINT:
+        pasted = pasted_mailer_info(message)
+        if pasted:  # someone mailed in the headers they got (seeds 000/001, test step 5)
+            result.mailer_info = pasted
+            return _complaint(result, envelope, when, source_key, settings, domains)
         return Outcome(refused=f"not a complaint report (looks like: {result.kind})")
     qmail = qsbf(message) if result.kind == "text" else None
     if not result.results:

@@ -39,6 +39,32 @@ def check_conf(conf: conflib.Block) -> None:
         mail_class.compile_conf(conf)
     except mail_class.MailClassConfigError as e:
         raise ConfigProblem(str(e)) from None
+    check_bounce_addresses(conf)
+
+
+def check_bounce_addresses(conf: conflib.Block) -> None:
+    """With `general { simplemh_validate_bounce_address yes }`, every Mail Class's
+    bounce_address must be a bounce_mailbox of one of this server's incoming domains.
+
+    Off by default: a sending server of a split deployment (docs/operations.md)
+    sends its bounces to an event server's mailbox, which it must not own.
+    """
+    from greenarrow.lib.routing import incoming
+
+    general = conf.block("general")
+    if general is None or not general.get_bool("simplemh_validate_bounce_address", False):
+        return
+    for block in conf.blocks_named("mail_class"):
+        for d in block.directives:
+            if d.name != "bounce_address":
+                continue
+            box = incoming.find("", conf, d.args[0])
+            if box is None or box.kind != incoming.BOUNCE:
+                raise d.error(
+                    f"mail_class {block.args[0]}: bounce_address {d.args[0]} is not a "
+                    "bounce_mailbox of an incoming_email_domain of this server (general "
+                    "simplemh_validate_bounce_address is yes; a sending server whose bounces "
+                    "go to an event server sets it to no)")
 
 
 def check_root(root: Root, conf_file: Path | None = None) -> None:
