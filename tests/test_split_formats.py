@@ -4,7 +4,7 @@ and qmail-style bounces, including what older versions of the engine made.
 Seed 000 ("Software Upgrade Considerations"): event servers are upgraded
 before sending servers, so an event server must read what a sending server
 of the previous version made. The samples below were made by this version's
-encoders (tracking DATA version 1, bounce address versions 5-8) and are kept
+encoders (tracking DATA versions 1 and 2, bounce address versions 5-8) and are kept
 as they were: when a format changes, these must still decode.
 """
 
@@ -33,6 +33,9 @@ DATA_V1 = {
     "l": "AWwBYW5uQGRlc3QuZXhhbXBsZQBzcGxpdDEAbmV3cy0yMDAxAG5ld3MAMjAwMQBjdC05AG9wQbJxFhcmfh4",
     "m": "AW0BYW5uQGRlc3QuZXhhbXBsZQBzcGxpdDEAbmV3cy0yMDAxAG5ld3MAMjAwMQBjdC05ADL_199qMuNyuJE",
 }
+# Tracking DATA version 2: a click on a link with a user-defined id (##linkid:hero-button##).
+DATA_V2_CLICK = ("AmMBYW5uQGRlc3QuZXhhbXBsZQBzcGxpdDEAbmV3cy0yMDAxAG5ld3MAMjAwMQBjdC05AGh0dHBzOi8vc2hv"
+                 "cC5leGFtcGxlLmNvbS9wLzEAaGVyby1idXR0b24G5RQLNnhhVzTQ")
 # The X-Mailer-Info that goes with the short forms below.
 LONG_INFO = ("AW0BYS12ZXJ5LWxvbmctcmVjaXBpZW50LWxvY2FsLXBhcnQtdGhhdC1kb2VzLW5vdC1maXRAZGVzdC5leGF"
              "tcGxlAHNwbGl0MQBuZXdzLTIwMDEAbmV3cwAyMDAxAGN0LTkAPbLMAscD0MrKUA")
@@ -55,6 +58,16 @@ def test_tracking_data_of_version_1_decodes(kind: str) -> None:
     # today's encoder still makes exactly this: a change of layout needs a new version
     url = data.url if kind in "cu" else ""
     assert tracking_url.encode(C, kind, *IDENTITY, url=url, stateless=True) == DATA_V1[kind]
+
+
+def test_tracking_data_of_version_2_decodes() -> None:
+    data = tracking_url.decode(DATA_V2_CLICK, C)
+    assert (data.kind, data.url, data.linkid) == ("c", "https://shop.example.com/p/1",
+                                                  "hero-button")
+    assert (data.recipient, data.listid, data.sendid, data.mailclass, data.instanceid,
+            data.click_tracking_id) == IDENTITY
+    assert tracking_url.encode(C, "c", *IDENTITY, url=data.url, stateless=True,
+                               linkid="hero-button") == DATA_V2_CLICK
 
 
 def _signed(version: int) -> str:
