@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
                          "GreenArrow runs it (default: 1024 when run as root, else 0 = a plain folder)")
     ap.add_argument("--engine-loop", choices=("asyncio", "uvloop"),
                     help="the engine services' event loop (GREENARROW_EVENT_LOOP; default: the "
-                         "engine's own choice, uvloop when installed)")
+                         "engine's own choice, asyncio's loop)")
     ap.add_argument("--work", type=Path, default=d.work, help="scratch folder (default %(default)s)")
     ap.add_argument("--results-dir", type=Path,
                     help="where the dated results go (default bench/results; quick: the work folder)")

@@ -5,11 +5,12 @@ Services log to stderr, one line per event; `hvmail_init` captures that into
 safely abandons what it is doing), SIGHUP asks it to re-read its configuration.
 
 Every asyncio service (smtpd, injectd, queue-send, the remote workers) runs
-on uvloop when the package is installed (it is a dependency): it cut the
-engine's CPU per message by 6-13% in the smtp and simplemh benchmarks
-(bench/RESULTS-dkim.md). asyncio's own loop is the fallback, and
-GREENARROW_EVENT_LOOP=asyncio in the environment chooses it (`uvloop` asks for
-uvloop explicitly and warns when it is missing).
+on asyncio's own loop: measured again on 2026-12-04 with the engine's
+present code, per process and alternating, uvloop cost queue-send about a
+third more CPU per message and the remote workers about a sixth more, and
+gained nothing overall in the simplemh scenario (bench/RESULTS.md).
+GREENARROW_EVENT_LOOP=uvloop in the environment chooses uvloop (a warning
+and asyncio's loop when the package is missing).
 """
 
 from __future__ import annotations
@@ -97,21 +98,22 @@ EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when installed (unless GREENARROW_EVENT_LOOP=asyncio); None = asyncio's."""
+    """uvloop's loop when GREENARROW_EVENT_LOOP=uvloop asks for it and it is installed;
+    None (asyncio's loop) otherwise."""
     choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower()
-    if choice == "asyncio":
+    if choice in ("", "asyncio"):
         return None
-    if choice not in ("", "uvloop"):
+    if choice != "uvloop":
         logging.getLogger("service").warning(
             "%s=%r is not one of %s: using the default", EVENT_LOOP_ENV, choice,
             ", ".join(EVENT_LOOPS))
+        return None
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            logging.getLogger("service").warning(
-                "%s=uvloop but the uvloop package is not installed: using asyncio's loop",
-                EVENT_LOOP_ENV)
+        logging.getLogger("service").warning(
+            "%s=uvloop but the uvloop package is not installed: using asyncio's loop",
+            EVENT_LOOP_ENV)
         return None
     return uvloop.new_event_loop
 
