@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -85,11 +86,29 @@ class BatchedStderr(logging.Handler):
                 return  # standard error is gone: nothing to log to
 
 
+class LineFormatter(logging.Formatter):
+    """LOG_FORMAT, with the date part of the time formatted once a second."""
+
+    _second = -1
+    _date = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._date = second, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                             time.localtime(second))
+        return f"{self._date},{int(record.msecs):03d}"
+
+
 def setup(title: str) -> None:
     """Name the process (`ps` shows `greenarrow <title>`) and configure logging."""
     setproctitle.setproctitle(f"greenarrow {title}")
+    # smtpd logs a line per session: what a record costs counts. No line shows the
+    # thread, the process or the caller (the logging HOWTO's "Optimization").
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = BatchedStderr()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LineFormatter(LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
