@@ -189,7 +189,10 @@ def test_a_bad_incoming_conf_is_reported_by_check(tmp_path, bad) -> None:
 
 
 def test_engine_bounce_of_simplemh_mail_reaches_the_bounce_mailbox(tmp_path) -> None:
-    """A refused SimpleMH message bounces (bounce-queue) to its encoded Return-Path: local."""
+    """A refused SimpleMH message bounces (bounce-queue) to its encoded Return-Path: local.
+
+    (No events database here, so no processor reads the delivery log: the bounce
+    message is mailed. With one, it is not: tests/test_feedback_e2e.py.)"""
     with Receiver("127.0.0.1", rcpt_reply="550 5.1.1 no such user") as rx:
         engine = Engine(tmp_path, conf=route_conf({"dest.test": rx.port}) + INCOMING)
         with engine:
