@@ -33,9 +33,9 @@ Decisions (GreenArrow's documentation is silent on them):
   (the sender encodes what it wants in its MAIL FROM).
 * A local part configured twice in one domain is an error.
 * A failed delivery whose sender is an encoded address of a bounce mailbox,
-  or a lite bounce address (`sync_bounce_mailbox`), is
-  recorded by the bounce processor from the delivery log (a synchronous
-  bounce); queue-send mails no bounce message for it (docs/bounces.md).
+  or a lite bounce address (`sync_bounce_mailbox`), is recorded by the
+  bounce processor from the delivery log (a synchronous bounce); queue-send
+  mails no bounce message for it (docs/bounces.md).
 """
 
 from __future__ import annotations
@@ -237,8 +237,9 @@ def sync_bounce_mailbox(root: str, conf: conflib.Block, sender: str) -> Mailbox 
     That is an encoded bounce address of a bounce mailbox (shape only; the
     processor trusts the log line, which the engine wrote) or a lite bounce
     address (with or without extension). A bounce mailbox's own plain
-    address is not: its failures carry no message identity. With `events_database_url none` no
-    processor reads the logs: None too, so the bounce message is still mailed.
+    address is not: its failures carry no message identity. With
+    `events_database_url none` no processor reads the logs: None too, so the
+    bounce message is still mailed.
     """
     general = conf.block("general")
     if general is not None and general.get_str("events_database_url") == conflib.DATABASE_NONE:
