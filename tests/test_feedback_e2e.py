@@ -14,12 +14,16 @@ whose bounce address is on one of its own incoming email domains:
 - an ARF report quoting a delivered message, mailed to the spam-complaint
   mailbox: an `scomp` with the message's recipient, ListID and SendID.
 
-The fields of each event are checked against seed 003's lists.
+The fields of each event are checked against seed 003's lists. A
+synchronous bounce whose processor is stopped, then killed, when the failure
+happens is recorded once after its restart (the log line is its only record).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import smtplib
 import time
 
@@ -199,3 +203,36 @@ def test_bounces_and_complaints_reach_the_http_destination(tmp_path, pg_conninfo
     assert (scomp["email"], scomp["listid"], scomp["sendid"], scomp["mailclass"],
             scomp["instanceid"], scomp["click_tracking_id"]) == (
         "carol@dest.test", LISTID, "news-2004", "news", "2004", "ct-2004")
+
+
+def test_a_synchronous_bounce_waits_in_the_log_while_the_processor_is_down(
+        tmp_path, pg_conninfo) -> None:
+    """No bounce message is mailed, so the log line is the only record: a processor that is
+    stopped when the failure happens, then killed, records it once after its restart."""
+    with Receiver("127.0.0.1", rcpt_reply="550 5.1.1 no such user") as refuse, \
+            EventReceiver() as http:
+        engine = Engine(tmp_path, conf=conf(http.url, {"gone.test": refuse.port}),
+                        database=pg.database_url(pg_conninfo))
+        with engine:
+            pid = engine.service_pid("bounce-processor")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
+                    smtp.sendmail("news@origin.test", ["gone@gone.test"],
+                                  simplemh("gone@gone.test", "3001"))
+                wait_until(lambda: any(r["status"] == "failure" for r in engine.records("ram")),
+                           60, "the failure logged")
+                wait_until(lambda: not engine.queued("ram"), 30, "the failed entry removed")
+            finally:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: engine.service_pid("bounce-processor") != pid, 30,
+                       "the processor restarted")
+            wait_until(lambda: posted(http, "bounce_bad_address"), 120,
+                       "the events after the restart")
+            time.sleep(2)  # room for a duplicate to show up
+            bounce_queue = engine.records("bounce")
+    (bounce,) = posted(http, "bounce_all")
+    assert bounce["synchronous"] is True and bounce["email"] == "gone@gone.test"
+    assert bounce["sendid"] == "news-3001"
+    assert len(posted(http, "bounce_bad_address")) == 1
+    assert bounce_queue == []
