@@ -105,6 +105,9 @@ def test_incoming_mail_lands_in_its_maildir(tmp_path) -> None:
                        and len(delivered(engine, "fbl")) == 2
                        and len(delivered(engine, "postmaster")) == 2
                        and len(delivered(engine, "lite")) == 1, 60, "every local delivery")
+            # the agent files a message before queue-send logs its result
+            wait_until(lambda: sum(r["channel"] == "local" for r in engine.records()) >= 7, 30,
+                       "the local deliveries' log lines")
             report = engine.program("hvmail_report", "-q", "all", "--json")
             records = engine.records()
             disk_entries = engine.queued("disk")
@@ -258,6 +261,8 @@ def test_incoming_mail_is_filed_as_received(tmp_path) -> None:
         with smtplib.SMTP("127.0.0.1", engine.smtp_port, timeout=30) as smtp:
             smtp.sendmail("", [f"fbl@{DOMAIN}"], sent)
         wait_until(lambda: delivered(engine, "fbl"), 60, "the delivery")
+        # the agent files the message before queue-send logs its result
+        wait_until(lambda: engine.records(), 30, "the delivery's log line")
         (record,) = engine.records()
     (data,) = delivered(engine, "fbl")
     assert data.startswith(f"Return-Path: <>\nDelivered-To: fbl@{DOMAIN}\nReceived: from "
