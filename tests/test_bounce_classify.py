@@ -155,6 +155,27 @@ def test_non_standard_qmail_bounce() -> None:
     assert c.return_path == "bounces@sender.example"
 
 
+@pytest.mark.parametrize("marker", [
+    "-----------------------------------------",  # no words: the quoted headers themselves
+    "   -- The header and top 20 lines of the message follows --",
+    "A summary of the undelivered message you sent follows:",
+])
+def test_addresses_of_quoted_header_fields_are_not_recipients(marker: str) -> None:
+    """Message ids, list and relay addresses of a quoted original are not bounced recipients."""
+    msg = (f"From: MAILER-DAEMON@mx.dest.example\nTo: news@sender.example\n"
+           f"Subject: Undeliverable mail\n\nThis message was undeliverable. The following "
+           f"address failed:\n\n  <gone@dest.example>: 550 unknown user\n\n{marker}\n"
+           "Received: from mx.sender.example (mx.sender.example [192.0.2.1])\n"
+           "\tby mx.dest.example with ESMTP id 42\n\tfor <other@dest.example>; Mon, 1 Jan 2024\n"
+           "Message-ID: <1234.5678@mx.sender.example>\n"
+           "References: <abc@list.example> <def@list.example>\n"
+           "Sender: list-bounces@list.example\nList-Id: News <news.list.example>\n"
+           "X-BeenThere: news@list.example\n"
+           "To: gone@dest.example\nSubject: News\n\nHello\n").encode()
+    c = classify_message(msg)
+    assert [(r.recipient, r.bounce_type) for r in c.results] == [("gone@dest.example", "h")]
+
+
 def test_rule_file_errors_name_file_and_line() -> None:
     with pytest.raises(RuleError, match=r"x.rules:2: unknown bounce code '77'"):
         parse_rules("# comment\n77 text foo\n", "x.rules")

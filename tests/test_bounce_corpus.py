@@ -6,7 +6,10 @@ sisimai set's own results, and the `sisimai_reference` of the other sets).
 Run as a script to print the figures and confusion matrices recorded in
 docs/bounces.md:
 
-    python tests/test_bounce_corpus.py [--misses]
+    python tests/test_bounce_corpus.py [--misses] [--markdown]
+
+`--markdown` prints the figures and both confusion matrices as the tables of
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -174,5 +177,39 @@ def report(fig: Figures, misses: bool) -> None:
             print("  " + m)
 
 
+def _code_key(code: str) -> tuple[int, str]:
+    digits = code.rstrip("hso")
+    return (int(digits) if digits.isdigit() else 1 << 30, code)
+
+
+def markdown(fig: Figures) -> None:
+    """The figures and the confusion matrices as Markdown tables."""
+    print("| figure | value |\n|---|---|")
+    print(f"| bounced recipients (sisimai's labels) | {fig.recipients} |")
+    print(f"| hard / not hard agrees with sisimai's `hardbounce` | {fig.hard_agree} / "
+          f"{fig.recipients} = {fig.hard_agree / fig.recipients:.1%} |")
+    print(f"| recipient found | {fig.found} / {fig.recipients} = "
+          f"{fig.found / fig.recipients:.1%} |")
+    print(f"| non-bounces called a bounce | {len(fig.non_bounce_called_bounce)} of "
+          f"{fig.non_bounces} |")
+    print(f"| ARF reports that are an `scomp` with the right recipient | {fig.arf_right} of "
+          f"{fig.arf} |")
+    print("\nHard / not hard (rows: sisimai, columns: ours):\n")
+    print("| | ours hard | ours not hard |\n|---|---|---|")
+    for label, hard in (("sisimai hard", True), ("sisimai not hard", False)):
+        print(f"| {label} | {fig.hard_matrix[(hard, True)]} | {fig.hard_matrix[(hard, False)]} |")
+    codes = sorted({c for _, c in fig.reason_code}, key=_code_key)
+    print("\nsisimai reason (rows) -> our code and type (columns), recipients:\n")
+    print("| reason | " + " | ".join(codes) + " | total |")
+    print("|---|" + "---|" * (len(codes) + 1))
+    for reason in sorted({r for r, _ in fig.reason_code}):
+        row = [fig.reason_code.get((reason, c), 0) for c in codes]
+        print(f"| {reason} | " + " | ".join(str(n) if n else "" for n in row)
+              + f" | {sum(row)} |")
+
+
 if __name__ == "__main__":
-    report(evaluate(), "--misses" in sys.argv)
+    if "--markdown" in sys.argv:
+        markdown(evaluate())
+    else:
+        report(evaluate(), "--misses" in sys.argv)

@@ -77,7 +77,7 @@ def test_log_bounce_code_is_used(tmp_path, pg_conninfo):
 
 
 def test_qmail_style_bounces(tmp_path, pg_conninfo):
-    """This server's own: already recorded from the log; a listed server's: synchronous."""
+    """This server's own and a listed server's are synchronous; another server's are not."""
     from test_bounce_processor import delivered, maildir, new_files
 
     from greenarrow.lib.queue.failure_notice import make_bounce
@@ -97,7 +97,9 @@ def test_qmail_style_bounces(tmp_path, pg_conninfo):
     run_passes(processor(root), 2)
     assert new_files(root, "return") == []
     found = {e["email"]: e for e in events(pg_conninfo, "bounce_all")}
-    assert sorted(found) == ["user1@example.com", "user2@example.com"]
+    assert sorted(found) == ["user0@example.com", "user1@example.com", "user2@example.com"]
+    own = found["user0@example.com"]
+    assert own["synchronous"] is True and own["bounce_text"] == reason.format(r=own["email"])
     listed = found["user1@example.com"]
     assert listed["synchronous"] is True
     assert listed["bounce_text"] == reason.format(r="user1@example.com")

@@ -77,6 +77,25 @@ def test_encoded_bounce_address_finds_its_bounce_mailbox(c: conf.Block) -> None:
         assert box is not None and box.kind == "bounce", address
 
 
+def test_sync_bounce_mailbox(c: conf.Block) -> None:
+    """Whose failures the bounce processor records from the delivery log (and so queue-send
+    mails no bounce message for): encoded bounce addresses and lite bounce addresses."""
+    encoded = bounce_address.encode("return@bounces.example.com", "L1", "s1", "bob@x.com",
+                                    CONSTANTS)
+    assert incoming.sync_bounce_mailbox("/r", c, encoded).local == "return"
+    assert incoming.sync_bounce_mailbox("/r", c, "lite-bounces-x@bounces.example.com"
+                                        ).kind == "lite_bounce"
+    assert incoming.sync_bounce_mailbox("/r", c, "lite-bounces@bounces.example.com"
+                                        ).kind == "lite_bounce"
+    for sender in ("", "return@bounces.example.com", "fbl@bounces.example.com",
+                   "postmaster@bounces.example.com", "news@origin.test",
+                   "return-notencoded@bounces.example.com"):
+        assert incoming.sync_bounce_mailbox("/r", c, sender) is None, sender
+    # no database: no processor reads the logs, the bounce message is still mailed
+    without = conf.parse(CONF + "general {\n    events_database_url none\n}\n")
+    assert incoming.sync_bounce_mailbox("/r", without, encoded) is None
+
+
 def test_bare_postmaster_without_incoming_domain_uses_me(tmp_path) -> None:
     (tmp_path / "control").mkdir()
     (tmp_path / "control" / "me").write_text("mx.example.net\n")

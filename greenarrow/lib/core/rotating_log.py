@@ -106,6 +106,12 @@ class RotatingLog:
             except FileNotFoundError:
                 pass
 
+    def sync(self) -> None:
+        """fsync `current`: the lines written so far survive a power loss, not only a crash."""
+        if self._fd is None:
+            raise ValueError("sync of a closed log")
+        os.fsync(self._fd)
+
     def close(self) -> None:
         """Close `current`; closing twice is harmless."""
         if self._fd is not None:

@@ -345,7 +345,9 @@ _ORIGINAL_MARKERS = re.compile(
     r"your message reads|"
     r"original message header|"
     r"undelivered message headers|"
-    r"message text follows"
+    r"message text follows|"
+    r"(?:the )?headers? and (?:the )?(?:top|first) \d+ lines of (?:the|your) message|"
+    r"(?:a )?summary of the undelivered message"
     r")", re.MULTILINE)
 MARKER_WINDOW = 64 * 1024
 
@@ -409,6 +411,14 @@ def _strip_html(body: str) -> str:
     return body.replace("&lt;", "<").replace("&gt;", ">").replace("&nbsp;", " ").replace("&amp;", "&")
 
 
+# Header fields of a quoted original (or of a forwarded report) whose addresses are
+# message ids, lists, relays or senders: never the recipient that failed.
+_NOT_RECIPIENT_FIELD = re.compile(
+    r"(?:message-id|in-reply-to|references|received|sender|reply-to|errors-to|list-[a-z-]+|"
+    r"x-beenthere|x-list-[a-z-]+|x-mailman-[a-z-]+|return-receipt-to|"
+    r"disposition-notification-to):", re.IGNORECASE)
+
+
 def parse_text_bounce(text: str, exclude: set[str], failed: list[str]) -> list[RecipientReport]:
     """Recipients of a human-readable bounce: each address named, with its lines.
 
@@ -417,7 +427,15 @@ def parse_text_bounce(text: str, exclude: set[str], failed: list[str]) -> list[R
     """
     lines = text.split("\n")[:3000]
     found: dict[str, list[int]] = {}
+    quoted_field = False  # inside a quoted header field that names no recipient
     for i, line in enumerate(lines):
+        if line[:1] in (" ", "\t") and line.strip():
+            if quoted_field:
+                continue  # its continuation line
+        else:
+            quoted_field = bool(_NOT_RECIPIENT_FIELD.match(line))
+            if quoted_field:
+                continue
         if "@" not in line:
             continue
         for address in addresses(line):

@@ -73,7 +73,6 @@ class Outcome:
     counted: list[Counted] = field(default_factory=list)
     suppress: list[tuple[str, str, str]] = field(default_factory=list)  # email, listid, why
     refused: str = ""  # why it goes to CouldNotProcess ("" if it was processed)
-    note: str = ""  # why a processed message gave no event
 
 
 @dataclass
@@ -227,10 +226,10 @@ def analyse(message: bytes, mailbox: incoming.Mailbox, when: int, source_key: st
     text = classify.bounce_text(message)
     if qmail is not None:
         server, reason = qmail
-        if server == settings.me.lower():
-            return Outcome(note="a qmail-style bounce of this server: its failure was recorded "
-                                "from the delivery log as a synchronous bounce")
-        if settings.qsbf_all or server in settings.qsbf_local:
+        # This server mails none for a failure it logged as a synchronous bounce (queue-send,
+        # incoming.sync_bounce_mailbox): one of its own reports a failure no log line holds
+        # (an operator's `queue bounce`, or queued before that rule): synchronous as well.
+        if server == settings.me.lower() or settings.qsbf_all or server in settings.qsbf_local:
             synchronous, text = True, classify.text_limit(reason)
     chosen = next((r for r in result.results if r.recipient.lower() == who.email.lower()),
                   result.results[0])

@@ -284,11 +284,8 @@ class BounceProcessor:
             log.info("%s: %s was already processed (before a restart); removed", mailbox.address,
                      name)
             return "replayed"
-        if outcome.note:
-            log.info("%s: %s processed, no event: %s", mailbox.address, name, outcome.note)
-        else:
-            log.info("%s: %s processed: %s (%d recorded)", mailbox.address, name,
-                     ", ".join(e["event_type"] for e in outcome.events), inserted)
+        log.info("%s: %s processed: %s (%d recorded)", mailbox.address, name,
+                 ", ".join(e["event_type"] for e in outcome.events), inserted)
         return "processed"
 
     def run(self, stop: threading.Event, reload: threading.Event) -> None:

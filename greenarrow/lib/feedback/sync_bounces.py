@@ -59,22 +59,19 @@ def _integer(text: str) -> int | None:
         return None
 
 
-def outcome_of_line(raw: bytes, find: object, settings: Settings) -> tuple[Outcome, int] | None:
+def outcome_of_line(raw: bytes, mailbox_of: object, settings: Settings
+                    ) -> tuple[Outcome, int] | None:
     """The outcome of one delivery log line and its time, or None when it is no sync bounce.
 
-    `find(address)` is config.incoming.find for this configuration.
+    `mailbox_of(sender)` is incoming.sync_bounce_mailbox for this configuration: queue-send
+    mails no bounce message for the failures it names, so both go by the one rule.
     """
     record = parse_line(raw.decode("utf-8", "replace"))
     if record["status"] not in FAILURES:
         return None
     sender = record["sender"]
-    box = find(sender) if sender else None  # type: ignore[operator]
+    box = mailbox_of(sender)  # type: ignore[operator]
     if box is None:
-        return None
-    local = sender.rpartition("@")[0].lower()
-    if box.kind == incoming.BOUNCE and local == box.local:
-        return None  # the plain mailbox address: not an encoded one
-    if box.kind not in (incoming.BOUNCE, incoming.LITE_BOUNCE):
         return None
     when = int(float(record["timestamp"]))
     code = _integer(record["bounce_code"])
@@ -118,9 +115,9 @@ class SyncBounces:
                   recorded: frozenset[str]) -> None:
         self.tree, self.settings, self.recorded = tree, settings, recorded
 
-    def _find(self, address: str) -> incoming.Mailbox | None:
+    def _mailbox_of(self, sender: str) -> incoming.Mailbox | None:
         assert self.tree is not None
-        return incoming.find(str(self.root.path), self.tree, address)
+        return incoming.sync_bounce_mailbox(str(self.root.path), self.tree, sender)
 
     def poll(self, conn: psycopg.Connection, config: ProcessorConfig) -> int:
         """One batch from every queue's log; lines read."""
@@ -146,7 +143,7 @@ class SyncBounces:
                 return 0
             for raw, (file_name, offset) in zip(chunk.lines, chunk.line_offsets, strict=True):
                 try:
-                    found = outcome_of_line(raw, self._find, self.settings)
+                    found = outcome_of_line(raw, self._mailbox_of, self.settings)
                 except ValueError as exc:
                     if raw.strip():
                         log.warning("%s/%s byte %d: skipped a line that is not a delivery "

@@ -9,7 +9,11 @@ at a time, and applies each result:
 - success: the delivery log line is written, then the entry is removed;
 - failure (and a deferral past the queue lifetime, logged as
   failure_toolong): the log line, the bounce to the sender is queued
-  (greenarrow.lib.queue.moves), then the entry is removed;
+  (greenarrow.lib.queue.moves), then the entry is removed; except when the
+  sender is an address whose failures the bounce processor records from
+  the delivery log (incoming.sync_bounce_mailbox: SimpleMH's encoded bounce
+  addresses): then no bounce message is made, and the log is fsynced
+  before the entry goes, since that line is the bounce's only record;
 - deferral: the log line, then the entry gets one more attempt and its next
   due time (greenarrow.lib.queue.retry_schedule): a first attempt in the ram- or
   bounce-queue moves to the durable disk-queue, a disk-queue entry is
@@ -330,6 +334,7 @@ class Scheduler:
         retries: list[tuple[str, int, int]] = []  # (name, attempts, due) renamed in place
         moves: list[tuple[str, int, int]] = []  # the same, moved to the disk-queue
         failed: list[tuple[dict, str, str]] = []  # (envelope, name, reason) to bounce
+        synced = False  # a failure recorded from the log alone: fsync the log first
         for result in results:
             name = result.get("id")
             held = self.inflight.pop(name, None)
@@ -361,10 +366,15 @@ class Scheduler:
                 target.append((name, attempts + 1, due))
             else:
                 if status != remote_link.SUCCESS:
-                    failed.append((envelope, name, text))
+                    if self._recorded_from_log(envelope):
+                        synced = True
+                    else:
+                        failed.append((envelope, name, text))
                 finished.append(name)
         if records:
             self.log.write(records)
+        if synced:
+            self._sync_log()
         if failed and not await self._bounce(failed):
             kept = {name for _, name, _ in failed}
             finished = [name for name in finished if name not in kept]
@@ -380,6 +390,19 @@ class Scheduler:
                 pass
         self.changed = True
         self.wake.set()
+
+    def _recorded_from_log(self, envelope: dict) -> bool:
+        """Whether the bounce processor makes this failure's bounce event from its log line
+        (a synchronous bounce): then no bounce message is mailed (docs/bounces.md)."""
+        return incoming.sync_bounce_mailbox(str(self.root.path), self.conf,
+                                            envelope.get("sender", "")) is not None
+
+    def _sync_log(self) -> None:
+        try:
+            self.log.sync()
+        except OSError as e:  # the line is written; only its power-loss safety is in doubt
+            log.error("cannot fsync the delivery log (%s): a synchronous bounce logged "
+                      "just now may not survive a power loss", e)
 
     def _learn_mx(self, envelope: dict, mx_hostname: str) -> None:
         """Remember a domain's MX host for `mx:` throttle patterns (learned, not looked up:

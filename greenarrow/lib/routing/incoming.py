@@ -39,6 +39,10 @@ Decisions (GreenArrow's documentation is silent on them):
   mailbox, whose processor refuses it), so that mail sent before the
   directive was set is handled too.
 * A local part configured twice in one domain is an error.
+* A failed delivery whose sender is an encoded address of a bounce mailbox,
+  or a lite bounce address (`sync_bounce_mailbox`), is recorded by the
+  bounce processor from the delivery log (a synchronous bounce); queue-send
+  mails no bounce message for it (docs/bounces.md).
 """
 
 from __future__ import annotations
@@ -178,6 +182,15 @@ class _Index:
                 return box
         return None
 
+    def sync_bounce_mailbox(self, address: str) -> Mailbox | None:
+        box = self.find(address) if address else None
+        if box is None or box.kind not in (BOUNCE, LITE_BOUNCE):
+            return None
+        if box.kind == BOUNCE and address.strip().strip("<>").rpartition("@")[0].lower() \
+                == box.local:
+            return None  # the bounce mailbox's own address: no encoded message identity
+        return box
+
     def bare_postmaster(self) -> Mailbox:
         """The mailbox of `postmaster` without a domain (see the module docstring)."""
         if self.domains:
@@ -235,6 +248,23 @@ def find(root: str, conf: conflib.Block, address: str) -> Mailbox | None:
     `postmaster`. The local part matches case-insensitively.
     """
     return _index(root, conf).find(address)
+
+
+def sync_bounce_mailbox(root: str, conf: conflib.Block, sender: str) -> Mailbox | None:
+    """The mailbox whose processor turns a failed delivery of mail from `sender` into a
+    synchronous bounce event straight from the delivery log, or None.
+
+    That is an encoded bounce address of a bounce mailbox (shape only; the
+    processor trusts the log line, which the engine wrote) or a lite bounce
+    address (with or without extension). A bounce mailbox's own plain
+    address is not: its failures carry no message identity. With
+    `events_database_url none` no processor reads the logs: None too, so the
+    bounce message is still mailed.
+    """
+    general = conf.block("general")
+    if general is not None and general.get_str("events_database_url") == conflib.DATABASE_NONE:
+        return None
+    return _index(root, conf).sync_bounce_mailbox(sender)
 
 
 def incoming_domains(conf: conflib.Block) -> set[str]:
